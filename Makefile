@@ -1,0 +1,32 @@
+# Two entry points: `make demo` (set up + main job on built-in data) and `make test` (set up + tests).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH  := torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first: the pinned CPU wheel; a bare requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+demo: setup
+	rm -rf runs/demo
+	$(BIN)/genrec train --config configs/demo.yaml
+	$(BIN)/genrec embed --checkpoint runs/demo/checkpoint_best.pt --out runs/demo/items.npy
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python benchmarks/train_quality.py
+	$(BIN)/python benchmarks/epoch_speed.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,58 @@
+"""Seconds per training epoch on an ML-1M-sized corpus (6,040 users, 3,706 items, ~1M events,
+max_len 200), HSTU 2x1x50 vs SASRec, per-position vs batch-shared negatives.
+
+Synthetic data with ML-1M's shape stands in for ML-1M (which may not be redistributed).
+Writes benchmarks/results/epoch_speed.{csv,md,json}.
+
+    python benchmarks/epoch_speed.py [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from common import provenance, write_table  # noqa: E402
+
+from genrec.config import RunConfig, SyntheticConfig  # noqa: E402
+from genrec.data.sequences import build_sequences  # noqa: E402
+from genrec.data.synthetic import generate_synthetic  # noqa: E402
+from genrec.training import train  # noqa: E402
+
+ML1M_SHAPE = SyntheticConfig(num_users=6040, num_items=3706, num_clusters=40, mean_length=165, min_length=20,
+                             max_length=1800, seed=1)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out-dir", default="runs/bench-speed")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    ds = build_sequences(generate_synthetic(ML1M_SHAPE))
+    shape = ds.describe()
+    logging.info("corpus: %s", shape)
+    rows = []
+    for encoder, negatives in [("hstu", "per_position"), ("hstu", "batch_shared"), ("sasrec", "per_position")]:
+        cfg = RunConfig(name=f"speed-{encoder}-{negatives}", out_dir=args.out_dir)
+        cfg.model.encoder = encoder
+        cfg.loss.negatives = negatives
+        cfg.train.epochs = 1
+        cfg.train.num_threads = args.threads
+        result = train(cfg, dataset=ds, progress=False)
+        rows.append({"encoder": encoder, "negatives": negatives, "users": shape["users"], "items": shape["items"],
+                     "interactions": shape["interactions"], "max_len": cfg.data.max_len, "threads": args.threads,
+                     "sec_per_epoch": round(result.seconds_per_epoch, 2)})
+        logging.info("%s", rows[-1])
+    write_table(rows, "epoch_speed", provenance())
+    print(Path(__file__).resolve().parent.joinpath("results/epoch_speed.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Checkpoints: weights + optimizer + resolved config + item id map in one atomically written file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genrec import __version__
+from genrec.config import RunConfig, from_dict, to_dict
+from genrec.encoders.model import SequentialEncoder
+from genrec.io import atomic_write
+
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_checkpoint(path: str | Path, model: SequentialEncoder, cfg: RunConfig, item_ids: np.ndarray,
+                    **extra: Any) -> Path:
+    state = {
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "genrec_version": __version__,
+        "model": model.state_dict(),
+        "config": to_dict(cfg),
+        "num_items": model.num_items,
+        "max_len": model.max_len,
+        "item_ids": item_ids.tolist(),
+        **extra,
+    }
+    return atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise CheckpointError(f"checkpoint not found: {p}")
+    try:
+        state = torch.load(p, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise CheckpointError(f"{p}: not a readable genrec checkpoint ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{p}: not a genrec checkpoint (missing model/config)")
+    if state.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(f"{p}: written by a newer genrec (format {state['format_version']})")
+    return state
+
+
+def similarity_from_checkpoint(state: dict[str, Any], device: str | torch.device = "cpu"):
+    """The trained similarity of a checkpoint: DotProductSimilarity, or an eval-mode MoLSimilarity."""
+    from genrec.retrieval.similarity import build_similarity
+
+    cfg = from_dict(state["config"])
+    d = cfg.model.item_emb_dim
+    sim = build_similarity(cfg.similarity, d, d)
+    if isinstance(sim, torch.nn.Module):
+        if "similarity" not in state:
+            raise CheckpointError("checkpoint config says similarity 'mol' but holds no similarity weights")
+        sim.load_state_dict(state["similarity"])
+        sim.to(device).eval()
+    return sim
+
+
+def model_from_checkpoint(state: dict[str, Any], device: str | torch.device = "cpu") -> tuple[SequentialEncoder, RunConfig]:
+    cfg = from_dict(state["config"])
+    model = SequentialEncoder(cfg.model, state["num_items"], state["max_len"]).to(device)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, cfg

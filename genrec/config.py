@@ -1,0 +1,258 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridable with ``--set a.b=c``.
+
+Unknown keys and values of the wrong type are errors that name the key, so a typo in a config never
+silently falls back to a default. The resolved config is saved next to every run and checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied; the message names the key."""
+
+
+@dataclass
+class SyntheticConfig:
+    """Built-in generator: latent user tastes over item clusters, Zipf popularity, item-to-item
+    successor chains (sequential signal) and timestamps with short gaps inside a chain."""
+
+    num_users: int = 2000
+    num_items: int = 1000
+    num_clusters: int = 20
+    mean_length: float = 50.0
+    min_length: int = 6
+    max_length: int = 300
+    follow_prob: float = 0.5
+    num_successors: int = 3
+    zipf_exponent: float = 1.2
+    taste_concentration: float = 0.3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    # synthetic | ml-1m | ml-20m | ml-100k | recbole | csv | parquet | sasrec | prepared
+    format: str = "synthetic"
+    path: str | None = None
+    # Column names for csv/parquet (generic interaction tables).
+    user_col: str = "user_id"
+    item_col: str = "item_id"
+    time_col: str | None = "timestamp"
+    rating_col: str | None = None
+    delimiter: str = ","
+    column_names: list[str] | None = None  # csv without a header row: names of its columns, in order
+    kcore: int = 0  # keep users and items with >= kcore interactions; 0 = off
+    kcore_passes: int = 0  # 0 = repeat until stable; 1 = one pass (the Amazon recipe)
+    max_len: int = 200  # history length the encoder sees (most recent items)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    encoder: Literal["hstu", "sasrec"] = "hstu"
+    item_emb_dim: int = 50
+    num_blocks: int = 2
+    num_heads: int = 1
+    dqk: int = 50  # per head
+    dv: int = 50  # per head
+    dropout: float = 0.2  # linear/output dropout inside blocks
+    input_dropout: float = 0.2
+    attn_dropout: float = 0.0
+    # HSTU relative attention bias (rab): switch each table independently.
+    relative_position_bias: bool = True
+    relative_time_bias: bool = True
+    time_bucket_divisor: float = 0.301
+    num_time_buckets: int = 128
+    # Production-variant switches (defaults reproduce the research model).
+    uvqk_activation: Literal["silu", "silu_u_only"] = "silu"
+    qk_scale: Literal["none", "inv_sqrt_dqk"] = "none"  # multiply <q, k> by 1/sqrt(dqk) before SiLU
+    output_mode: Literal["gated", "concat"] = "gated"
+    input_time_embedding: bool = False
+    ffn_dim: int | None = None  # SASRec feed-forward width; None = item_emb_dim
+    attention_backend: Literal["auto", "reference", "triton"] = "auto"
+
+
+@dataclass
+class SimilarityConfig:
+    """dot: cosine of L2-normalised states and items. mol: Mixture of Logits (RAILS), trained jointly.
+
+    With mol, scores are already logits / tau, so the sampled softmax uses temperature 1 (loss.temperature
+    applies to dot only)."""
+
+    type: Literal["dot", "mol"] = "dot"
+    query_components: int = 8  # P_Q
+    item_components: int = 4  # P_X
+    component_dim: int = 64  # d_P
+    query_hidden: int = 512
+    gating_hidden: int = 128
+    tau: float = 0.05
+    item_dropout: float = 0.1
+    gating_dropout: float = 0.2
+    mi_loss_weight: float = 1e-3
+
+
+@dataclass
+class LossConfig:
+    num_negatives: int = 128
+    temperature: float = 0.05
+    # per_position: fresh uniform negatives for every supervised position (the reference recipe);
+    # batch_shared: one uniform set shared by the whole batch (a matmul instead of a gather; faster).
+    negatives: Literal["per_position", "batch_shared"] = "per_position"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 101
+    batch_size: int = 128
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    patience: int = 10  # epochs without validation HR@10 improvement before stopping; 0 = never stop
+    eval_every: int = 1
+    seed: int = 42
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    bf16: bool = True  # bf16 autocast when on CUDA
+    stochastic_length_alpha: float | None = None  # e.g. 1.6; None = off
+    max_steps_per_epoch: int | None = None
+    num_threads: int | None = None
+
+
+@dataclass
+class EvalConfig:
+    ks: tuple[int, ...] = (1, 10, 50, 200)
+    batch_size: int = 256
+    exclude_history: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(tp, value, key)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f" in '{prefix}'" if prefix else ""
+        raise ConfigError(f"unknown config key{where}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def from_dict(values: dict[str, Any]) -> RunConfig:
+    return _build(RunConfig, values or {})
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` strings (value parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.path=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = values
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    values: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+    return from_dict(apply_overrides(values, overrides or []))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

@@ -1,0 +1,33 @@
+"""One dispatch point per hot op: ``reference`` (PyTorch, any device) or ``triton`` (GPU).
+
+``auto`` picks triton on CUDA once a kernel exists for the op, otherwise the reference.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from genrec.kernels.hstu_attention_reference import hstu_attention_reference
+
+Backend = Literal["auto", "reference", "triton"]
+_TRITON_OPS: dict[str, object] = {}  # op name -> kernel entry point, filled as kernels land
+
+
+def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
+    if backend == "reference":
+        return "reference"
+    if backend == "triton":
+        if op not in _TRITON_OPS:
+            raise NotImplementedError(f"no Triton kernel for {op} yet; use backend='reference'")
+        return "triton"
+    return "triton" if device.type == "cuda" and op in _TRITON_OPS else "reference"
+
+
+def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_len: int,
+                   *, backend: Backend = "auto", **kwargs) -> torch.Tensor:
+    """Jagged HSTU attention; see :func:`hstu_attention_reference` for shapes and semantics."""
+    if resolve_backend("hstu_attention", backend, q.device) == "triton":
+        return _TRITON_OPS["hstu_attention"](q, k, v, offsets, max_len, **kwargs)  # type: ignore[operator]
+    return hstu_attention_reference(q, k, v, offsets, max_len, **kwargs)

@@ -1,0 +1,134 @@
+"""Mixture of Logits (MoL): a learned similarity phi(u, x) = sum_p pi_p(u, x) * l_p(u, x).
+
+Query components f(u) (B, P_Q, d_P) come from a SwiGLU MLP; item components g(x) (N, P_X, d_P) from a
+linear map; both are L2-normalised, so each of the P = P_Q * P_X logits l_ij = <f_i, g_j> / tau lies in
+[-1/tau, 1/tau]. Gating weights pi = softmax(SiLU(a(u) * b(x) + c(l))) mix them, so
+min_p l_p <= phi <= max_p l_p. Everything item-side (g(x) and the gating partial b(x)) is cacheable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ItemCache:
+    """Item-side MoL state, computed once per corpus.
+
+    components: (N, P_X, d_P) unit-norm (float32 or bf16); gate: (N, P) item-only gating partial b(x).
+    """
+
+    components: torch.Tensor
+    gate: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.components.shape[0]
+
+    def take(self, ids: torch.Tensor) -> "ItemCache":
+        return ItemCache(self.components[ids], self.gate[ids])
+
+    def slice(self, start: int, end: int) -> "ItemCache":
+        return ItemCache(self.components[start:end], self.gate[start:end])
+
+
+@dataclass
+class QueryState:
+    """Query-side MoL state: components (B, P_Q, d_P) unit-norm; gate (B, P) query-only partial a(u)."""
+
+    components: torch.Tensor
+    gate: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.components.shape[0]
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_in: int, d_hidden: int):
+        super().__init__()
+        self.gate = nn.Linear(d_in, d_hidden)
+        self.up = nn.Linear(d_in, d_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.silu(self.gate(x)) * self.up(x)
+
+
+def _mlp(d_in: int, d_hidden: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_hidden), nn.SiLU(), nn.Linear(d_hidden, d_out))
+
+
+class MixtureOfLogits(nn.Module):
+    """MoL similarity between query states u (B, D_q) and item embeddings x (N, D_x)."""
+
+    def __init__(self, query_dim: int, item_dim: int, query_components: int = 8, item_components: int = 4,
+                 component_dim: int = 64, query_hidden: int = 512, gating_hidden: int = 128, tau: float = 0.05,
+                 item_dropout: float = 0.1, gating_dropout: float = 0.2, user_id_buckets: int = 0,
+                 user_id_components: int = 0):
+        super().__init__()
+        self.pq, self.px, self.dp = query_components, item_components, component_dim
+        self.num_logits = (query_components + user_id_components) * item_components
+        self.tau, self.item_dropout, self.gating_dropout = tau, item_dropout, gating_dropout
+        self.query_mlp = nn.Sequential(SwiGLU(query_dim, query_hidden), nn.Linear(query_hidden, query_components * component_dim))
+        self.item_proj = nn.Linear(item_dim, item_components * component_dim)
+        self.user_id_emb = (nn.Embedding(user_id_buckets, user_id_components * component_dim)
+                            if user_id_buckets and user_id_components else None)
+        self.gate_query = _mlp(query_dim, gating_hidden, self.num_logits)
+        self.gate_item = _mlp(item_dim, gating_hidden, self.num_logits)
+        self.gate_pair = _mlp(self.num_logits, gating_hidden, self.num_logits)
+
+    # ---- the two cacheable halves ----
+    def encode_items(self, x: torch.Tensor) -> ItemCache:
+        """x (N, D_x) -> ItemCache with components (N, P_X, d_P) and gate (N, P)."""
+        g = F.dropout(self.item_proj(x), p=self.item_dropout, training=self.training)
+        g = F.normalize(g.view(x.shape[0], self.px, self.dp), dim=-1, eps=1e-6)
+        return ItemCache(g, self.gate_item(x))
+
+    def encode_queries(self, u: torch.Tensor, user_ids: torch.Tensor | None = None) -> QueryState:
+        """u (B, D_q) [+ user_ids (B,) int64 hashed into buckets] -> QueryState."""
+        f = self.query_mlp(u).view(u.shape[0], self.pq, self.dp)
+        if self.user_id_emb is not None:
+            if user_ids is None:
+                raise ValueError("this MoL has user-id components: pass user_ids")
+            extra = self.user_id_emb(user_ids % self.user_id_emb.num_embeddings).view(u.shape[0], -1, self.dp)
+            f = torch.cat([f, extra], dim=1)
+        return QueryState(F.normalize(f, dim=-1, eps=1e-6), self.gate_query(u))
+
+    # ---- scoring ----
+    def logits(self, q: QueryState, items: ItemCache, aligned: bool = False) -> torch.Tensor:
+        """All-pairs (B, N, P), or aligned (B, R, P) when items holds R items per query (B*R rows)."""
+        f, g = q.components, items.components.to(q.components.dtype)
+        if aligned:
+            g = g.view(len(q), -1, self.px, self.dp)
+            return torch.einsum("bid,brjd->brij", f, g).flatten(2) / self.tau
+        return torch.einsum("bid,njd->bnij", f, g).flatten(2) / self.tau
+
+    def mix(self, q: QueryState, items: ItemCache, logits: torch.Tensor, aligned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gating weights pi (B, N, P) and scores phi (B, N) for precomputed logits."""
+        b = items.gate.to(logits.dtype)
+        b = b.view(len(q), -1, b.shape[-1]) if aligned else b.unsqueeze(0)
+        h = F.silu(q.gate.unsqueeze(1) * b + self.gate_pair(logits))
+        pi = torch.softmax(h, dim=-1)
+        if self.training and self.gating_dropout > 0:
+            pi = F.dropout(pi, p=self.gating_dropout)
+            pi = pi / pi.sum(-1, keepdim=True).clamp(min=1e-6)
+        return pi, (pi * logits).sum(-1)
+
+    def score(self, q: QueryState, items: ItemCache, aligned: bool = False, return_gates: bool = False):
+        """phi (B, N) for every query against every item (or aligned (B, R))."""
+        logits = self.logits(q, items, aligned)
+        pi, phi = self.mix(q, items, logits, aligned)
+        return (phi, pi) if return_gates else phi
+
+
+def mutual_information_loss(pi: torch.Tensor) -> torch.Tensor:
+    """Load-balancing loss L = -H(mean pi) + mean H(pi) over all (query, item) pairs.
+
+    pi: (..., P) gating weights summing to 1. Minimising it spreads use across components (high entropy of
+    the average) while keeping each pair's mixture decisive (low per-pair entropy).
+    """
+    p = pi.reshape(-1, pi.shape[-1]).float()
+    entropy = lambda d: -(d * torch.log(d.clamp(min=1e-12))).sum(-1)  # noqa: E731
+    return -entropy(p.mean(0)) + entropy(p).mean()

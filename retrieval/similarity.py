@@ -1,0 +1,70 @@
+"""Similarity functions phi(query, item) behind one interface: dot product and Mixture of Logits.
+
+Every method takes query states and item embeddings and may also return the MoL gating weights
+(None for dot product), which training needs for the load-balancing loss.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from genrec.retrieval.mol import MixtureOfLogits
+
+
+class DotProductSimilarity:
+    """phi(u, x) = <u, x> (cosine when both sides are L2-normalised, as the encoders output)."""
+
+    name = "dot"
+    cheap_pairwise = True  # scoring the whole catalogue costs one matmul
+
+    def pairwise(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
+        """queries (B, D), items (N, D) -> scores (B, N)."""
+        s = queries @ items.T
+        return (s, None) if return_gates else s
+
+    def per_query(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
+        """queries (B, D), items (B, R, D) -> scores (B, R): each query against its own items."""
+        s = torch.einsum("bd,brd->br", queries, items)
+        return (s, None) if return_gates else s
+
+    def aligned(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
+        """queries (B, D), items (B, D) -> (B,)."""
+        s = (queries * items).sum(-1)
+        return (s, None) if return_gates else s
+
+
+class MoLSimilarity(nn.Module):
+    """Mixture of Logits over encoder states (D_q) and item embeddings (D_x); trainable."""
+
+    name = "mol"
+    cheap_pairwise = False  # per-pair gating MLP: never score a whole catalogue per position
+
+    def __init__(self, mol: MixtureOfLogits):
+        super().__init__()
+        self.mol = mol
+
+    def pairwise(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
+        phi, pi = self.mol.score(self.mol.encode_queries(queries), self.mol.encode_items(items), return_gates=True)
+        return (phi, pi) if return_gates else phi
+
+    def per_query(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
+        b, r, d = items.shape
+        cache = self.mol.encode_items(items.reshape(b * r, d))
+        phi, pi = self.mol.score(self.mol.encode_queries(queries), cache, aligned=True, return_gates=True)
+        return (phi, pi) if return_gates else phi
+
+    def aligned(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
+        phi, pi = self.per_query(queries, items.unsqueeze(1), return_gates=True)
+        return (phi.squeeze(1), pi) if return_gates else phi.squeeze(1)
+
+
+def build_similarity(cfg, query_dim: int, item_dim: int):
+    """SimilarityConfig -> DotProductSimilarity or MoLSimilarity (an nn.Module to train)."""
+    if cfg.type == "dot":
+        return DotProductSimilarity()
+    if cfg.type == "mol":
+        return MoLSimilarity(MixtureOfLogits(
+            query_dim, item_dim, cfg.query_components, cfg.item_components, cfg.component_dim, cfg.query_hidden,
+            cfg.gating_hidden, cfg.tau, cfg.item_dropout, cfg.gating_dropout))
+    raise ValueError(f"unknown similarity {cfg.type!r}; use 'dot' or 'mol'")

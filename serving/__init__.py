@@ -1,0 +1,1 @@
+"""gRPC serving of built indexes and encoders. Lands with issue 7."""

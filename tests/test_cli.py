@@ -1,0 +1,54 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+TINY = ["--set", "data.max_len=20", "--set", "model.item_emb_dim=8", "--set", "model.dqk=8", "--set", "model.dv=8",
+        "--set", "loss.num_negatives=16", "--set", "train.epochs=1", "--set", "eval.ks=[1, 10]"]
+
+
+def genrec(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "genrec", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def test_cli_end_to_end_on_tiny_data(tmp_path):
+    lines = [f"{u}\t{i}\t{(u + i) % 5 + 1}\t{1000 * u + 10 * k}" for u in range(1, 41)
+             for k, i in enumerate(np.random.default_rng(u).choice(60, size=8, replace=False) + 1)]
+    (tmp_path / "u.data").write_text("\n".join(lines) + "\n")
+    r = genrec("data", "prepare", "--format", "ml-100k", "--input", "u.data", "--out", "prep", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["users"] == 40
+    (tmp_path / "cfg.yaml").write_text("name: t\nout_dir: runs\ndata:\n  format: prepared\n  path: prep\n")
+    r = genrec("train", "--config", "cfg.yaml", "--no-progress", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "| hstu |" in r.stdout and "| popularity |" in r.stdout
+    ckpt = tmp_path / "runs" / "t" / "checkpoint_best.pt"
+    assert ckpt.is_file() and (tmp_path / "runs" / "t" / "config.yaml").is_file()
+    r = genrec("eval", "--checkpoint", str(ckpt), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert set(json.loads(r.stdout)) == {"hstu", "popularity"}
+    r = genrec("embed", "--checkpoint", str(ckpt), "--out", "items.npy", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    emb, ids = np.load(tmp_path / "items.npy"), np.load(tmp_path / "items.ids.npy")
+    assert emb.shape == (len(ids), 8) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    assert json.loads((tmp_path / "items.json").read_text())["count"] == len(ids)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
+    (["train", "--config", "cfg.yaml", "--set", "model.heads=2"], "unknown config key in 'model': heads"),
+    (["data", "prepare", "--format", "ml-1m", "--input", "ratings.dat", "--out", "out"], "ratings.dat:2: field 'rating' must be a number"),
+    (["data", "prepare", "--format", "parquet-ish", "--input", "ratings.dat", "--out", "out"], "unknown data format 'parquet-ish'"),
+    (["eval", "--checkpoint", "ratings.dat"], "not a readable genrec checkpoint"),
+])
+def test_cli_bad_input_exits_nonzero_with_a_clear_message(tmp_path, args, message):
+    (tmp_path / "cfg.yaml").write_text("data:\n  format: synthetic\n")
+    (tmp_path / "ratings.dat").write_text("1::2::3::4\n1::3::four::5\n")
+    r = genrec(*args, cwd=tmp_path)
+    assert r.returncode == 2
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written

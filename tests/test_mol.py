@@ -1,0 +1,180 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genrec.retrieval.mol import MixtureOfLogits, mutual_information_loss
+from genrec.retrieval.search import MoLSearcher
+from genrec.retrieval.topk import chunked_topk, merge_topk, sort_by_score_then_id, unique_rows
+
+
+def small_mol(seed=0, **kw):
+    torch.manual_seed(seed)
+    args = dict(query_dim=6, item_dim=5, query_components=3, item_components=2, component_dim=4, query_hidden=8,
+                gating_hidden=8)
+    args.update(kw)
+    return MixtureOfLogits(**args).eval()
+
+
+def test_score_equals_naive_per_pair_loop():
+    mol = small_mol()
+    u, x = torch.randn(3, 6), torch.randn(4, 5)
+    q, items = mol.encode_queries(u), mol.encode_items(x)
+    got = mol.score(q, items)
+    for b in range(3):
+        f = F.normalize(mol.query_mlp(u[b : b + 1]).view(3, 4), dim=-1)
+        a = mol.gate_query(u[b])
+        for n in range(4):
+            g = F.normalize(mol.item_proj(x[n : n + 1]).view(2, 4), dim=-1)
+            logits = torch.stack([(f[i] * g[j]).sum() / 0.05 for i in range(3) for j in range(2)])
+            h = F.silu(a * mol.gate_item(x[n]) + mol.gate_pair(logits))
+            pi = torch.softmax(h, -1)
+            assert got[b, n].item() == pytest.approx((pi * logits).sum().item(), rel=1e-5, abs=1e-5)
+
+
+def test_aligned_scores_equal_all_pairs_scores():
+    mol = small_mol()
+    q, items = mol.encode_queries(torch.randn(3, 6)), mol.encode_items(torch.randn(7, 5))
+    full = mol.score(q, items)
+    rows = torch.tensor([[0, 3, 6], [1, 1, 2], [5, 4, 0]])
+    aligned = mol.score(q, items.take(rows.reshape(-1)), aligned=True)
+    torch.testing.assert_close(aligned, full.gather(1, rows))
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), train=st.booleans())
+def test_score_lies_between_min_and_max_logit(seed, train):
+    mol = small_mol(seed)
+    mol.train(train)
+    q, items = mol.encode_queries(torch.randn(4, 6)), mol.encode_items(torch.randn(9, 5))
+    logits = mol.logits(q, items)
+    phi, pi = mol.score(q, items, return_gates=True)
+    assert torch.all(phi <= logits.max(-1).values + 1e-4) and torch.all(phi >= logits.min(-1).values - 1e-4)
+    assert torch.all(logits.abs() <= 1 / 0.05 + 1e-4)
+    torch.testing.assert_close(pi.sum(-1), torch.ones_like(phi))
+
+
+def test_user_id_components_add_logits():
+    mol = small_mol(user_id_buckets=10, user_id_components=2)
+    assert mol.num_logits == (3 + 2) * 2
+    q = mol.encode_queries(torch.randn(2, 6), user_ids=torch.tensor([3, 17]))
+    assert q.components.shape == (2, 5, 4)
+    with pytest.raises(ValueError, match="pass user_ids"):
+        mol.encode_queries(torch.randn(2, 6))
+
+
+def test_mutual_information_loss_hand_examples():
+    p = 4
+    uniform = torch.full((5, p), 1 / p)  # every pair undecided: -log4 + log4 = 0
+    assert mutual_information_loss(uniform).item() == pytest.approx(0.0, abs=1e-6)
+    one_hot_balanced = torch.eye(p)  # decisive and balanced: -log4 + 0 (the minimum)
+    assert mutual_information_loss(one_hot_balanced).item() == pytest.approx(-math.log(p), rel=1e-5)
+    collapsed = torch.tensor([[1.0, 0, 0, 0]] * 3)  # decisive but all on one component: 0
+    assert mutual_information_loss(collapsed).item() == pytest.approx(0.0, abs=1e-6)
+    pi = torch.tensor([[0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]])
+    expected = -math.log(4) + math.log(2)
+    assert mutual_information_loss(pi).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sort_and_merge_break_ties_by_smaller_id():
+    s, i = sort_by_score_then_id(torch.tensor([[1.0, 2.0, 2.0, 1.0]]), torch.tensor([[7, 9, 3, 2]]))
+    assert i.tolist() == [[3, 9, 2, 7]]
+    s, i = merge_topk(torch.tensor([[5.0, 1.0]]), torch.tensor([[4, 8]]), torch.tensor([[5.0, 3.0]]),
+                      torch.tensor([[2, 6]]), 3)
+    assert i.tolist() == [[2, 4, 6]] and s.tolist() == [[5.0, 5.0, 3.0]]
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 60), k=st.integers(1, 70), chunk=st.integers(1, 25), seed=st.integers(0, 99))
+def test_chunked_topk_equals_full_sort_with_ties_and_padding(n, k, chunk, seed):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 5, (3, n), generator=g).float()  # many ties
+    scores[0, : n // 2] = float("-inf")  # excluded items
+    s, i = chunked_topk(lambda a, b: scores[:, a:b], n, 3, k, chunk)
+    for row in range(3):
+        order = sorted(range(n), key=lambda j: (-scores[row, j].item(), j))
+        valid = [j for j in order if scores[row, j] > float("-inf")][:k]
+        assert i[row, : len(valid)].tolist() == valid
+        assert torch.all(i[row, len(valid):] == -1) and torch.all(torch.isneginf(s[row, len(valid):]))
+
+
+def test_unique_rows():
+    assert unique_rows(torch.tensor([[3, 1, 3, -1], [2, 2, 2, 2]])).tolist() == [[1, 3], [2, -1]]
+
+
+@torch.no_grad()
+def brute_force(mol, u, x, k):
+    phi = mol.score(mol.encode_queries(u), mol.encode_items(x))
+    ids = torch.arange(x.shape[0]).expand_as(phi)
+    s, i = sort_by_score_then_id(phi, ids)
+    return s[:, :k].numpy(), i[:, :k].numpy()
+
+
+@pytest.mark.parametrize("method", ["exact", "topk_per_embedding", "topk_avg", "combined"])
+def test_every_method_with_a_full_budget_equals_brute_force(method):
+    mol = small_mol()
+    u, x = torch.randn(5, 6), torch.randn(50, 5)
+    searcher = MoLSearcher(mol, x, chunk_size=7)
+    r = searcher.search_with_certificate(u, 10, method=method, budget=50)
+    want_s, want_i = brute_force(mol, u, x, 10)
+    np.testing.assert_array_equal(r.ids, want_i)
+    np.testing.assert_allclose(r.scores, want_s, rtol=1e-5, atol=1e-5)
+    if method in ("exact", "topk_per_embedding", "combined"):
+        assert r.exact.all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), budget=st.integers(1, 12), k=st.integers(1, 8))
+def test_certificate_is_never_wrong(seed, budget, k):
+    mol = small_mol(seed % 7)
+    g = torch.Generator().manual_seed(seed)
+    u, x = torch.randn(6, 6, generator=g), torch.randn(40, 5, generator=g)
+    r = MoLSearcher(mol, x, chunk_size=9).search_with_certificate(u, k, method="topk_per_embedding", budget=budget)
+    _, want_i = brute_force(mol, u, x, k)
+    for row in np.flatnonzero(r.exact):
+        np.testing.assert_array_equal(r.ids[row], want_i[row])
+    assert r.ids.shape == (6, k)  # the requested k is honoured, never the whole candidate set
+
+
+def test_external_ids_exclusion_and_padding():
+    mol = small_mol()
+    x = torch.randn(6, 5)
+    ids = np.array([100, 101, 102, 103, 104, 105])
+    searcher = MoLSearcher(mol, x, ids=ids)
+    s, i = searcher.search(torch.randn(2, 6), 8, exclude=[[100, 103], []])
+    assert set(i[0][:4]) == {101, 102, 104, 105} and list(i[0][4:]) == [-1] * 4
+    assert np.all(np.isneginf(s[0][4:])) and np.all(np.diff(s[0][:4]) <= 0)
+    assert sorted(i[1][:6]) == list(ids) and list(i[1][6:]) == [-1, -1]
+    assert s.dtype == np.float32 and i.dtype == np.int64
+
+
+@pytest.mark.parametrize("queries,k,message", [
+    (np.full((1, 6), np.nan, dtype=np.float32), 3, "NaN or Inf"),
+    (np.ones((1, 5), dtype=np.float32), 3, "query dim 5 does not match the index dim 6"),
+    (np.ones((0, 6), dtype=np.float32), 3, "empty query batch"),
+    (np.ones((1, 6), dtype=np.float32), 0, "k must be a positive integer"),
+    (np.ones((1, 6), dtype=np.int64), 3, "must be floating point"),
+    (np.ones(6, dtype=np.float32), 3, "must be 2-D"),
+])
+def test_bad_queries_raise_clear_errors(queries, k, message):
+    searcher = MoLSearcher(small_mol(), torch.randn(10, 5))
+    with pytest.raises(ValueError, match=message):
+        searcher.search(queries, k)
+    with pytest.raises(ValueError, match="unknown method"):
+        searcher.search(np.ones((1, 6), dtype=np.float32), 3, method="hnsw")
+
+
+def test_certificate_certifies_rows_at_partial_budgets():
+    certified = 0
+    for seed in range(10):
+        mol = small_mol(seed % 7)
+        g = torch.Generator().manual_seed(seed)
+        u, x = torch.randn(6, 6, generator=g), torch.randn(40, 5, generator=g)
+        r = MoLSearcher(mol, x).search_with_certificate(u, 1, method="topk_per_embedding", budget=12)
+        assert np.all(np.isfinite(r.bound))
+        certified += int(r.exact.sum())
+    assert certified > 0  # the property test above is not vacuous
