@@ -24,6 +24,13 @@ CONFIGS = {
     "ml100k": {"hstu": "configs/ml100k_hstu.yaml", "sasrec": "configs/ml100k_sasrec.yaml"},
     "synthetic": {"hstu": "configs/demo.yaml", "sasrec": "configs/demo.yaml"},
 }
+# --mol: HSTU + dot vs HSTU + MoL at the same negative budget (batch-shared: per-position MoL negatives
+# cost ~30x more on CPU). Small MoL (4 x 4 x 32) sized for CPU.
+MOL_SYSTEMS = {
+    "hstu+dot": ["model.encoder=hstu", "similarity.type=dot", "loss.negatives=batch_shared"],
+    "hstu+mol": ["model.encoder=hstu", "similarity.type=mol", "loss.negatives=batch_shared",
+                 "similarity.query_components=4", "similarity.item_components=4", "similarity.component_dim=32"],
+}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -54,6 +61,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="cap epochs (default: the config's)")
     ap.add_argument("--datasets", nargs="+", default=["synthetic", "ml100k"], choices=list(CONFIGS))
     ap.add_argument("--out-dir", default="runs/bench")
+    ap.add_argument("--mol", action="store_true", help="compare HSTU+dot vs HSTU+MoL (writes mol_quality.*)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     rows = []
@@ -61,8 +69,10 @@ def main() -> None:
         if ds == "ml100k":
             ensure_ml100k()
         popularity = None
-        for encoder, cfg_path in CONFIGS[ds].items():
-            overrides = [f"out_dir={args.out_dir}", f"name={ds}-{encoder}", f"model.encoder={encoder}"]
+        systems = ({name: (CONFIGS[ds]["hstu"], extra) for name, extra in MOL_SYSTEMS.items()} if args.mol else
+                   {enc: (path, [f"model.encoder={enc}"]) for enc, path in CONFIGS[ds].items()})
+        for encoder, (cfg_path, extra) in systems.items():
+            overrides = [f"out_dir={args.out_dir}", f"name={ds}-{encoder}", *extra]
             if ds == "ml100k":
                 overrides.append(f"data.path={ROOT / 'benchmarks/.data/ml-100k/ml-100k.inter'}")
             if args.epochs:
@@ -76,9 +86,10 @@ def main() -> None:
             popularity = result.popularity_test
         rows.append({"dataset": ds, "system": "popularity", "hr@10": popularity["hr@10"], "ndcg@10": popularity["ndcg@10"],
                      "hr@200": popularity["hr@200"], "mrr": popularity["mrr"], "best_epoch": "", "epochs_run": "", "sec_per_epoch": ""})
-        write_table(rows, "train_quality", provenance())
-        plot(rows, RESULTS / "train_quality.png")
-    print((RESULTS / "train_quality.md").read_text())
+        stem = "mol_quality" if args.mol else "train_quality"
+        write_table(rows, stem, provenance())
+        plot(rows, RESULTS / f"{stem}.png")
+    print((RESULTS / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":
