@@ -25,8 +25,11 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/train_quality.py
+	$(BIN)/python benchmarks/train_quality.py --mol --datasets synthetic
 	$(BIN)/python benchmarks/epoch_speed.py
+	$(BIN)/python benchmarks/retrieval_bench.py --items 100000
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis *.egg-info
