@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import platform
 import subprocess
@@ -15,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from genrec.io import atomic_write_json, atomic_write_text
+from genrec.io import atomic_write_csv, atomic_write_json, atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -46,14 +44,8 @@ def ensure_ml100k() -> Path:
 
 def write_table(rows: list[dict], stem: str, meta: dict) -> None:
     """rows -> results/<stem>.csv, .md and .json (with provenance)."""
-    keys: list[str] = []
-    for r in rows:
-        keys.extend(k for k in r if k not in keys)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys)
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(RESULTS / f"{stem}.csv", buf.getvalue())
+    atomic_write_csv(RESULTS / f"{stem}.csv", rows)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     md = [f"<!-- {json.dumps(meta)} -->", "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
     md += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import sys
-from pathlib import Path
 
 from genrec.checkpoint import CheckpointError
 from genrec.config import ConfigError

@@ -4,8 +4,6 @@ best-checkpoint restore, full-corpus test evaluation. Resumable from its last ch
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import logging
 import random
 import time
@@ -23,7 +21,7 @@ from genrec.data.sequences import SequenceDataset, leave_one_out
 from genrec.data.source import load_dataset
 from genrec.encoders.model import SequentialEncoder
 from genrec.evaluation import evaluate_model, evaluate_popularity, format_metrics_table
-from genrec.io import atomic_write_json, atomic_write_text
+from genrec.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from genrec.plots import learning_curve
 from genrec.retrieval.losses import sample_negatives, sampled_softmax_loss
 from genrec.retrieval.mol import mutual_information_loss
@@ -83,17 +81,6 @@ def batch_loss(model: SequentialEncoder, batch: SequenceBatch, cfg: RunConfig, s
         pi = torch.cat([pos_pi.reshape(-1, pos_pi.shape[-1]), neg_pi.reshape(-1, neg_pi.shape[-1])])
         loss = loss + cfg.similarity.mi_loss_weight * mutual_information_loss(pi)
     return loss
-
-
-def _write_history_csv(path: Path, history: list[dict]) -> None:
-    keys: list[str] = []
-    for row in history:
-        keys.extend(k for k in row if k not in keys)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write_text(path, buf.getvalue())
 
 
 def make_run_dir(cfg: RunConfig) -> Path:
@@ -194,7 +181,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
         if improved:
             checkpoint(run_dir / "checkpoint_best.pt", epoch)
         checkpoint(run_dir / "checkpoint_last.pt", epoch)
-        _write_history_csv(run_dir / "metrics.csv", history)
+        atomic_write_csv(run_dir / "metrics.csv", history)
         learning_curve(history, run_dir / "learning_curve.png", f"{cfg.name} ({cfg.model.encoder})")
         if cfg.train.patience and bad_epochs >= cfg.train.patience:
             log.info("early stop: no validation HR@10 gain for %d epochs (best epoch %d)", bad_epochs, best_epoch)
