@@ -83,6 +83,8 @@ class MoLSearcher:
         self.ids = torch.arange(self.ntotal) if ids is None else torch.as_tensor(np.asarray(ids), dtype=torch.int64)
         if len(self.ids) != self.ntotal:
             raise ValueError(f"{len(self.ids)} ids for {self.ntotal} items")
+        identity = torch.equal(self.ids, torch.arange(self.ntotal))
+        self._row_of = None if identity else {int(x): i for i, x in enumerate(self.ids.tolist())}
         self.chunk_size = chunk_size
         self.query_dim = mol.query_mlp[0].gate.in_features
 
@@ -127,7 +129,7 @@ class MoLSearcher:
     def _internal_exclude(self, exclude) -> list[torch.Tensor] | None:
         if exclude is None:
             return None
-        lookup = {int(x): i for i, x in enumerate(self.ids.tolist())} if not torch.equal(self.ids, torch.arange(self.ntotal)) else None
+        lookup = self._row_of
         out = []
         for row in exclude:
             vals = [int(x) for x in row]
