@@ -25,7 +25,6 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python benchmarks/train_quality.py
 	$(BIN)/python benchmarks/train_quality.py --mol --datasets synthetic
 	$(BIN)/python benchmarks/epoch_speed.py

@@ -3,7 +3,10 @@
 Writes benchmarks/results/train_quality.{csv,md,json,png}: test HR@10 / NDCG@10 / HR@200 (full corpus,
 history excluded), best epoch, epochs run, seconds per epoch.
 
-    python benchmarks/train_quality.py [--epochs 101] [--datasets ml100k synthetic]
+    python benchmarks/train_quality.py [--epochs 101] [--datasets ml100k synthetic] [--seeds 42 43 44]
+
+With several seeds, per-seed rows go to <stem>_seeds.{csv,md,json} and the main table holds the mean,
+the sample standard deviation and the seed count per (dataset, system).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import numpy as np  # noqa: E402
 from common import RESULTS, ROOT, ensure_ml100k, provenance, write_table  # noqa: E402
 
 from genrec.config import load_config  # noqa: E402
@@ -26,6 +30,7 @@ CONFIGS = {
 }
 # --mol: HSTU + dot vs HSTU + MoL at the same negative budget (batch-shared: per-position MoL negatives
 # cost ~30x more on CPU). Small MoL (4 x 4 x 32) sized for CPU.
+METRICS = ("hr@10", "ndcg@10", "hr@200", "mrr")
 MOL_SYSTEMS = {
     "hstu+dot": ["model.encoder=hstu", "similarity.type=dot", "loss.negatives=batch_shared"],
     "hstu+mol": ["model.encoder=hstu", "similarity.type=mol", "loss.negatives=batch_shared",
@@ -45,8 +50,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, ds in zip(axes[0], datasets):
         vals = {r["system"]: r for r in rows if r["dataset"] == ds}
         xs = range(len(systems))
-        ax.bar([x - 0.2 for x in xs], [vals[s]["hr@10"] for s in systems], 0.4, label="HR@10")
-        ax.bar([x + 0.2 for x in xs], [vals[s]["ndcg@10"] for s in systems], 0.4, label="NDCG@10")
+        err = lambda m: [vals[s].get(f"{m}_std") or 0.0 for s in systems]  # noqa: E731
+        ax.bar([x - 0.2 for x in xs], [vals[s]["hr@10"] for s in systems], 0.4, yerr=err("hr@10"), label="HR@10")
+        ax.bar([x + 0.2 for x in xs], [vals[s]["ndcg@10"] for s in systems], 0.4, yerr=err("ndcg@10"), label="NDCG@10")
         ax.set_xticks(list(xs), systems)
         ax.set_title(f"{ds} (test, full corpus)")
         ax.grid(axis="y", alpha=0.3)
@@ -62,34 +68,61 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["synthetic", "ml100k"], choices=list(CONFIGS))
     ap.add_argument("--out-dir", default="runs/bench")
     ap.add_argument("--mol", action="store_true", help="compare HSTU+dot vs HSTU+MoL (writes mol_quality.*)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed values (default: the config's)")
+    ap.add_argument("--stem", default=None, help="results file stem (default train_quality / mol_quality)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    stem = args.stem or ("mol_quality" if args.mol else "train_quality")
+    seeds = args.seeds or [None]
     rows = []
     for ds in args.datasets:
         if ds == "ml100k":
             ensure_ml100k()
-        popularity = None
         systems = ({name: (CONFIGS[ds]["hstu"], extra) for name, extra in MOL_SYSTEMS.items()} if args.mol else
                    {enc: (path, [f"model.encoder={enc}"]) for enc, path in CONFIGS[ds].items()})
-        for encoder, (cfg_path, extra) in systems.items():
-            overrides = [f"out_dir={args.out_dir}", f"name={ds}-{encoder}", *extra]
-            if ds == "ml100k":
-                overrides.append(f"data.path={ROOT / 'benchmarks/.data/ml-100k/ml-100k.inter'}")
-            if args.epochs:
-                overrides.append(f"train.epochs={args.epochs}")
-            cfg = load_config(ROOT / cfg_path, overrides)
-            result = train(cfg, progress=False)
-            epochs_run = len((result.run_dir / "metrics.csv").read_text().strip().splitlines()) - 1
-            rows.append({"dataset": ds, "system": encoder, "hr@10": result.test["hr@10"], "ndcg@10": result.test["ndcg@10"],
-                         "hr@200": result.test["hr@200"], "mrr": result.test["mrr"], "best_epoch": result.best_epoch,
-                         "epochs_run": epochs_run, "sec_per_epoch": round(result.seconds_per_epoch, 2)})
-            popularity = result.popularity_test
-        rows.append({"dataset": ds, "system": "popularity", "hr@10": popularity["hr@10"], "ndcg@10": popularity["ndcg@10"],
-                     "hr@200": popularity["hr@200"], "mrr": popularity["mrr"], "best_epoch": "", "epochs_run": "", "sec_per_epoch": ""})
-        stem = "mol_quality" if args.mol else "train_quality"
-        write_table(rows, stem, provenance())
-        plot(rows, RESULTS / f"{stem}.png")
+        for seed in seeds:
+            popularity = None
+            for encoder, (cfg_path, extra) in systems.items():
+                overrides = [f"out_dir={args.out_dir}", f"name={ds}-{encoder}" + (f"-s{seed}" if seed is not None else ""), *extra]
+                if ds == "ml100k":
+                    overrides.append(f"data.path={ROOT / 'benchmarks/.data/ml-100k/ml-100k.inter'}")
+                if args.epochs:
+                    overrides.append(f"train.epochs={args.epochs}")
+                if seed is not None:
+                    overrides.append(f"train.seed={seed}")
+                cfg = load_config(ROOT / cfg_path, overrides)
+                result = train(cfg, progress=False)
+                epochs_run = len((result.run_dir / "metrics.csv").read_text().strip().splitlines()) - 1
+                rows.append({"dataset": ds, "system": encoder, "seed": cfg.train.seed, **{m: result.test[m] for m in METRICS},
+                             "best_epoch": result.best_epoch, "epochs_run": epochs_run,
+                             "sec_per_epoch": round(result.seconds_per_epoch, 2)})
+                popularity = result.popularity_test
+            rows.append({"dataset": ds, "system": "popularity", "seed": "", **{m: popularity[m] for m in METRICS},
+                         "best_epoch": "", "epochs_run": "", "sec_per_epoch": ""})
+        if len(seeds) > 1:
+            write_table(rows, f"{stem}_seeds", provenance())
+            table = summarise(rows)
+        else:
+            table = rows
+        write_table(table, stem, provenance())
+        plot(table, RESULTS / f"{stem}.png")
     print((RESULTS / f"{stem}.md").read_text())
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (dataset, system): mean and sample std of each metric over seeds, and the seed count."""
+    out = []
+    for key in dict.fromkeys((r["dataset"], r["system"]) for r in rows):
+        group = [r for r in rows if (r["dataset"], r["system"]) == key]
+        if key[1] == "popularity":
+            group = group[:1]  # deterministic: identical for every seed
+        row = {"dataset": key[0], "system": key[1], "seeds": len(group)}
+        for m in METRICS:
+            vals = np.array([r[m] for r in group], dtype=float)
+            row[m] = float(vals.mean())
+            row[f"{m}_std"] = float(vals.std(ddof=1)) if len(vals) > 1 else ""
+        out.append(row)
+    return out
 
 
 if __name__ == "__main__":

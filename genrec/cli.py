@@ -1,4 +1,4 @@
-"""``genrec`` command line: data prepare, train, eval, embed."""
+"""``genrec`` command line: data prepare, train, eval, embed, build-index, verify-index, merge-index, search, bench."""
 
 from __future__ import annotations
 
@@ -81,6 +81,98 @@ def cmd_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _index_path(args: argparse.Namespace):
+    from pathlib import Path
+
+    from genrec.index.storage import latest_version
+
+    if args.path:
+        return Path(args.path)
+    if not args.name:
+        raise ValueError("give an index directory or --name (with --root)")
+    return Path(args.root) / args.name / args.version if args.version else latest_version(args.root, args.name)
+
+
+def cmd_build_index(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from genrec.index.build import build, describe, eval_summary, load_mol, proxy_queries, read_items
+    from genrec.index.sharding import shard_range, shard_version
+    from genrec.index.spec import from_mapping, load_spec, parse_spec
+    from genrec.index.storage import read_manifest, save_index
+
+    spec = load_spec(args.spec_file) if args.spec_file else parse_spec(args.spec)
+    if args.overrides:
+        spec = from_mapping({**spec.to_dict(), **dict(o.split("=", 1) for o in args.overrides)})
+    sharded = args.num_shards is not None or args.shard_id is not None
+    if sharded and (args.num_shards is None or args.shard_id is None or not args.version):
+        raise ValueError("sharded builds need --shard-id, --num-shards and --version (shared by all shards)")
+    inputs = read_items(args.embeddings, args.ids, args.checkpoint)
+    mol = load_mol(args.checkpoint) if spec.type == "mol-hindexer" else None
+    rows = shard_range(len(inputs.items), args.shard_id, args.num_shards) if sharded else None
+    log.info("building %s over %d items%s", spec.describe(), (rows[1] - rows[0]) if rows else len(inputs.items),
+             f" (shard {args.shard_id} of {args.num_shards})" if sharded else "")
+    index = build(spec, inputs, mol, rows, progress=not args.no_progress)
+    extra = {"spec": spec.to_dict(), "source": inputs.source,
+             "encoder_checkpoint_sha256": inputs.source.get("checkpoint_sha256")}
+    if args.eval_queries > 0 or args.eval_queries_file:
+        queries = (np.load(args.eval_queries_file, allow_pickle=False) if args.eval_queries_file
+                   else proxy_queries(inputs, args.eval_queries, index.dim, spec.seed))
+        extra["eval"] = {**eval_summary(index, queries), "queries_from": args.eval_queries_file or "item embeddings + noise"}
+    version = args.version
+    if sharded:
+        extra["shard"] = {"id": args.shard_id, "num_shards": args.num_shards, "start": rows[0], "end": rows[1],
+                          "total": len(inputs.items)}
+        version = shard_version(args.version, args.shard_id, args.num_shards)
+    path = save_index(index, args.root, args.name, version, extra, overwrite=args.overwrite)
+    print(describe(read_manifest(path)))
+    print(f"index: {path}")
+    return 0
+
+
+def cmd_verify_index(args: argparse.Namespace) -> int:
+    from genrec.index.storage import load_index, verify_index
+
+    path = _index_path(args)
+    manifest = verify_index(path, args.mode)
+    if manifest["kind"] == "sharded":
+        load_index(path, args.mode)  # verifies every shard too
+    print(f"ok: {path} ({manifest['kind']}, {manifest['count']} items, {len(manifest['files'])} files, verify={args.mode})")
+    return 0
+
+
+def cmd_merge_index(args: argparse.Namespace) -> int:
+    from genrec.index.build import describe
+    from genrec.index.sharding import merge_shards
+    from genrec.index.storage import read_manifest
+
+    path = merge_shards(args.shards, args.root, args.name, args.version)
+    print(describe(read_manifest(path)))
+    print(f"index: {path}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from genrec.index.storage import load_index
+
+    index, manifest = load_index(_index_path(args), args.verify)
+    if args.queries:
+        queries = np.load(args.queries, allow_pickle=False)
+    else:
+        rng = np.random.default_rng(args.seed)
+        queries = rng.standard_normal((args.random, index.dim)).astype(np.float32)
+        queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    params = {"kprime": args.kprime} if args.kprime else {}
+    r = index.search_with_certificate(queries, args.k, **params)
+    for i in range(len(r.ids)):
+        keep = r.ids[i] >= 0
+        print(json.dumps({"query": i, "ids": r.ids[i][keep].tolist(),
+                          "scores": [round(float(x), 6) for x in r.scores[i][keep]], "exact": bool(r.exact[i])}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="genrec", description="Generative-recommender retrieval engine.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -121,6 +213,56 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--checkpoint", required=True)
     em.add_argument("--out", required=True, help="items.npy (ids go to items.ids.npy, metadata to items.json)")
     em.set_defaults(func=cmd_embed)
+
+    bi = sub.add_parser("build-index", help="build an index from item embeddings or a checkpoint (atomic, with manifest)")
+    bi.add_argument("--name", required=True)
+    bi.add_argument("--root", default="indexes", help="indexes live in <root>/<name>/<version>/")
+    bi.add_argument("--version", help="default: the next vN")
+    spec = bi.add_mutually_exclusive_group()
+    spec.add_argument("--spec", default="mol-hindexer",
+                      help="e.g. 'mol-hindexer:stage1=pca16,stage1_dtype=int8,kprime=20000' or 'mips:factory=HNSW32'")
+    spec.add_argument("--spec-file", help="the same as a YAML mapping")
+    bi.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one spec field (repeatable)")
+    bi.add_argument("--embeddings", help="items.npy from `genrec embed` (ids from items.ids.npy) or a .parquet (id, embedding)")
+    bi.add_argument("--ids", help="int64 ids .npy (default: beside the embeddings, else 0..N-1)")
+    bi.add_argument("--checkpoint", help="trained checkpoint: item embeddings if --embeddings is absent; MoL weights")
+    bi.add_argument("--shard-id", type=int)
+    bi.add_argument("--num-shards", type=int)
+    bi.add_argument("--eval-queries", type=int, default=64, help="held-out queries for the manifest's recall summary (0 = skip)")
+    bi.add_argument("--eval-queries-file", help="(nq, D) float32 .npy of real query states for that summary")
+    bi.add_argument("--overwrite", action="store_true")
+    bi.add_argument("--no-progress", action="store_true")
+    bi.set_defaults(func=cmd_build_index)
+
+    def index_location(p: argparse.ArgumentParser) -> None:
+        p.add_argument("path", nargs="?", help="index directory (or use --name [--version] [--root])")
+        p.add_argument("--name")
+        p.add_argument("--version", help="default: the latest complete version")
+        p.add_argument("--root", default="indexes")
+
+    vi = sub.add_parser("verify-index", help="check an index directory against its manifest")
+    index_location(vi)
+    vi.add_argument("--mode", choices=["full", "size"], default="full", help="full: sha256 of every file; size: sizes + headers")
+    vi.set_defaults(func=cmd_verify_index)
+
+    mi = sub.add_parser("merge-index", help="combine shard builds into one logical index")
+    mi.add_argument("shards", nargs="+", help="shard directories (<name>/<version>.shard-i-of-n)")
+    mi.add_argument("--name", required=True)
+    mi.add_argument("--version", required=True)
+    mi.add_argument("--root", default="indexes")
+    mi.set_defaults(func=cmd_merge_index)
+
+    se = sub.add_parser("search", help="ad-hoc top-k queries against an index (JSON lines)")
+    index_location(se)
+    se.add_argument("--k", type=int, default=10)
+    src = se.add_mutually_exclusive_group()
+    src.add_argument("--queries", help="(nq, D) float32 .npy of query states")
+    src.add_argument("--random", type=int, default=1, help="N random unit queries (smoke test)")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--kprime", type=int, default=0, help="h-indexer K' for this search (0 = the index's)")
+    se.add_argument("--verify", choices=["full", "size", "none"], default="size")
+    se.set_defaults(func=cmd_search)
     return parser
 
 

@@ -68,6 +68,12 @@ class MixtureOfLogits(nn.Module):
                  item_dropout: float = 0.1, gating_dropout: float = 0.2, user_id_buckets: int = 0,
                  user_id_components: int = 0):
         super().__init__()
+        # constructor arguments, saved beside the weights so an index can rebuild this module
+        self.init_kwargs = dict(query_dim=query_dim, item_dim=item_dim, query_components=query_components,
+                                item_components=item_components, component_dim=component_dim,
+                                query_hidden=query_hidden, gating_hidden=gating_hidden, tau=tau,
+                                item_dropout=item_dropout, gating_dropout=gating_dropout,
+                                user_id_buckets=user_id_buckets, user_id_components=user_id_components)
         self.pq, self.px, self.dp = query_components, item_components, component_dim
         self.num_logits = (query_components + user_id_components) * item_components
         self.tau, self.item_dropout, self.gating_dropout = tau, item_dropout, gating_dropout

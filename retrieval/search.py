@@ -17,8 +17,8 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from genrec.retrieval.ids import IdMap
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits, QueryState
 from genrec.retrieval.topk import chunked_topk, empty_topk, mask_excluded, merge_topk, pad_invalid, unique_rows
 
@@ -78,13 +78,10 @@ class MoLSearcher:
         with torch.no_grad():
             cache = items if isinstance(items, ItemCache) else mol.encode_items(torch.as_tensor(items, dtype=torch.float32))
         self.cache = ItemCache(cache.components.to(cache_dtype), cache.gate.to(cache_dtype))
-        self.avg_items = F.normalize(self.cache.components.float().mean(1), dim=-1).to(cache_dtype)  # (N, d_P) for TopKAvg
+        self.avg_items = self.cache.components.float().mean(1).to(cache_dtype)  # (N, d_P) mean_j g_j for TopKAvg
         self.ntotal = len(self.cache)
-        self.ids = torch.arange(self.ntotal) if ids is None else torch.as_tensor(np.asarray(ids), dtype=torch.int64)
-        if len(self.ids) != self.ntotal:
-            raise ValueError(f"{len(self.ids)} ids for {self.ntotal} items")
-        identity = torch.equal(self.ids, torch.arange(self.ntotal))
-        self._row_of = None if identity else {int(x): i for i, x in enumerate(self.ids.tolist())}
+        self.idmap = IdMap(ids, self.ntotal)
+        self.ids = self.idmap.ids
         self.chunk_size = chunk_size
         self.query_dim = mol.query_mlp[0].gate.in_features
 
@@ -103,10 +100,8 @@ class MoLSearcher:
         if not isinstance(budget, int) or budget <= 0:
             raise ValueError(f"budget must be a positive integer, got {budget!r}")
         u = validate_queries(queries, self.query_dim, k)
-        if exclude is not None and len(exclude) != len(u):
-            raise ValueError(f"exclude has {len(exclude)} rows for {len(u)} queries")
+        excl = self.idmap.exclude_rows(exclude, len(u))
         q = self.mol.encode_queries(u)
-        excl = self._internal_exclude(exclude)
         if method == "exact":
             scores, rows = self._exact(q, k, excl)
             exact = torch.ones(len(u), dtype=torch.bool)
@@ -122,21 +117,9 @@ class MoLSearcher:
             # phi and the scanned l_ij come from different reductions: demand a margin over rounding.
             slack = torch.where(torch.isfinite(bound), CERTIFICATE_MARGIN * bound.abs().clamp(min=1.0), 0.0)
             exact = scores[:, -1] > bound + slack
-        ids = torch.where(rows < 0, torch.full_like(rows, -1), self.ids[rows.clamp(min=0)])
-        return SearchResult(scores.float().numpy(), ids.numpy(), exact.numpy(), bound.float().numpy())
+        return SearchResult(scores.float().numpy(), self.idmap.external(rows).numpy(), exact.numpy(), bound.float().numpy())
 
     # ---- internals (row = internal 0..N-1 index) ----
-    def _internal_exclude(self, exclude) -> list[torch.Tensor] | None:
-        if exclude is None:
-            return None
-        lookup = self._row_of
-        out = []
-        for row in exclude:
-            vals = [int(x) for x in row]
-            out.append(torch.tensor([lookup[x] for x in vals if x in lookup] if lookup is not None
-                                    else [x for x in vals if 0 <= x < self.ntotal], dtype=torch.int64))
-        return out
-
     def _exact(self, q: QueryState, k: int, excl) -> tuple[torch.Tensor, torch.Tensor]:
         def score(start: int, end: int) -> torch.Tensor:
             return mask_excluded(self.mol.score(q, self.cache.slice(start, end)).float(), start, excl)
@@ -171,17 +154,26 @@ class MoLSearcher:
         return chunked_topk(score, self.ntotal, len(q), budget, self.chunk_size)[1]
 
     def _rescore(self, q: QueryState, cand: torch.Tensor, k: int, excl) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact MoL on each query's candidate rows (B, C) (-1 = none), chunked over C; top-k."""
-        b = len(q)
-        best_s, best_i = empty_topk(b, k)
-        for start in range(0, cand.shape[1], max(1, self.chunk_size // 4)):
-            rows = cand[:, start : start + max(1, self.chunk_size // 4)]
-            items = self.cache.take(rows.clamp(min=0).reshape(-1))
-            s = self.mol.score(q, items, aligned=True).float()
-            s = s.masked_fill(rows < 0, float("-inf"))
-            if excl:
-                for r, ex in enumerate(excl):
-                    if ex.numel():
-                        s[r, torch.isin(rows[r], ex)] = float("-inf")
-            best_s, best_i = merge_topk(best_s, best_i, s, rows, k)
-        return pad_invalid(best_s, best_i)
+        return rescore_candidates(self.mol, q, self.cache, cand, k, excl, max(1, self.chunk_size // 4))
+
+
+def rescore_candidates(mol: MixtureOfLogits, q: QueryState, cache: ItemCache, cand: torch.Tensor, k: int,
+                       excl: list[torch.Tensor] | None, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact MoL of each query against its own candidate rows, top-k.
+
+    cand (B, C) int64 internal rows, -1 = none (sorted ascending per row gathers memory in order);
+    excl: per query rows never to return. Returns (B, k) float32 scores and rows, -inf / -1 padded.
+    """
+    b = len(q)
+    best_s, best_i = empty_topk(b, k)
+    for start in range(0, cand.shape[1], chunk):
+        rows = cand[:, start : start + chunk]
+        items = cache.take(rows.clamp(min=0).reshape(-1))
+        s = mol.score(q, items, aligned=True).float()
+        s = s.masked_fill(rows < 0, float("-inf"))
+        if excl:
+            for r, ex in enumerate(excl):
+                if ex.numel():
+                    s[r, torch.isin(rows[r], ex)] = float("-inf")
+        best_s, best_i = merge_topk(best_s, best_i, s, rows, k)
+    return pad_invalid(best_s, best_i)

@@ -8,20 +8,59 @@ from typing import Callable
 import torch
 
 
+MAX_ID = 2**31 - 2  # ids must fit the low 32 bits of the ranking key
+
+
+def ranking_key(scores: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """An int64 key whose descending order is (score descending, id ascending, id -1 last).
+
+    scores: float (any float dtype; compared as float32), ids: int64 in [-1, MAX_ID], same shape.
+    High 32 bits: the float32 bit pattern made order-preserving as a signed int (negative floats have
+    their magnitude bits flipped; -0.0 is folded into +0.0 first). Low 32 bits: MAX_ID + 1 - id, so a
+    smaller id ranks higher, and 0 for id -1. NaN scores are not supported.
+    """
+    bits = (scores.float() + 0.0).view(torch.int32)
+    bits = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+    low = torch.where(ids < 0, 0, MAX_ID + 1 - ids)
+    return (bits << 32) + low
+
+
+def _sort_by_key(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    order = torch.topk(ranking_key(scores, ids), k, dim=1, sorted=True).indices
+    return scores.gather(1, order), ids.gather(1, order)
+
+
+def select_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k per row by (score desc, id asc): scores (B, M) float, ids (B, M) int64 -> (B, min(k, M)) each.
+
+    A plain float ``torch.topk`` picks the set; only rows where the k-th score is tied beyond the cut
+    (where the set depends on ids) are redone on the packed int64 key. The k winners are then ordered
+    by the key. Cost: one top-k plus one comparison pass, not a sort.
+    """
+    k = min(k, scores.shape[1])
+    if k == scores.shape[1]:
+        return _sort_by_key(scores, ids, k)
+    idx = torch.topk(scores, k, dim=1, sorted=False).indices
+    top_s = scores.gather(1, idx)
+    kth = top_s.min(1, keepdim=True).values
+    top_i = ids.gather(1, idx)
+    tied = ((scores >= kth).sum(1) > k).nonzero().squeeze(1)
+    if tied.numel():
+        top_s[tied], top_i[tied] = _sort_by_key(scores[tied], ids[tied], k)
+    return _sort_by_key(top_s, top_i, k)
+
+
 def sort_by_score_then_id(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sort each row by (-score, id). scores (B, M) float, ids (B, M) int64; -1 ids sort last."""
-    key_ids = torch.where(ids < 0, torch.iinfo(torch.int64).max, ids)
-    order = torch.sort(key_ids, dim=1, stable=True).indices
-    scores, ids = scores.gather(1, order), ids.gather(1, order)
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return scores.gather(1, order), ids.gather(1, order)
+    return select_topk(scores, ids, scores.shape[1])
 
 
 def merge_topk(best_scores: torch.Tensor, best_ids: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor,
                k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Merge a running top-k (B, k) with new candidates (B, c) -> the new top-k (B, k)."""
-    s, i = sort_by_score_then_id(torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids], 1))
-    return s[:, :k], i[:, :k]
+    if scores.shape[1] > k:  # cut the chunk to its own top-k first: the merge then sorts 2k, not k + c
+        scores, ids = select_topk(scores, ids, k)
+    return select_topk(torch.cat([best_scores, scores], 1), torch.cat([best_ids, ids], 1), k)
 
 
 def empty_topk(batch: int, k: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,3 +52,48 @@ def test_cli_bad_input_exits_nonzero_with_a_clear_message(tmp_path, args, messag
     assert message in r.stderr
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+def test_cli_index_lifecycle_build_verify_search_shard_merge(tmp_path):
+    (tmp_path / "cfg.yaml").write_text(
+        "name: m\nout_dir: runs\ndata:\n  format: synthetic\n  synthetic:\n    num_users: 120\n    num_items: 150\n"
+        "similarity:\n  type: mol\n  query_components: 2\n  item_components: 2\n  component_dim: 8\n"
+        "  query_hidden: 16\n  gating_hidden: 8\nloss:\n  negatives: batch_shared\n")
+    r = genrec("train", "--config", "cfg.yaml", "--no-progress", *TINY, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    ckpt = "runs/m/checkpoint_best.pt"
+    assert genrec("embed", "--checkpoint", ckpt, "--out", "items.npy", cwd=tmp_path).returncode == 0
+    r = genrec("build-index", "--name", "mol", "--checkpoint", ckpt, "--embeddings", "items.npy", "--no-progress",
+               "--spec", "mol-hindexer:stage1=pca4,stage1_dtype=int8,kprime=40", "--eval-queries", "16", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((tmp_path / "indexes/mol/v1/manifest.json").read_text())
+    assert manifest["count"] == 150 and manifest["encoder_checkpoint_sha256"] and 0 < manifest["eval"]["recall@10"] <= 1
+    assert manifest["spec"]["kprime"] == 40 and manifest["packages"]["torch"]
+    r = genrec("verify-index", "--name", "mol", cwd=tmp_path)
+    assert r.returncode == 0 and "ok:" in r.stdout, r.stderr
+    r = genrec("search", "indexes/mol/v1", "--random", "2", "--k", "5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in r.stdout.splitlines()]
+    ids = set(np.load(tmp_path / "items.ids.npy").tolist())
+    assert len(rows) == 2 and all(len(x["ids"]) == 5 and set(x["ids"]) <= ids for x in rows)
+    assert rows[0]["scores"] == sorted(rows[0]["scores"], reverse=True)
+
+    for sid in range(2):
+        r = genrec("build-index", "--name", "flat", "--version", "v3", "--embeddings", "items.npy", "--spec", "mips:factory=Flat",
+                   "--shard-id", str(sid), "--num-shards", "2", "--no-progress", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+    r = genrec("merge-index", "--name", "flat", "--version", "v3", "indexes/flat/v3.shard-0-of-2",
+               "indexes/flat/v3.shard-1-of-2", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = genrec("search", "--name", "flat", "--random", "1", "--k", "3", cwd=tmp_path)
+    assert r.returncode == 0 and len(json.loads(r.stdout)["ids"]) == 3, r.stderr
+
+    codes = tmp_path / "indexes/mol/v1/stage1_codes.npy"
+    data = bytearray(codes.read_bytes())
+    data[-1] ^= 0xFF
+    codes.write_bytes(bytes(data))
+    r = genrec("verify-index", "indexes/mol/v1", cwd=tmp_path)
+    assert r.returncode == 2 and "sha256 mismatch" in r.stderr and "Traceback" not in r.stderr
+    r = genrec("build-index", "--name", "x", "--embeddings", "items.npy", "--spec", "mol-hindexer", cwd=tmp_path)
+    assert r.returncode == 2 and "needs --checkpoint" in r.stderr
+    assert not (tmp_path / "indexes/x").exists()

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from genrec.retrieval.mol import MixtureOfLogits, mutual_information_loss
 from genrec.retrieval.search import MoLSearcher
-from genrec.retrieval.topk import chunked_topk, merge_topk, sort_by_score_then_id, unique_rows
+from genrec.retrieval.topk import chunked_topk, merge_topk, select_topk, sort_by_score_then_id, unique_rows
 
 
 def small_mol(seed=0, **kw):
@@ -178,3 +178,30 @@ def test_certificate_certifies_rows_at_partial_budgets():
         assert np.all(np.isfinite(r.bound))
         certified += int(r.exact.sum())
     assert certified > 0  # the property test above is not vacuous
+
+
+@settings(max_examples=60, deadline=None)
+@given(vals=st.lists(st.sampled_from([0.0, -0.0, 1.5, -1.5, 2.0, -2.0, 1e-30, -1e-30, 3e38, -3e38,
+                                      float("inf"), float("-inf")]), min_size=1, max_size=30),
+       seed=st.integers(0, 999))
+def test_ranking_key_orders_by_score_desc_then_id_asc(vals, seed):
+    rng = np.random.default_rng(seed)
+    ids = rng.permutation(len(vals) + 3)[: len(vals)] - 1  # distinct, may include -1
+    vals = torch.tensor([vals]).tolist()[0]  # float32-rounded, as the scores are compared
+    s, i = select_topk(torch.tensor([vals]), torch.tensor([ids.tolist()]), len(vals))
+    expected = sorted(zip(vals, ids.tolist()), key=lambda t: (-t[0], t[1] < 0, t[1]))
+    assert i[0].tolist() == [e[1] for e in expected]
+    assert s[0].tolist() == [e[0] for e in expected]
+
+
+@settings(max_examples=40, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 45), levels=st.sampled_from([2, 5, 1000]), seed=st.integers(0, 999))
+def test_select_topk_equals_python_sort(m, k, levels, seed):
+    """Both paths: rows whose k-th score is tied beyond the cut (few levels) and rows with distinct scores."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (4, m), generator=g).float() / levels
+    ids = torch.stack([torch.randperm(m, generator=g) * 3 for _ in range(4)])
+    s, i = select_topk(scores, ids, k)
+    for row in range(4):
+        expected = sorted(zip(scores[row].tolist(), ids[row].tolist()), key=lambda t: (-t[0], t[1]))[:k]
+        assert list(zip(s[row].tolist(), i[row].tolist())) == expected

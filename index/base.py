@@ -1,0 +1,62 @@
+"""What every index shares: external int64 ids, FAISS-shaped search, and a state to save and load.
+
+``D, I = index.search(queries, k)``: D (nq, k) float32 descending, I (nq, k) int64 external ids, with
+-inf / -1 where fewer than k items exist. ``exclude`` (per query, external ids) removes items such as
+a user's history before the top-k is taken.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from genrec.retrieval.ids import IdMap
+from genrec.retrieval.search import SearchResult
+
+
+@dataclass
+class IndexState:
+    """Everything needed to rebuild an index: arrays (saved as .npy, memory-mapped on load), small JSON
+    parameters, and opaque blobs (saved as files, e.g. MoL weights or a serialized faiss index)."""
+
+    kind: str
+    params: dict[str, Any]
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+
+class Index(ABC):
+    kind: str = ""
+
+    def __init__(self, ids: np.ndarray | torch.Tensor | None, ntotal: int):
+        self.ntotal = ntotal
+        self.idmap = IdMap(ids, ntotal)
+        self.ids = self.idmap.ids
+
+    @property
+    @abstractmethod
+    def dim(self) -> int:
+        """Query dimension."""
+
+    @abstractmethod
+    def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
+                                **params) -> SearchResult: ...
+
+    @abstractmethod
+    def state(self) -> IndexState: ...
+
+    @property
+    @abstractmethod
+    def bytes_per_item(self) -> float:
+        """Bytes held per item at search time (all arrays, ids included)."""
+
+    def search(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None, **params) -> tuple[np.ndarray, np.ndarray]:
+        r = self.search_with_certificate(queries, k, exclude=exclude, **params)
+        return r.scores, r.ids
+
+    def _result(self, scores: torch.Tensor, rows: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> SearchResult:
+        return SearchResult(scores.float().numpy(), self.idmap.external(rows).numpy(), exact.numpy(), bound.float().numpy())

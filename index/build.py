@@ -1,0 +1,184 @@
+"""Offline index builds: read item embeddings, build the index a spec names, measure it, save it.
+
+Inputs (any one):
+  --embeddings items.npy      (N, D) float32 from ``genrec embed``; ids from items.ids.npy beside it
+                              (or --ids), else 0..N-1. Memory-mapped: N may exceed RAM for stage 1.
+  --embeddings items.parquet  columns ``id`` (int64) and ``embedding`` (list of floats).
+  --checkpoint run/checkpoint_best.pt   the trained item embeddings and raw item ids.
+A mol-hindexer also needs the checkpoint for the MoL weights (``similarity.type=mol``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from genrec.index.spec import IndexSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ItemInputs:
+    """items (N, D) float32 (possibly a read-only memmap), ids (N,) int64, provenance for the manifest."""
+
+    items: np.ndarray
+    ids: np.ndarray
+    source: dict[str, Any]
+
+
+def _check_items(items: np.ndarray, ids: np.ndarray, where: str, chunk: int = 1 << 20) -> None:
+    if items.ndim != 2 or items.shape[0] == 0:
+        raise ValueError(f"{where}: item embeddings must be a non-empty 2-D (N, D) array, got shape {items.shape}")
+    if items.dtype.kind != "f":
+        raise ValueError(f"{where}: item embeddings must be floating point, got {items.dtype}")
+    for s in range(0, len(items), chunk):
+        block = np.asarray(items[s : s + chunk])
+        if not np.isfinite(block).all():
+            row = s + int(np.nonzero(~np.isfinite(block).all(1))[0][0])
+            raise ValueError(f"{where}: item embedding row {row} holds NaN or Inf")
+    if ids.shape != (items.shape[0],):
+        raise ValueError(f"{where}: {ids.shape[0] if ids.ndim else 0} ids for {items.shape[0]} items")
+    if ids.dtype.kind not in "iu":
+        raise ValueError(f"{where}: ids must be integers, got {ids.dtype}")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError(f"{where}: item ids are not unique")
+
+
+def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint: str | None = None) -> ItemInputs:
+    from genrec.io import sha256_file
+
+    if embeddings is None:
+        if checkpoint is None:
+            raise ValueError("give --embeddings (.npy/.parquet) or --checkpoint")
+        from genrec.checkpoint import load_checkpoint, model_from_checkpoint
+
+        state = load_checkpoint(checkpoint)
+        model, _ = model_from_checkpoint(state)
+        with torch.no_grad():
+            items = model.item_embeddings()[1:].float().numpy()
+        out = ItemInputs(items, np.asarray(state["item_ids"], dtype=np.int64), {"checkpoint": str(checkpoint)})
+    else:
+        path = Path(embeddings)
+        if not path.is_file():
+            raise FileNotFoundError(f"embeddings file not found: {path}")
+        if path.suffix == ".npy":
+            try:
+                items = np.load(path, mmap_mode="r", allow_pickle=False)
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{path}: not a readable .npy array ({e})") from None
+            id_path = Path(ids) if ids else path.with_suffix(".ids.npy")
+            id_arr = (np.load(id_path, allow_pickle=False) if id_path.is_file() else
+                      np.arange(len(items), dtype=np.int64))
+            if ids and not id_path.is_file():
+                raise FileNotFoundError(f"ids file not found: {id_path}")
+        elif path.suffix == ".parquet":
+            import pandas as pd
+
+            df = pd.read_parquet(path)
+            if not {"id", "embedding"} <= set(df.columns):
+                raise ValueError(f"{path}: needs columns 'id' and 'embedding', has {list(df.columns)}")
+            items = np.stack(df["embedding"].to_numpy()).astype(np.float32)
+            id_arr = df["id"].to_numpy()
+        else:
+            raise ValueError(f"{path}: embeddings must be .npy or .parquet")
+        out = ItemInputs(items, np.asarray(id_arr).astype(np.int64, copy=False), {"embeddings": str(path)})
+        if checkpoint:
+            out.source["checkpoint"] = str(checkpoint)
+    _check_items(out.items, out.ids, out.source.get("embeddings", out.source.get("checkpoint", "")))
+    if "checkpoint" in out.source:
+        out.source["checkpoint_sha256"] = sha256_file(out.source["checkpoint"])
+    return out
+
+
+def load_mol(checkpoint: str | None):
+    if checkpoint is None:
+        raise ValueError("a mol-hindexer needs --checkpoint (a run trained with similarity.type=mol)")
+    from genrec.checkpoint import CheckpointError, load_checkpoint, similarity_from_checkpoint
+
+    sim = similarity_from_checkpoint(load_checkpoint(checkpoint))
+    if not hasattr(sim, "mol"):
+        raise CheckpointError(f"{checkpoint}: trained with a dot-product similarity; use a mips index or retrain with similarity.type=mol")
+    return sim.mol
+
+
+def build(spec: IndexSpec, inputs: ItemInputs, mol=None, rows: tuple[int, int] | None = None, progress: bool = True):
+    """The index ``spec`` names over inputs.items[rows[0]:rows[1]] (all items by default)."""
+    from genrec.index.hindexer import MoLHIndexer
+    from genrec.index.mips import FaissMIPS, FlatMIPS
+
+    start, end = rows or (0, len(inputs.items))
+    if spec.type == "mol-hindexer":
+        if mol is None:
+            raise ValueError("a mol-hindexer needs the MoL weights (--checkpoint)")
+        return MoLHIndexer.build(mol, inputs.items, inputs.ids, stage1=spec.stage1, stage1_dtype=spec.stage1_dtype,
+                                 kprime=spec.kprime, cache_dtype=spec.cache_dtype, sample_size=spec.sample_size,
+                                 seed=spec.seed, rows=rows, progress=progress)
+    items, ids = np.asarray(inputs.items[start:end], dtype=np.float32), inputs.ids[start:end]
+    if spec.factory == "Flat":
+        return FlatMIPS(torch.from_numpy(np.ascontiguousarray(items)), ids)
+    params = {k: v for k, v in (("nprobe", spec.nprobe), ("efSearch", spec.ef_search)) if v}
+    return FaissMIPS.build(items, spec.factory, ids, params, seed=spec.seed)
+
+
+def exact_reference(index):
+    """The exact searcher matching an index (same items, same similarity)."""
+    from genrec.index.hindexer import MoLHIndexer
+    from genrec.index.mips import FaissMIPS, FlatMIPS
+    from genrec.retrieval.search import MoLSearcher
+
+    if isinstance(index, MoLHIndexer):
+        return MoLSearcher(index.mol, index.cache, index.ids.numpy())
+    if isinstance(index, FlatMIPS):
+        return index
+    if isinstance(index, FaissMIPS):
+        import faiss
+
+        return FlatMIPS(torch.from_numpy(index.index.reconstruct_n(0, index.ntotal)) if index.ntotal else None, index.ids)
+    raise TypeError(type(index).__name__)
+
+
+def proxy_queries(inputs: ItemInputs, count: int, dim: int, seed: int = 0) -> np.ndarray:
+    """Held-out evaluation queries when none are given: item embeddings plus noise, re-normalised
+    (encoder states live in the item space for both similarities)."""
+    rng = np.random.default_rng(seed)
+    if inputs.items.shape[1] != dim:
+        raise ValueError(f"items have dim {inputs.items.shape[1]}, the index expects queries of dim {dim}: pass --eval-queries-file")
+    x = np.asarray(inputs.items[np.sort(rng.choice(len(inputs.items), min(count, len(inputs.items)), replace=False))])
+    x = x + 0.5 * rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(dim)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
+    """Mean |approx top-k ∩ exact top-k| / k (exact ids -1 do not count)."""
+    vals = []
+    for a, e in zip(approx[:, :k], exact[:, :k]):
+        e = e[e >= 0]
+        vals.append(len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1))
+    return float(np.mean(vals))
+
+
+def eval_summary(index, queries: np.ndarray, ks: tuple[int, ...] = (10, 100)) -> dict[str, Any]:
+    """Recall of the index against exact search on held-out queries, and its batch latency."""
+    kmax = max(ks)
+    t = time.perf_counter()
+    _, approx = index.search(queries, kmax)
+    seconds = time.perf_counter() - t
+    _, exact = exact_reference(index).search(queries, kmax)
+    out: dict[str, Any] = {"queries": int(len(queries)), "search_seconds": round(seconds, 4)}
+    for k in ks:
+        out[f"recall@{k}"] = round(recall_at(approx, exact, k), 4)
+    out["top1_in_top%d" % kmax] = round(float(np.mean([e[0] in set(a.tolist()) for a, e in zip(approx, exact)])), 4)
+    return out
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    keep = {k: manifest.get(k) for k in ("name", "version", "kind", "count", "query_dim", "bytes_per_item", "params", "eval", "shard")}
+    return json.dumps({k: v for k, v in keep.items() if v is not None}, indent=2)

@@ -1,0 +1,158 @@
+"""The h-indexer: a quantized stage-1 scan keeps K' candidates per query, exact MoL ranks them.
+
+Stage 1 (``stage1.py`` codes, ``threshold.py`` selection) touches every item with d bytes-ish of work;
+stage 2 gathers the K' candidates' cached MoL components and gating partials (rows sorted ascending so
+the gather walks memory in order) and runs the exact MoL, then the top-k. With K' >= N the answer is
+the exact MoL top-k and is flagged exact; otherwise stage 1 is a heuristic (no bound: the mean-component
+score does not bound max_ij l_ij), so ``bound`` is +inf.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from genrec.index.base import Index, IndexState
+from genrec.index.stage1 import (Stage1Table, encode, fit_stage1, from_numpy, item_base_vectors, to_numpy)
+from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
+from genrec.retrieval.mol import ItemCache, MixtureOfLogits
+from genrec.retrieval.search import SearchResult, rescore_candidates, validate_queries
+
+log = logging.getLogger(__name__)
+
+
+def _as_tensor(a) -> torch.Tensor:
+    return a if isinstance(a, torch.Tensor) else from_numpy(np.asarray(a), "float32").float()
+
+
+def item_cache(mol: MixtureOfLogits, items, start: int, end: int, dtype: torch.dtype, chunk_size: int = 65536,
+               progress: bool = False) -> ItemCache:
+    """MoL item-side cache of items[start:end] (a tensor or a memory-mapped array), chunked."""
+    comps, gates = [], []
+    bar = tqdm(total=end - start, desc="MoL item cache", unit="item", unit_scale=True, disable=not progress)
+    with torch.no_grad():
+        for s in range(start, end, chunk_size):
+            e = min(s + chunk_size, end)
+            c = mol.encode_items(_as_tensor(items[s:e]))
+            comps.append(c.components.to(dtype))
+            gates.append(c.gate.to(dtype))
+            bar.update(e - s)
+    bar.close()
+    return ItemCache(torch.cat(comps), torch.cat(gates))
+
+
+def base_vectors_from_items(mol: MixtureOfLogits, items):
+    """rows -> (m, d_P) stage-1 base vectors computed from raw item embeddings (for global fitting)."""
+    def fn(rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            x = _as_tensor(items[rows.numpy()] if not isinstance(items, torch.Tensor) else items[rows])
+            return item_base_vectors(F.normalize(mol.item_proj(x).view(len(rows), mol.px, mol.dp), dim=-1, eps=1e-6))
+    return fn
+
+
+class MoLHIndexer(Index):
+    """Two-stage MoL index over N items. Query dim = the MoL's query_dim (encoder state size)."""
+
+    kind = "mol-hindexer"
+
+    def __init__(self, mol: MixtureOfLogits, cache: ItemCache, stage1: Stage1Table, ids=None, kprime: int = 10000,
+                 sample_size: int = 16384, chunk_size: int = 65536, rescore_chunk: int = 2048):
+        super().__init__(ids, len(cache))
+        if len(stage1) != len(cache):
+            raise ValueError(f"stage-1 table has {len(stage1)} items, MoL cache {len(cache)}")
+        self.mol, self.cache, self.stage1 = mol.eval(), cache, stage1
+        self.kprime, self.sample_size, self.chunk_size, self.rescore_chunk = kprime, sample_size, chunk_size, rescore_chunk
+        self.last_stats = SelectionStats()
+
+    @property
+    def dim(self) -> int:
+        return self.mol.init_kwargs["query_dim"]
+
+    @property
+    def bytes_per_item(self) -> float:
+        c = self.cache
+        return (self.stage1.bytes_per_item + c.components[0].numel() * c.components.element_size()
+                + c.gate.shape[1] * c.gate.element_size() + 8)
+
+    @classmethod
+    def build(cls, mol: MixtureOfLogits, items, ids=None, stage1: str = "avg", stage1_dtype: str = "int8",
+              kprime: int = 10000, cache_dtype: str = "float32", sample_size: int = 16384, seed: int = 0,
+              rows: tuple[int, int] | None = None, progress: bool = False) -> "MoLHIndexer":
+        """items (N, D_x) float32 (tensor or memmap); ids (N,) int64 or None (0..N-1).
+
+        rows=(start, end) builds a shard over items[start:end] whose stage-1 projection and scales are
+        fitted on the whole corpus, so every shard of one corpus scores stage 1 identically.
+        """
+        mol = mol.eval()
+        n = len(items)
+        start, end = rows or (0, n)
+        t = time.perf_counter()
+        cache = item_cache(mol, items, start, end, getattr(torch, cache_dtype), progress=progress)
+        vectors = base_vectors_from_items(mol, items)
+        table = fit_stage1(vectors, n, stage1, stage1_dtype, sample_rows(n, sample_size, seed))
+        bar = tqdm(total=end - start, desc="stage-1 codes", unit="item", unit_scale=True, disable=not progress)
+        table = encode(table, lambda r: vectors(r + start) if start else vectors(r), 0, end - start, progress=bar)
+        bar.close()
+        log.info("h-indexer built over %d items in %.1fs (%.0f items/s)", end - start, time.perf_counter() - t,
+                 (end - start) / max(time.perf_counter() - t, 1e-9))
+        shard_ids = None if ids is None else np.asarray(ids)[start:end]
+        if shard_ids is None and start:
+            shard_ids = np.arange(start, end)
+        return cls(mol, cache, table, shard_ids, kprime=kprime, sample_size=sample_size)
+
+    @torch.no_grad()
+    def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
+                                kprime: int | None = None) -> SearchResult:
+        u = validate_queries(queries, self.dim, k)
+        kp = min(kprime or self.kprime, self.ntotal)
+        if kp <= 0:
+            raise ValueError(f"kprime must be positive, got {kprime}")
+        excl = self.idmap.exclude_rows(exclude, len(u))
+        q = self.mol.encode_queries(u)
+        qv = self.stage1.query_vectors(q)
+        self.last_stats = SelectionStats()
+        _, cand = threshold_topk(qv, self.stage1.score_range, self.stage1.score_rows, self.ntotal, kp,
+                                 chunk_size=self.chunk_size, sample_size=self.sample_size, stats=self.last_stats)
+        key = torch.where(cand < 0, torch.iinfo(torch.int64).max, cand)
+        cand = cand.gather(1, key.sort(dim=1).indices)  # ascending rows, -1 last: an in-order gather
+        scores, rows = rescore_candidates(self.mol, q, self.cache, cand, k, excl, self.rescore_chunk)
+        exact = kp >= self.ntotal
+        return self._result(scores, rows, torch.full((len(u),), exact),
+                            torch.full((len(u),), float("-inf") if exact else float("inf")))
+
+    # ---- persistence ----
+    def state(self) -> IndexState:
+        buf = io.BytesIO()
+        torch.save({"init_kwargs": self.mol.init_kwargs, "state_dict": self.mol.state_dict()}, buf)
+        arrays = {"ids": self.ids.numpy(), "stage1_codes": to_numpy(self.stage1.codes),
+                  "mol_components": to_numpy(self.cache.components), "mol_gate": to_numpy(self.cache.gate)}
+        if self.stage1.projection is not None:
+            arrays["stage1_projection"] = self.stage1.projection.numpy()
+        if self.stage1.scales is not None:
+            arrays["stage1_scales"] = self.stage1.scales.numpy()
+        params: dict[str, Any] = {
+            "stage1": self.stage1.method, "stage1_dtype": self.stage1.dtype, "kprime": self.kprime,
+            "sample_size": self.sample_size, "chunk_size": self.chunk_size,
+            "cache_dtype": str(self.cache.components.dtype).removeprefix("torch."),
+            "mol": {k: v for k, v in self.mol.init_kwargs.items()},
+        }
+        return IndexState(self.kind, params, arrays, {"mol.pt": buf.getvalue()})
+
+    @classmethod
+    def from_state(cls, st: IndexState) -> "MoLHIndexer":
+        blob = torch.load(io.BytesIO(st.blobs["mol.pt"]), map_location="cpu", weights_only=True)
+        mol = MixtureOfLogits(**blob["init_kwargs"])
+        mol.load_state_dict(blob["state_dict"])
+        p, a = st.params, st.arrays
+        table = Stage1Table(p["stage1"], p["stage1_dtype"], from_numpy(a["stage1_codes"], p["stage1_dtype"]),
+                            from_numpy(a["stage1_projection"], "float32") if "stage1_projection" in a else None,
+                            from_numpy(a["stage1_scales"], "float32") if "stage1_scales" in a else None)
+        cache = ItemCache(from_numpy(a["mol_components"], p["cache_dtype"]), from_numpy(a["mol_gate"], p["cache_dtype"]))
+        return cls(mol, cache, table, a["ids"], kprime=p["kprime"], sample_size=p["sample_size"], chunk_size=p["chunk_size"])

@@ -1,0 +1,126 @@
+"""Dot-product (MIPS) indexes: exact flat scan in torch, and faiss IVF / HNSW wrappers for comparison.
+
+Queries are encoder states (D,) and items the item embeddings (N, D): what a dot-product HSTU serves.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from genrec.index.base import Index, IndexState
+from genrec.index.stage1 import from_numpy
+from genrec.retrieval.search import SearchResult, validate_queries
+from genrec.retrieval.topk import chunked_topk, mask_excluded, select_topk
+
+
+class FlatMIPS(Index):
+    """Exact inner-product top-k: chunked mm + top-k (ties by smaller id). Always exact."""
+
+    kind = "mips"
+
+    def __init__(self, items, ids=None, chunk_size: int = 262144):
+        self.items = items if isinstance(items, torch.Tensor) else from_numpy(np.asarray(items), "float32")
+        if self.items.dim() != 2:
+            raise ValueError(f"item embeddings must be 2-D (N, D), got shape {tuple(self.items.shape)}")
+        super().__init__(ids, self.items.shape[0])
+        self.chunk_size = chunk_size
+
+    @property
+    def dim(self) -> int:
+        return self.items.shape[1]
+
+    @property
+    def bytes_per_item(self) -> float:
+        return self.dim * self.items.element_size() + 8
+
+    @torch.no_grad()
+    def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None) -> SearchResult:
+        q = validate_queries(queries, self.dim, k)
+        excl = self.idmap.exclude_rows(exclude, len(q))
+
+        def score(start: int, end: int) -> torch.Tensor:
+            return mask_excluded(q @ self.items[start:end].float().T, start, excl)
+
+        s, rows = chunked_topk(score, self.ntotal, len(q), k, self.chunk_size)
+        return self._result(s, rows, torch.ones(len(q), dtype=torch.bool), torch.full((len(q),), float("-inf")))
+
+    def state(self) -> IndexState:
+        return IndexState(self.kind, {"factory": "Flat", "chunk_size": self.chunk_size},
+                          {"ids": self.ids.numpy(), "items": self.items.contiguous().numpy()})
+
+    @classmethod
+    def from_state(cls, st: IndexState) -> "FlatMIPS":
+        return cls(st.arrays["items"], st.arrays["ids"], chunk_size=st.params.get("chunk_size", 262144))
+
+
+class FaissMIPS(Index):
+    """A faiss index built by ``index_factory(d, factory, METRIC_INNER_PRODUCT)`` (e.g. "IVF1024,Flat",
+    "HNSW32"). Search parameters (nprobe, efSearch) go through faiss' ParameterSpace. Approximate:
+    ``exact`` is False and no bound is known. Exclusion over-fetches k + |excluded| then filters."""
+
+    kind = "mips-faiss"
+
+    def __init__(self, index, ids=None, factory: str = "", search_params: dict | None = None):
+        super().__init__(ids, index.ntotal)
+        self.index, self.factory = index, factory
+        self.search_params = dict(search_params or {})
+
+    @classmethod
+    def build(cls, items: np.ndarray, factory: str, ids=None, search_params: dict | None = None, seed: int = 0) -> "FaissMIPS":
+        import faiss
+
+        x = np.ascontiguousarray(items, dtype=np.float32)
+        index = faiss.index_factory(x.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+        if not index.is_trained:
+            rng = np.random.default_rng(seed)
+            train = x if len(x) <= 262144 else x[np.sort(rng.choice(len(x), 262144, replace=False))]
+            index.train(train)
+        index.add(x)
+        return cls(index, ids, factory, search_params)
+
+    @property
+    def dim(self) -> int:
+        return self.index.d
+
+    @property
+    def bytes_per_item(self) -> float:
+        import faiss
+
+        return len(faiss.serialize_index(self.index)) / max(self.ntotal, 1) + 8
+
+    def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
+                                **params) -> SearchResult:
+        import faiss
+
+        q = validate_queries(queries, self.dim, k).numpy()
+        excl = self.idmap.exclude_rows(exclude, len(q))
+        ps = faiss.ParameterSpace()
+        for name, value in {**self.search_params, **params}.items():
+            ps.set_index_parameter(self.index, name, value)
+        extra = max((len(e) for e in excl), default=0) if excl else 0
+        d, i = self.index.search(q, k + extra)
+        scores, rows = torch.from_numpy(d), torch.from_numpy(i)
+        if excl:
+            for r, ex in enumerate(excl):
+                scores[r, torch.isin(rows[r], ex)] = float("-inf")
+            rows = torch.where(torch.isneginf(scores), torch.full_like(rows, -1), rows)
+            scores, rows = select_topk(scores, rows, k)
+        rows = torch.where(torch.isneginf(scores) | (rows < 0), torch.full_like(rows, -1), rows)
+        nq = len(q)
+        return self._result(scores[:, :k], rows[:, :k], torch.zeros(nq, dtype=torch.bool), torch.full((nq,), float("inf")))
+
+    def state(self) -> IndexState:
+        import faiss
+
+        return IndexState(self.kind, {"factory": self.factory, "search_params": self.search_params},
+                          {"ids": self.ids.numpy()}, {"faiss.index": faiss.serialize_index(self.index).tobytes()})
+
+    @classmethod
+    def from_state(cls, st: IndexState) -> "FaissMIPS":
+        import faiss
+
+        index = faiss.deserialize_index(np.frombuffer(st.blobs["faiss.index"], dtype=np.uint8))
+        return cls(index, st.arrays["ids"], st.params["factory"], st.params.get("search_params"))

@@ -1,0 +1,154 @@
+"""Stage-1 embeddings of the h-indexer: a cheap, low-precision MIPS proxy for MoL.
+
+Base vectors (no training, RAILS' TopKAvg): item side mean_j g_j(x) (d_P), query side sum_i f_i(u)
+(d_P). On top of that:
+  method "avg"      keep the d_P dims;
+  method "pca<d>"   project both sides onto the top-d right singular vectors of a sample of item vectors
+                    (uncentred: inner products, not distances, are what must survive);
+  dtype float32 | bfloat16 | int8. int8 stores round(x_d / s_d) with per-dimension scales
+  s_d = max_n |x_nd| / 127; the query is multiplied by s once, so scoring is one matmul.
+
+int8 error bound: |x_d - s_d * code_d| <= s_d / 2 (no clipping: s_d comes from the max), hence for any
+query |<q, x> - <q * s, code>| <= sum_d |q_d| * s_d / 2  (``int8_error_bound``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from genrec.retrieval.mol import QueryState
+
+DTYPES = ("float32", "bfloat16", "int8")
+BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
+
+
+def parse_method(method: str) -> int | None:
+    """'avg' -> None (no projection); 'pca<d>' -> d."""
+    if method == "avg":
+        return None
+    m = re.fullmatch(r"pca(\d+)", method)
+    if not m or int(m.group(1)) <= 0:
+        raise ValueError(f"unknown stage-1 method {method!r}; use 'avg' or 'pca<d>' (e.g. pca16)")
+    return int(m.group(1))
+
+
+def item_base_vectors(components: torch.Tensor) -> torch.Tensor:
+    """(N, P_X, d_P) item components -> (N, d_P) float32 mean component.
+
+    Not re-normalised: with even gates phi ~ <sum_i f_i, mean_j g_j> / (P_Q tau), and the norm of the
+    mean (how much an item's components agree) is part of that score."""
+    return components.float().mean(1)
+
+
+def query_base_vectors(q: QueryState) -> torch.Tensor:
+    """(B, P_Q, d_P) query components -> (B, d_P) float32 sum."""
+    return q.components.float().sum(1)
+
+
+def pca_projection(sample: torch.Tensor, dim: int) -> torch.Tensor:
+    """sample (m, d) float -> (d, dim) orthonormal columns spanning the top-``dim`` directions."""
+    if dim > sample.shape[1]:
+        raise ValueError(f"stage-1 pca{dim} exceeds the component dim {sample.shape[1]}")
+    _, _, vh = torch.linalg.svd(sample.double(), full_matrices=False)
+    return vh[:dim].T.float().contiguous()
+
+
+def int8_encode(x: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x (n, d) float, scales (d,) -> (n, d) int8 codes."""
+    return torch.round(x / scales).clamp(-127, 127).to(torch.int8)
+
+
+def int8_error_bound(query: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """query (B, d) in the projected space -> (B,) max |exact - int8| stage-1 score error."""
+    return (query.abs() * scales).sum(-1) / 2
+
+
+@dataclass
+class Stage1Table:
+    """Stage-1 codes for N items and how to map queries onto them.
+
+    codes (N, d) float32 | bfloat16 | int8; projection (d_P, d) float32 or None; scales (d,) float32 or None.
+    """
+
+    method: str
+    dtype: str
+    codes: torch.Tensor
+    projection: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.codes.shape[0]
+
+    @property
+    def bytes_per_item(self) -> int:
+        return self.codes.shape[1] * BYTES[self.dtype]
+
+    def project(self, base: torch.Tensor) -> torch.Tensor:
+        return base if self.projection is None else base @ self.projection
+
+    def query_vectors(self, q: QueryState) -> torch.Tensor:
+        """QueryState -> (B, d) float32 ready to multiply the stored codes (scales folded in)."""
+        v = self.project(query_base_vectors(q))
+        return v * self.scales if self.scales is not None else v
+
+    def score_range(self, qv: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """(B, d) query vectors -> (B, end-start) float32 stage-1 scores of items start..end-1."""
+        return qv @ self.codes[start:end].float().T
+
+    def score_rows(self, qv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return qv @ self.codes[rows].float().T
+
+
+def fit_stage1(item_vectors, n: int, method: str, dtype: str, sample: torch.Tensor,
+               chunk_size: int = 65536) -> Stage1Table:
+    """Fit projection and scales on the whole corpus; returns a table with no codes yet (see ``encode``).
+
+    item_vectors(rows (m,) int64) -> (m, d_P) float32 base vectors, called chunk by chunk so the corpus
+    is never held twice. sample: the rows the PCA is fitted on (deterministic, so every shard of one
+    corpus fits the same projection). int8 scales need the per-dim max over all n items: one pass.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown stage-1 dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    dim = parse_method(method)
+    projection = pca_projection(item_vectors(sample), dim) if dim else None
+    table = Stage1Table(method, dtype, torch.empty(0, dim or 0), projection, None)
+    if dtype == "int8":
+        peak = None
+        for s in range(0, n, chunk_size):
+            m = table.project(item_vectors(torch.arange(s, min(s + chunk_size, n)))).abs().amax(0)
+            peak = m if peak is None else torch.maximum(peak, m)
+        table.scales = (peak / 127).clamp(min=1e-12)
+    return table
+
+
+def encode(table: Stage1Table, item_vectors, start: int, end: int, chunk_size: int = 65536,
+           progress=None) -> Stage1Table:
+    """Codes for items start..end-1 under a fitted table's projection and scales."""
+    parts = []
+    for s in range(start, end, chunk_size):
+        e = min(s + chunk_size, end)
+        v = table.project(item_vectors(torch.arange(s, e)))
+        parts.append(int8_encode(v, table.scales) if table.dtype == "int8" else v.to(getattr(torch, table.dtype)))
+        if progress is not None:
+            progress.update(e - s)
+    dim = table.projection.shape[1] if table.projection is not None else None
+    codes = torch.cat(parts) if parts else torch.empty(0, dim or 0)
+    return Stage1Table(table.method, table.dtype, codes, table.projection, table.scales)
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    """bf16 has no numpy dtype: store its bits as int16 (the manifest records the real dtype)."""
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).contiguous().numpy()
+
+
+def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
+    import warnings
+
+    with warnings.catch_warnings():  # read-only memory maps: we never write through them
+        warnings.simplefilter("ignore", UserWarning)
+        t = torch.from_numpy(a)
+    return t.view(torch.bfloat16) if dtype == "bfloat16" else t

@@ -1,0 +1,187 @@
+"""Indexes on disk: ``<root>/<name>/<version>/`` with .npy arrays (memory-mapped on load), blobs, and
+``manifest.json`` written last.
+
+The build happens in a hidden temp directory beside the final one; files are fsynced, the manifest
+is written, and the directory is renamed into place in one step. A directory without a manifest (a
+killed build) is never loaded. Loading checks the format version and, per ``verify``:
+  size  every file exists with the recorded byte count, and every .npy header matches the recorded
+        dtype and shape (catches truncation and swapped files cheaply);
+  full  size checks plus the sha256 of every file (catches a flipped byte);
+  none  trust the manifest (fast start for a file set verified before).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genrec import __version__
+from genrec.index.base import Index, IndexState
+from genrec.io import atomic_directory, sha256_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VERIFY_MODES = ("full", "size", "none")
+
+
+class IndexFormatError(ValueError):
+    """An index directory that must not be served: missing, incomplete, corrupt or from a newer genrec."""
+
+
+def package_versions() -> dict[str, str]:
+    import torch
+
+    versions = {"genrec": __version__, "python": platform.python_version(), "torch": torch.__version__,
+                "numpy": np.__version__}
+    try:
+        import faiss
+
+        versions["faiss"] = faiss.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+def next_version(root: Path, name: str) -> str:
+    """'v1', 'v2', ...: one above the highest existing complete version."""
+    nums = [int(m.group(1)) for p in (root / name).glob("v*") if (m := re.fullmatch(r"v(\d+)", p.name))]
+    return f"v{max(nums, default=0) + 1}"
+
+
+def latest_version(root: str | Path, name: str) -> Path:
+    """The highest vN directory of ``name`` that has a manifest."""
+    cands = [(int(m.group(1)), p) for p in (Path(root) / name).glob("v*")
+             if (m := re.fullmatch(r"v(\d+)", p.name)) and (p / MANIFEST).is_file()]
+    if not cands:
+        raise IndexFormatError(f"no complete version of index {name!r} under {root}")
+    return max(cands)[1]
+
+
+def _npy_header(path: Path) -> tuple[str, tuple[int, ...]]:
+    with open(path, "rb") as f:
+        major, _ = np.lib.format.read_magic(f)
+        reader = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, _, dtype = reader(f)
+    return dtype.str, tuple(shape)
+
+
+def save_index(index: Index, root: str | Path, name: str, version: str | None = None,
+               extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write ``index`` to <root>/<name>/<version> atomically; returns the final directory.
+
+    extra: more manifest fields (encoder checkpoint hash, eval summary, shard info, build config).
+    """
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise ValueError(f"index name {name!r}: use letters, digits, '.', '_' or '-'")
+    root = Path(root)
+    version = version or next_version(root, name)
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", version):
+        raise ValueError(f"index version {version!r}: use letters, digits, '.', '_' or '-'")
+    st = index.state()
+    with atomic_directory(root / name / version, overwrite=overwrite) as tmp:
+        files = []
+        for key, arr in st.arrays.items():
+            path = tmp / f"{key}.npy"
+            np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
+            files.append({"path": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                          "dtype": np.asarray(arr).dtype.str, "shape": list(np.shape(arr))})
+        for key, blob in st.blobs.items():
+            path = tmp / key
+            path.write_bytes(blob)
+            files.append({"path": path.name, "bytes": len(blob), "sha256": sha256_file(path)})
+        manifest = {
+            "format_version": FORMAT_VERSION, "name": name, "version": version, "kind": st.kind,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "packages": package_versions(),
+            "count": index.ntotal, "query_dim": index.dim, "bytes_per_item": index.bytes_per_item,
+            "params": st.params, "files": files, **(extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")  # last
+    return root / name / version
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise IndexFormatError(f"{path}: no such index directory")
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise IndexFormatError(f"{path}: no {MANIFEST} (an incomplete or interrupted build); refusing to load")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexFormatError(f"{mpath}: unreadable manifest ({e})") from None
+    for key in ("format_version", "kind", "files", "count"):
+        if key not in manifest:
+            raise IndexFormatError(f"{mpath}: manifest lacks {key!r}")
+    if manifest["format_version"] > FORMAT_VERSION:
+        raise IndexFormatError(f"{path}: index format {manifest['format_version']} is newer than this genrec "
+                               f"supports ({FORMAT_VERSION}); upgrade genrec")
+    return manifest
+
+
+def verify_index(path: str | Path, mode: str = "full") -> dict[str, Any]:
+    """Check an index directory against its manifest; returns the manifest or raises IndexFormatError."""
+    if mode not in VERIFY_MODES:
+        raise ValueError(f"verify mode {mode!r}: use one of {', '.join(VERIFY_MODES)}")
+    path = Path(path)
+    manifest = read_manifest(path)
+    if mode == "none":
+        return manifest
+    for f in manifest["files"]:
+        p = path / f["path"]
+        if not p.is_file():
+            raise IndexFormatError(f"{p}: missing (listed in the manifest)")
+        size = p.stat().st_size
+        if size != f["bytes"]:
+            raise IndexFormatError(f"{p}: {size} bytes, manifest says {f['bytes']} (truncated or replaced)")
+        if "shape" in f:
+            try:
+                dtype, shape = _npy_header(p)
+            except Exception as e:  # noqa: BLE001 - any header damage is the same refusal
+                raise IndexFormatError(f"{p}: unreadable .npy header ({e})") from None
+            if dtype != f["dtype"] or list(shape) != f["shape"]:
+                raise IndexFormatError(f"{p}: holds {dtype}{list(shape)}, manifest says {f['dtype']}{f['shape']}")
+        if mode == "full" and sha256_file(p) != f["sha256"]:
+            raise IndexFormatError(f"{p}: sha256 mismatch (corrupted)")
+    return manifest
+
+
+def index_classes() -> dict[str, type]:
+    from genrec.index.hindexer import MoLHIndexer
+    from genrec.index.mips import FaissMIPS, FlatMIPS
+
+    return {c.kind: c for c in (MoLHIndexer, FlatMIPS, FaissMIPS)}
+
+
+def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tuple[Index, dict[str, Any]]:
+    """Load a verified index directory (arrays memory-mapped). Returns (index, manifest)."""
+    path = Path(path)
+    manifest = verify_index(path, verify)
+    if manifest["kind"] == "sharded":
+        from genrec.index.sharding import ShardedIndex
+
+        return ShardedIndex.load(path, manifest, verify, mmap), manifest
+    classes = index_classes()
+    if manifest["kind"] not in classes:
+        raise IndexFormatError(f"{path}: unknown index kind {manifest['kind']!r}")
+    arrays, blobs = {}, {}
+    for f in manifest["files"]:
+        p = path / f["path"]
+        if "shape" in f:
+            try:
+                arrays[p.stem] = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
+            except Exception as e:  # noqa: BLE001
+                raise IndexFormatError(f"{p}: unreadable array ({e})") from None
+        else:
+            blobs[p.name] = p.read_bytes()
+    st = IndexState(manifest["kind"], manifest["params"], arrays, blobs)
+    try:
+        return classes[manifest["kind"]].from_state(st), manifest
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise IndexFormatError(f"{path}: inconsistent index files ({type(e).__name__}: {e})") from None

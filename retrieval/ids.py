@@ -1,0 +1,46 @@
+"""External item ids <-> internal rows 0..N-1, for every searcher and index."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+
+class IdMap:
+    """ids (N,) int64 unique external ids (None: the rows themselves). Lookup is a binary search over
+    a sorted copy (16 bytes per item), not a Python dict, so it scales to 10^8 items."""
+
+    def __init__(self, ids: np.ndarray | torch.Tensor | Sequence[int] | None, ntotal: int):
+        self.ntotal = ntotal
+        t = torch.arange(ntotal) if ids is None else torch.as_tensor(np.asarray(ids), dtype=torch.int64)
+        if t.shape != (ntotal,):
+            raise ValueError(f"{tuple(t.shape)} ids for {ntotal} items: need one int64 id per item")
+        self.ids = t
+        self.identity = bool(torch.equal(t, torch.arange(ntotal)))
+        if not self.identity:
+            self._sorted, self._order = torch.sort(t)
+            if ntotal > 1 and bool((self._sorted[1:] == self._sorted[:-1]).any()):
+                raise ValueError("item ids must be unique")
+
+    def rows(self, external: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """External ids (m,) -> internal rows (m',) int64 of the ids that exist (unknown ids dropped)."""
+        x = torch.as_tensor(np.asarray(external, dtype=np.int64).reshape(-1))
+        if self.identity:
+            return x[(x >= 0) & (x < self.ntotal)]
+        pos = torch.searchsorted(self._sorted, x).clamp(max=max(self.ntotal - 1, 0))
+        hit = self._sorted[pos] == x if self.ntotal else torch.zeros_like(x, dtype=torch.bool)
+        return self._order[pos[hit]]
+
+    def external(self, rows: torch.Tensor) -> torch.Tensor:
+        """Internal rows (any shape, -1 = none) -> external ids (-1 kept)."""
+        return torch.where(rows < 0, torch.full_like(rows, -1), self.ids[rows.clamp(min=0)])
+
+    def exclude_rows(self, exclude, nq: int) -> list[torch.Tensor] | None:
+        """Per-query external ids to exclude -> per-query internal rows (checks one row per query)."""
+        if exclude is None:
+            return None
+        if len(exclude) != nq:
+            raise ValueError(f"exclude has {len(exclude)} rows for {nq} queries")
+        return [self.rows(list(r)) for r in exclude]
