@@ -20,6 +20,9 @@ demo: setup
 	rm -rf runs/demo
 	$(BIN)/genrec train --config configs/demo.yaml
 	$(BIN)/genrec embed --checkpoint runs/demo/checkpoint_best.pt --out runs/demo/items.npy
+	$(BIN)/genrec build-index --name demo --root runs/demo/indexes --embeddings runs/demo/items.npy \
+	    --checkpoint runs/demo/checkpoint_best.pt --spec "mips:factory=HNSW32,ef_search=64" --no-progress
+	$(BIN)/python -m genrec.serving.demo --index runs/demo/indexes/demo --checkpoint runs/demo/checkpoint_best.pt
 
 test: setup
 	$(BIN)/python -m pytest -q
@@ -28,7 +31,11 @@ bench: setup
 	$(BIN)/python benchmarks/train_quality.py
 	$(BIN)/python benchmarks/train_quality.py --mol --datasets synthetic
 	$(BIN)/python benchmarks/epoch_speed.py
-	$(BIN)/python benchmarks/retrieval_bench.py --items 100000
+	$(BIN)/python benchmarks/train_quality.py --datasets ml100k --seeds 42 43 44 --stem hstu_vs_sasrec_ml100k_3seeds
+	$(BIN)/genrec bench retrieval --items 100000
+	$(BIN)/genrec bench retrieval --items 1000000 --budgets 16 --repeats 1 --skip-qps mol-exact:128 mol-topk-per-embedding mol-combined
+	$(BIN)/genrec bench serving --stem serving_200k
+	$(BIN)/genrec bench serving --items 1000000 --stem serving_1m
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis *.egg-info

@@ -2,30 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import platform
 import subprocess
 import sys
 import tempfile
-import time
 import zipfile
 from pathlib import Path
 
-import torch
-
-from genrec.io import atomic_write_csv, atomic_write_json, atomic_write_text
+from genrec.bench.report import provenance  # noqa: F401 - re-exported for the scripts
+from genrec.bench.report import write_table as _write_table
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DATA = ROOT / "benchmarks" / ".data"
 ML100K = DATA / "ml-100k" / "ml-100k.inter"
-
-
-def provenance() -> dict:
-    """Device, date and command line, stored beside every committed figure."""
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return {"device": device, "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "python": platform.python_version(), "torch": torch.__version__}
 
 
 def ensure_ml100k() -> Path:
@@ -42,12 +31,6 @@ def ensure_ml100k() -> Path:
     return ML100K
 
 
-def write_table(rows: list[dict], stem: str, meta: dict) -> None:
-    """rows -> results/<stem>.csv, .md and .json (with provenance)."""
-    atomic_write_csv(RESULTS / f"{stem}.csv", rows)
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    md = [f"<!-- {json.dumps(meta)} -->", "| " + " | ".join(keys) + " |", "|---" * len(keys) + "|"]
-    md += ["| " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    atomic_write_text(RESULTS / f"{stem}.md", "\n".join(md) + "\n")
-    atomic_write_json(RESULTS / f"{stem}.json", {"meta": meta, "rows": rows})
+def write_table(rows: list[dict], stem: str, meta: dict) -> Path:
+    """rows -> benchmarks/results/<stem>.csv, .md and .json (with provenance)."""
+    return _write_table(rows, RESULTS, stem, meta)

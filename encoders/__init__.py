@@ -1,5 +1,15 @@
-"""Sequential user encoders (HSTU, SASRec) over jagged item histories."""
+"""Sequential user encoders (HSTU, SASRec) over jagged item histories.
 
-from genrec.encoders.model import SequentialEncoder
+``SequentialEncoder`` is imported lazily: kernels import ``genrec.encoders.jagged``, and the encoder
+imports kernels, so an eager import here would be circular.
+"""
 
 __all__ = ["SequentialEncoder"]
+
+
+def __getattr__(name: str):
+    if name == "SequentialEncoder":
+        from genrec.encoders.model import SequentialEncoder
+
+        return SequentialEncoder
+    raise AttributeError(name)

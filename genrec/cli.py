@@ -96,7 +96,7 @@ def _index_path(args: argparse.Namespace):
 def cmd_build_index(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from genrec.index.build import build, describe, eval_summary, load_mol, proxy_queries, read_items
+    from genrec.index.build import build, describe, eval_summary, exact_reference, load_mol, proxy_queries, read_items
     from genrec.index.sharding import shard_range, shard_version
     from genrec.index.spec import from_mapping, load_spec, parse_spec
     from genrec.index.storage import read_manifest, save_index
@@ -118,7 +118,7 @@ def cmd_build_index(args: argparse.Namespace) -> int:
     if args.eval_queries > 0 or args.eval_queries_file:
         queries = (np.load(args.eval_queries_file, allow_pickle=False) if args.eval_queries_file
                    else proxy_queries(inputs, args.eval_queries, index.dim, spec.seed))
-        extra["eval"] = {**eval_summary(index, queries), "queries_from": args.eval_queries_file or "item embeddings + noise"}
+        extra["eval"] = {**eval_summary(index, exact_reference(index, inputs, rows), queries), "queries_from": args.eval_queries_file or "item embeddings + noise"}
     version = args.version
     if sharded:
         extra["shard"] = {"id": args.shard_id, "num_shards": args.num_shards, "start": rows[0], "end": rows[1],
@@ -171,6 +171,54 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(json.dumps({"query": i, "ids": r.ids[i][keep].tolist(),
                           "scores": [round(float(x), 6) for x in r.scores[i][keep]], "exact": bool(r.exact[i])}))
     return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from genrec.config import load_dataclass
+    from genrec.serving.config import ServeConfig
+    from genrec.serving.server import serve
+
+    serve(load_dataclass(ServeConfig, args.config, args.overrides))
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import grpc
+    import numpy as np
+
+    from genrec.serving.client import GenrecClient
+
+    with GenrecClient(args.target) as client:
+        try:
+            if args.history:
+                history = [int(x) for x in args.history.split(",") if x.strip()]
+                replies = [client.search_by_user(history, args.k, index=args.index, timeout=args.timeout)]
+            else:
+                queries = np.load(args.queries, allow_pickle=False)
+                replies = [client.search_reply(queries, args.k, index=args.index, exact=args.exact, kprime=args.kprime,
+                                               timeout=args.timeout)]
+        except grpc.RpcError as e:
+            print(f"genrec: error: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    for r in replies:
+        for i in range(len(r.ids)):
+            keep = r.ids[i] >= 0
+            row = {"query": i, "ids": r.ids[i][keep].tolist(), "scores": [round(float(x), 6) for x in r.scores[i][keep]],
+                   "exact": bool(r.exact[i]), "index": r.index, "version": r.version,
+                   "total_ms": round(r.timing.total_ms, 3)}
+            if r.unknown_ids:
+                row["unknown_ids"] = r.unknown_ids
+            print(json.dumps(row) if args.json else
+                  f"query {i} ({r.index}@{r.version}, {r.timing.total_ms:.2f} ms): " +
+                  ", ".join(f"{a}:{b:.4f}" for a, b in zip(row["ids"], row["scores"])))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from genrec.bench import retrieval, serving
+
+    harnesses = {"retrieval": retrieval.main, "serving": serving.main}
+    return harnesses[args.harness](args.bench_args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +311,29 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--kprime", type=int, default=0, help="h-indexer K' for this search (0 = the index's)")
     se.add_argument("--verify", choices=["full", "size", "none"], default="size")
     se.set_defaults(func=cmd_search)
+
+    sv = sub.add_parser("serve", help="serve indexes over gRPC (health, reflection, metrics, hot swap)")
+    sv.add_argument("--config", required=True, help="serve.yaml (fields of genrec/serving/config.py::ServeConfig)")
+    _add_overrides(sv)
+    sv.set_defaults(func=cmd_serve)
+
+    qu = sub.add_parser("query", help="gRPC client: top-k for query vectors or a user history")
+    qu.add_argument("--target", default="127.0.0.1:50051")
+    qu.add_argument("--index", default="")
+    qu.add_argument("--k", type=int, default=10)
+    src = qu.add_mutually_exclusive_group(required=True)
+    src.add_argument("--queries", help="(nq, D) float32 .npy")
+    src.add_argument("--history", help="comma-separated raw item ids, oldest first (server-side encoding)")
+    qu.add_argument("--exact", action="store_true")
+    qu.add_argument("--kprime", type=int, default=0)
+    qu.add_argument("--timeout", type=float, default=30.0)
+    qu.add_argument("--json", action="store_true")
+    qu.set_defaults(func=cmd_query)
+
+    be = sub.add_parser("bench", help="benchmarks (CSV/Markdown/JSON/PNG): `genrec bench retrieval|serving --help`")
+    be.add_argument("harness", choices=["retrieval", "serving"])
+    be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the harness")
+    be.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -270,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates every SIMD variant it tries
     from genrec.data.loaders import DataFormatError
 
     try:

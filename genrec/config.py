@@ -239,7 +239,8 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
     return values
 
 
-def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+def load_dataclass(cls: type, path: str | Path | None, overrides: list[str] | None = None) -> Any:
+    """Any config dataclass from a YAML file (+ ``a.b=c`` overrides), with the same strict checks."""
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -251,7 +252,11 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
-    return from_dict(apply_overrides(values, overrides or []))
+    return _build(cls, apply_overrides(values, overrides or []))
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    return load_dataclass(RunConfig, path, overrides)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -69,6 +69,7 @@ class MoLHIndexer(Index):
             raise ValueError(f"stage-1 table has {len(stage1)} items, MoL cache {len(cache)}")
         self.mol, self.cache, self.stage1 = mol.eval(), cache, stage1
         self.kprime, self.sample_size, self.chunk_size, self.rescore_chunk = kprime, sample_size, chunk_size, rescore_chunk
+        self._score_sample = stage1.sample_scorer(sample_rows(len(cache), sample_size))
         self.last_stats = SelectionStats()
 
     @property
@@ -118,8 +119,8 @@ class MoLHIndexer(Index):
         q = self.mol.encode_queries(u)
         qv = self.stage1.query_vectors(q)
         self.last_stats = SelectionStats()
-        _, cand = threshold_topk(qv, self.stage1.score_range, self.stage1.score_rows, self.ntotal, kp,
-                                 chunk_size=self.chunk_size, sample_size=self.sample_size, stats=self.last_stats)
+        _, cand = threshold_topk(qv, self.stage1.scan_range, self._score_sample, self.ntotal, kp,
+                                 chunk_size=self.chunk_size, stats=self.last_stats)
         key = torch.where(cand < 0, torch.iinfo(torch.int64).max, cand)
         cand = cand.gather(1, key.sort(dim=1).indices)  # ascending rows, -1 last: an in-order gather
         scores, rows = rescore_candidates(self.mol, q, self.cache, cand, k, excl, self.rescore_chunk)

@@ -15,7 +15,6 @@ recall can only rise.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -122,6 +121,3 @@ class ShardedIndex:
         r = self.search_with_certificate(queries, k, exclude=exclude, **params)
         return r.scores, r.ids
 
-
-def is_shard_dir(path: Path) -> bool:
-    return bool(re.search(r"\.shard-\d+-of-\d+$", path.name))

@@ -99,8 +99,16 @@ class Stage1Table:
         """(B, d) query vectors -> (B, end-start) float32 stage-1 scores of items start..end-1."""
         return qv @ self.codes[start:end].float().T
 
-    def score_rows(self, qv: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        return qv @ self.codes[rows].float().T
+    def scan_range(self, qv: torch.Tensor, start: int, end: int, thr: torch.Tensor, capacity: int | None = None):
+        """Items start..end-1 scoring >= thr per query: (scores, ids, counts), see threshold.ScanRange."""
+        from genrec.kernels.dispatch import stage1_threshold_scan
+
+        return stage1_threshold_scan(qv, self.codes[start:end], thr, capacity, id_offset=start)
+
+    def sample_scorer(self, rows: torch.Tensor):
+        """A scorer of a fixed row sample whose codes are gathered (and widened) once: qv -> (B, m)."""
+        sample = self.codes[rows].float().T.contiguous()
+        return lambda qv: qv @ sample
 
 
 def fit_stage1(item_vectors, n: int, method: str, dtype: str, sample: torch.Tensor,

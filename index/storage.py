@@ -31,7 +31,13 @@ VERIFY_MODES = ("full", "size", "none")
 
 
 class IndexFormatError(ValueError):
-    """An index directory that must not be served: missing, incomplete, corrupt or from a newer genrec."""
+    """An index directory that must not be served. ``reason``: "missing" (no such directory, or no
+    manifest: an incomplete build), "newer" (format from a newer genrec) or "corrupt" (anything that
+    disagrees with the manifest)."""
+
+    def __init__(self, message: str, reason: str = "corrupt"):
+        super().__init__(message)
+        self.reason = reason
 
 
 def package_versions() -> dict[str, str]:
@@ -59,7 +65,7 @@ def latest_version(root: str | Path, name: str) -> Path:
     cands = [(int(m.group(1)), p) for p in (Path(root) / name).glob("v*")
              if (m := re.fullmatch(r"v(\d+)", p.name)) and (p / MANIFEST).is_file()]
     if not cands:
-        raise IndexFormatError(f"no complete version of index {name!r} under {root}")
+        raise IndexFormatError(f"no complete version of index {name!r} under {root}", "missing")
     return max(cands)[1]
 
 
@@ -108,10 +114,10 @@ def save_index(index: Index, root: str | Path, name: str, version: str | None = 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
-        raise IndexFormatError(f"{path}: no such index directory")
+        raise IndexFormatError(f"{path}: no such index directory", "missing")
     mpath = path / MANIFEST
     if not mpath.is_file():
-        raise IndexFormatError(f"{path}: no {MANIFEST} (an incomplete or interrupted build); refusing to load")
+        raise IndexFormatError(f"{path}: no {MANIFEST} (an incomplete or interrupted build); refusing to load", "missing")
     try:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -121,7 +127,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             raise IndexFormatError(f"{mpath}: manifest lacks {key!r}")
     if manifest["format_version"] > FORMAT_VERSION:
         raise IndexFormatError(f"{path}: index format {manifest['format_version']} is newer than this genrec "
-                               f"supports ({FORMAT_VERSION}); upgrade genrec")
+                               f"supports ({FORMAT_VERSION}); upgrade genrec", "newer")
     return manifest
 
 

@@ -7,11 +7,15 @@ K' ~ 10^4-10^5 that merge dominates. Instead:
    inside it: an estimate a little *below* the true K'-th score;
 2. scan the corpus chunk by chunk, appending every (score, id) at or above the threshold to a compact
    per-query buffer (the full B x N matrix is never held);
-3. overflow (buffer wider than ``capacity_factor * K'``): select the top-K' inside it and raise that
-   query's threshold to its K'-th score, which can only be at or below the global K'-th score;
+3. buffer wider than ``capacity_factor * K'``: select the top-K' inside it and raise that query's
+   threshold to its K'-th score, which can only be at or below the global K'-th score;
 4. at the end, exact top-K' inside the buffer (ties by smaller id). Underflow (fewer than K' kept
-   because the estimate was too high): rescan those queries with a lower threshold; after
+   because the estimate was too high): rescan those queries with a lower threshold. Overflow of a
+   fixed per-chunk buffer (the GPU kernel's ``chunk_capacity``): rescan with a higher one. After
    ``max_retries`` the threshold is -inf, which keeps everything.
+
+The chunk scan itself is ``kernels.dispatch.stage1_threshold_scan``: PyTorch on CPU, one fused
+Triton kernel on GPU.
 
 The answer equals the exact top-K' of the stage-1 scores: every item scoring at or above the true K'-th
 score is kept whenever the final threshold is at or below it, which underflow detection guarantees.
@@ -19,7 +23,6 @@ score is kept whenever the final threshold is at or below it, which underflow de
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -27,8 +30,10 @@ import torch
 
 from genrec.retrieval.topk import select_topk
 
-ScoreRange = Callable[[torch.Tensor, int, int], torch.Tensor]  # (queries, start, end) -> (B, end-start)
-ScoreRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (queries, rows (m,)) -> (B, m)
+# (queries, start, end, thresholds (B,), capacity | None) -> (scores (B, W), ids (B, W), counts (B,)):
+# every item of start..end-1 scoring >= its query's threshold (kernels.dispatch.stage1_threshold_scan)
+ScanRange = Callable[[torch.Tensor, int, int, torch.Tensor, "int | None"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+ScoreSample = Callable[[torch.Tensor], torch.Tensor]  # queries -> (B, m) scores of a fixed random sample
 
 
 @dataclass
@@ -36,6 +41,7 @@ class SelectionStats:
     """What the selection did, for logs and benchmarks."""
 
     retries: int = 0
+    overflows: int = 0
     compactions: int = 0
     max_buffer: int = 0
     thresholds: list[float] = field(default_factory=list)
@@ -47,80 +53,77 @@ def sample_rows(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randperm(n, generator=g)[: min(size, n)].sort().values
 
 
-def estimate_threshold(sample_scores: torch.Tensor, n: int, kprime: int, slack: float) -> torch.Tensor:
-    """sample_scores (B, m) -> (B,) float32: the score of rank ceil(slack * K' * m / n) in the sample
-    (-inf when that rank reaches past the sample: keep everything)."""
+def estimate_threshold(sample_scores: torch.Tensor, n: int, kprime: int, slack: torch.Tensor) -> torch.Tensor:
+    """sample_scores (B, m), slack (B,) -> (B,) float32: per query the score of rank
+    ceil(slack * K' * m / n) in the sample; -inf where that rank reaches past the sample (keep all)."""
     m = sample_scores.shape[1]
-    rank = math.ceil(slack * kprime * m / n)
-    if rank >= m:
-        return torch.full((sample_scores.shape[0],), float("-inf"))
-    return torch.topk(sample_scores.float(), rank, dim=1).values[:, -1]
+    rank = torch.ceil(slack.double() * kprime * m / n).long().clamp(min=1)
+    top = torch.topk(sample_scores.float(), int(rank.clamp(max=m).max()), dim=1).values
+    thr = top.gather(1, (rank.clamp(max=m) - 1)[:, None]).squeeze(1)
+    return torch.where(rank >= m, torch.full_like(thr, float("-inf")), thr)
 
 
-def _append_hits(buf_s: torch.Tensor, buf_i: torch.Tensor, s: torch.Tensor, start: int,
-                 thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append the (score, id) of every s[b, j] >= thr[b] to row b of the buffers (padded -inf / -1)."""
-    r, c = (s >= thr[:, None]).nonzero(as_tuple=True)
-    if r.numel() == 0:
-        return buf_s, buf_i
-    counts = torch.bincount(r, minlength=s.shape[0])
-    pos = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r]
-    width = int(counts.max())
-    new_s = torch.full((s.shape[0], width), float("-inf"))
-    new_i = torch.full((s.shape[0], width), -1, dtype=torch.int64)
-    new_s[r, pos] = s[r, c].float()
-    new_i[r, pos] = c + start
-    return torch.cat([buf_s, new_s], 1), torch.cat([buf_i, new_i], 1)
-
-
-def _scan(queries: torch.Tensor, score_range: ScoreRange, n: int, kprime: int, thr: torch.Tensor,
-          chunk_size: int, capacity: int, stats: SelectionStats) -> tuple[torch.Tensor, torch.Tensor]:
+def _scan(queries: torch.Tensor, scan: ScanRange, n: int, kprime: int, thr: torch.Tensor, chunk_size: int,
+          capacity: int, chunk_capacity: int | None, stats: SelectionStats):
+    """One pass over the corpus -> (top-K' scores, ids, overflowed (B,) bool)."""
     b = queries.shape[0]
     buf_s, buf_i = torch.empty(b, 0), torch.empty(b, 0, dtype=torch.int64)
+    overflow = torch.zeros(b, dtype=torch.bool)
     thr = thr.clone()
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
-        buf_s, buf_i = _append_hits(buf_s, buf_i, score_range(queries, start, end), start, thr)
+        s, i, counts = scan(queries, start, end, thr, chunk_capacity)
+        overflow |= counts > s.shape[1]
+        if s.shape[1]:
+            buf_s, buf_i = torch.cat([buf_s, s.float()], 1), torch.cat([buf_i, i], 1)
         stats.max_buffer = max(stats.max_buffer, buf_s.shape[1])
         if buf_s.shape[1] > capacity:
             stats.compactions += 1
             buf_s, buf_i = select_topk(buf_s, buf_i, kprime)
             full = buf_i[:, -1] >= 0
             thr = torch.where(full, torch.maximum(thr, buf_s[:, -1]), thr)
-    return select_topk(buf_s, buf_i, kprime) if buf_s.shape[1] else (buf_s, buf_i)
+    s, i = select_topk(buf_s, buf_i, kprime) if buf_s.shape[1] else (buf_s, buf_i)
+    return s, i, overflow
 
 
-def threshold_topk(queries: torch.Tensor, score_range: ScoreRange, score_rows: ScoreRows, n: int, kprime: int,
-                   chunk_size: int = 65536, sample_size: int = 16384, slack: float = 1.5,
-                   capacity_factor: float = 4.0, max_retries: int = 2, seed: int = 0,
+def threshold_topk(queries: torch.Tensor, scan: ScanRange, score_sample: ScoreSample, n: int, kprime: int,
+                   chunk_size: int = 65536, slack: float = 1.5, capacity_factor: float = 4.0,
+                   chunk_capacity: int | None = None, max_retries: int = 2,
                    stats: SelectionStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-K' of stage-1 scores per query, ties by smaller id.
 
-    queries: (B, d) stage-1 query vectors passed through to the score functions.
-    Returns scores (B, K') float32 descending and rows (B, K') int64, padded -inf / -1 when K' > n.
+    queries: (B, d) stage-1 query vectors passed through to ``scan`` and ``score_sample`` (a scorer of
+    a fixed uniform sample of the corpus, drawn once by the caller). chunk_capacity: a fixed per-query
+    buffer for each scanned chunk (a GPU kernel's); a query whose hits overflow it is rescanned with a
+    higher threshold. Returns scores (B, K') float32 descending and rows (B, K') int64, padded
+    -inf / -1 when K' > n.
     """
     stats = stats if stats is not None else SelectionStats()
     b, kp = queries.shape[0], min(kprime, n)
     capacity = max(int(capacity_factor * kp), kp + 1)
-    sample = sample_rows(n, sample_size, seed)
-    thr = estimate_threshold(score_rows(queries, sample), n, kp, slack)
+    slack_q = torch.full((b,), float(slack))
+    sample_scores = score_sample(queries)
+    thr = estimate_threshold(sample_scores, n, kp, slack_q)
     out_s = torch.full((b, kprime), float("-inf"))
     out_i = torch.full((b, kprime), -1, dtype=torch.int64)
     todo = torch.arange(b)
     for attempt in range(max_retries + 1):
-        if attempt == max_retries:
+        last = attempt == max_retries
+        if last:  # keep everything; with a bounded chunk buffer, that buffer must hold a whole chunk
             thr = torch.full_like(thr, float("-inf"))
+            chunk_capacity = None
         stats.thresholds.append(float(thr.min()))
-        s, i = _scan(queries[todo], score_range, n, kp, thr, chunk_size, capacity, stats)
+        s, i, overflow = _scan(queries[todo], scan, n, kp, thr, chunk_size, capacity, chunk_capacity, stats)
         got = (i >= 0).sum(1) if i.numel() else torch.zeros(len(todo), dtype=torch.int64)
-        done = (got >= kp) | torch.isneginf(thr)
+        done = ((got >= kp) | torch.isneginf(thr)) & ~overflow
         out_s[todo[done], : s.shape[1]] = s[done]
         out_i[todo[done], : i.shape[1]] = i[done]
         if bool(done.all()):
             break
         stats.retries += 1
-        todo, thr = todo[~done], thr[~done]
-        # underflow: the estimate sat above the K'-th score; step down the sample ranking
-        slack *= 4.0
-        thr = estimate_threshold(score_rows(queries[todo], sample), n, kp, slack)
+        stats.overflows += int(overflow.sum())
+        # overflow: the estimate sat far below the K'-th score, step up; underflow: above it, step down
+        slack_q[todo] = torch.where(overflow, slack_q[todo] / 4, slack_q[todo] * 4)
+        todo = todo[~done]
+        thr = estimate_threshold(sample_scores[todo], n, kp, slack_q[todo])
     return out_s, out_i

@@ -10,9 +10,18 @@ from typing import Literal
 import torch
 
 from genrec.kernels.hstu_attention_reference import hstu_attention_reference
+from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference
 
 Backend = Literal["auto", "reference", "triton"]
-_TRITON_OPS: dict[str, object] = {}  # op name -> kernel entry point, filled as kernels land
+
+
+def _stage1_scan_triton(*args, **kwargs):
+    from genrec.kernels.stage1_scan_triton import stage1_threshold_scan_triton  # imports triton lazily
+
+    return stage1_threshold_scan_triton(*args, **kwargs)
+
+
+_TRITON_OPS: dict[str, object] = {"stage1_threshold_scan": _stage1_scan_triton}  # op -> kernel entry point
 
 
 def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
@@ -31,3 +40,12 @@ def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: t
     if resolve_backend("hstu_attention", backend, q.device) == "triton":
         return _TRITON_OPS["hstu_attention"](q, k, v, offsets, max_len, **kwargs)  # type: ignore[operator]
     return hstu_attention_reference(q, k, v, offsets, max_len, **kwargs)
+
+
+def stage1_threshold_scan(qv: torch.Tensor, codes: torch.Tensor, thr: torch.Tensor, capacity: int | None = None,
+                          id_offset: int = 0, *, backend: Backend = "auto"):
+    """Every item scoring >= thr per query, in a compact buffer; see
+    :func:`stage1_threshold_scan_reference` for shapes, dtypes and the overflow contract."""
+    if resolve_backend("stage1_threshold_scan", backend, qv.device) == "triton":
+        return _TRITON_OPS["stage1_threshold_scan"](qv, codes, thr, capacity, id_offset)  # type: ignore[operator]
+    return stage1_threshold_scan_reference(qv, codes, thr, capacity, id_offset)

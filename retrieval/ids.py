@@ -14,7 +14,7 @@ class IdMap:
 
     def __init__(self, ids: np.ndarray | torch.Tensor | Sequence[int] | None, ntotal: int):
         self.ntotal = ntotal
-        t = torch.arange(ntotal) if ids is None else torch.as_tensor(np.asarray(ids), dtype=torch.int64)
+        t = torch.arange(ntotal) if ids is None else torch.from_numpy(np.array(ids, dtype=np.int64))  # a copy: ids may be a read-only memmap
         if t.shape != (ntotal,):
             raise ValueError(f"{tuple(t.shape)} ids for {ntotal} items: need one int64 id per item")
         self.ids = t
@@ -24,14 +24,20 @@ class IdMap:
             if ntotal > 1 and bool((self._sorted[1:] == self._sorted[:-1]).any()):
                 raise ValueError("item ids must be unique")
 
-    def rows(self, external: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
-        """External ids (m,) -> internal rows (m',) int64 of the ids that exist (unknown ids dropped)."""
+    def lookup(self, external: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """External ids (m,) -> internal rows (m,) int64, -1 where the id is unknown."""
         x = torch.as_tensor(np.asarray(external, dtype=np.int64).reshape(-1))
         if self.identity:
-            return x[(x >= 0) & (x < self.ntotal)]
-        pos = torch.searchsorted(self._sorted, x).clamp(max=max(self.ntotal - 1, 0))
-        hit = self._sorted[pos] == x if self.ntotal else torch.zeros_like(x, dtype=torch.bool)
-        return self._order[pos[hit]]
+            return torch.where((x >= 0) & (x < self.ntotal), x, -1)
+        if self.ntotal == 0:
+            return torch.full_like(x, -1)
+        pos = torch.searchsorted(self._sorted, x).clamp(max=self.ntotal - 1)
+        return torch.where(self._sorted[pos] == x, self._order[pos], -1)
+
+    def rows(self, external: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """External ids (m,) -> internal rows (m',) int64 of the ids that exist (unknown ids dropped)."""
+        r = self.lookup(external)
+        return r[r >= 0]
 
     def external(self, rows: torch.Tensor) -> torch.Tensor:
         """Internal rows (any shape, -1 = none) -> external ids (-1 kept)."""

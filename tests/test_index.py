@@ -20,48 +20,56 @@ from genrec.index.mips import FaissMIPS, FlatMIPS
 from genrec.index.sharding import ShardedIndex, merge_shards, shard_range, shard_version
 from genrec.index.spec import IndexSpec, parse_spec
 from genrec.index.stage1 import int8_encode, int8_error_bound
-from genrec.index.storage import (IndexFormatError, latest_version, load_index, read_manifest, save_index,
+from genrec.index.storage import (IndexFormatError, latest_version, load_index, save_index,
                                   verify_index)
-from genrec.index.threshold import SelectionStats, threshold_topk
+from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
 from genrec.retrieval.mol import MixtureOfLogits
 from genrec.retrieval.search import MoLSearcher
 from genrec.retrieval.topk import select_topk
 
 
-def matrix_scorers(scores: torch.Tensor):
-    """score_range / score_rows over a precomputed (B, N) matrix; 'queries' are row indices."""
-    return (lambda q, a, b: scores[q.long()][:, a:b], lambda q, rows: scores[q.long()][:, rows])
+def vector_scorers(q: torch.Tensor, codes: torch.Tensor, sample_size: int = 37):
+    """scan / score_sample over real vectors (the dispatch's reference scan, the CPU path)."""
+    from genrec.kernels.dispatch import stage1_threshold_scan
+
+    rows = sample_rows(codes.shape[0], sample_size)
+    scan = lambda qq, a, b, thr, cap: stage1_threshold_scan(qq, codes[a:b], thr, cap, id_offset=a)  # noqa: E731
+    return scan, lambda qq: qq @ codes[rows].float().T
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 400), kprime=st.integers(1, 450), levels=st.sampled_from([3, 50, 10**6]),
+@given(n=st.integers(1, 400), kprime=st.integers(1, 450), levels=st.sampled_from([1, 3, 1000]),
        chunk=st.integers(7, 130), slack=st.sampled_from([0.2, 1.5]), capacity=st.sampled_from([1.0, 4.0]),
-       seed=st.integers(0, 999))
-def test_threshold_selection_is_the_exact_top_kprime(n, kprime, levels, chunk, slack, capacity, seed):
+       chunk_capacity=st.sampled_from([None, 3, 40]), seed=st.integers(0, 999))
+def test_threshold_selection_is_the_exact_top_kprime(n, kprime, levels, chunk, slack, capacity, chunk_capacity, seed):
     """slack 0.2 puts the first estimate above the K'-th score (underflow -> retry); capacity 1.0
-    compacts on nearly every chunk (overflow path). Ties (few levels) must still break by id."""
+    compacts on nearly every chunk; a small chunk_capacity overflows (-> retry higher). Integer-valued
+    vectors with few levels make ties, which must still break by id."""
     g = torch.Generator().manual_seed(seed)
-    scores = torch.randint(0, levels, (3, n), generator=g).float()
-    rng, rows = matrix_scorers(scores)
-    stats = SelectionStats()
-    s, i = threshold_topk(torch.arange(3).float(), rng, rows, n, kprime, chunk_size=chunk, sample_size=37,
-                          slack=slack, capacity_factor=capacity, stats=stats)
-    es, ei = select_topk(scores, torch.arange(n).expand(3, -1), kprime)
+    codes = torch.randint(-levels, levels + 1, (n, 4), generator=g).float()
+    q = torch.randint(-2, 3, (3, 4), generator=g).float()
+    scan, sample = vector_scorers(q, codes)
+    s, i = threshold_topk(q, scan, sample, n, kprime, chunk_size=chunk, slack=slack, capacity_factor=capacity,
+                          chunk_capacity=chunk_capacity)
+    es, ei = select_topk(q @ codes.T, torch.arange(n).expand(3, -1), kprime)
     assert s.shape == i.shape == (3, kprime)
     assert torch.equal(i[:, : ei.shape[1]], ei) and torch.equal(s[:, : es.shape[1]], es)
     assert torch.all(i[:, n:] == -1)  # K' > n pads
 
 
-def test_threshold_selection_far_above_2048_and_its_retry_path():
+def test_threshold_selection_far_above_2048_and_its_retry_paths():
     g = torch.Generator().manual_seed(0)
-    scores = torch.randn(4, 60000, generator=g)
-    rng, rows = matrix_scorers(scores)
+    codes, q = torch.randn(60000, 8, generator=g), torch.randn(4, 8, generator=g)
+    scan, sample = vector_scorers(q, codes, 16384)
+    _, ei = select_topk(q @ codes.T, torch.arange(60000).expand(4, -1), 9000)
     stats = SelectionStats()
-    s, i = threshold_topk(torch.arange(4).float(), rng, rows, 60000, 9000, chunk_size=8192, slack=0.5, stats=stats)
-    _, ei = select_topk(scores, torch.arange(60000).expand(4, -1), 9000)
+    _, i = threshold_topk(q, scan, sample, 60000, 9000, chunk_size=8192, slack=0.5, stats=stats)
     assert torch.equal(i, ei)
     assert stats.retries >= 1  # the deliberately high first estimate underflowed and was redone
     assert stats.max_buffer < 60000  # never held a full row
+    stats = SelectionStats()
+    _, i = threshold_topk(q, scan, sample, 60000, 9000, chunk_size=60000, slack=8.0, chunk_capacity=20000, stats=stats)
+    assert torch.equal(i, ei) and stats.overflows >= 1  # a low first estimate overflowed the fixed buffer
 
 
 @settings(max_examples=25, deadline=None)

@@ -205,3 +205,20 @@ def test_select_topk_equals_python_sort(m, k, levels, seed):
     for row in range(4):
         expected = sorted(zip(scores[row].tolist(), ids[row].tolist()), key=lambda t: (-t[0], t[1]))[:k]
         assert list(zip(s[row].tolist(), i[row].tolist())) == expected
+
+
+def test_bf16_item_cache_halves_memory_and_stays_close_to_fp32():
+    torch.manual_seed(0)
+    mol = small_mol()
+    u, x = torch.randn(8, 6), torch.randn(400, 5)
+    full = MoLSearcher(mol, x)
+    half = MoLSearcher(mol, x, cache_dtype=torch.bfloat16)
+    assert half.cache.components.dtype == torch.bfloat16
+    assert half.cache.components.element_size() * 2 == full.cache.components.element_size()
+    s32, i32 = full.search(u, 10)
+    s16, i16 = half.search(u, 10)
+    # bf16 keeps 8 bits of mantissa: unit-norm components move by <= 2^-8 each, logits by ~ d_P * 2^-8 / tau
+    phi = mol.score(mol.encode_queries(u), mol.encode_items(x)).detach()
+    np.testing.assert_allclose(s16, np.take_along_axis(phi.numpy(), i16, 1), atol=0.05 * (1 / mol.tau) * 2 ** -3)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i16, i32)])
+    assert overlap >= 0.8

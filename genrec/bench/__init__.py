@@ -1,0 +1,1 @@
+"""Benchmark harnesses behind ``genrec bench``; ``benchmarks/*.py`` are thin entry points to them."""

@@ -1,0 +1,176 @@
+"""gRPC serving overhead and dynamic-batching throughput, side by side in one run.
+
+One index (exact flat MIPS over --items random unit vectors, dim --dim) is served by two in-process
+servers on loopback, one with dynamic batching and one without. Measured:
+  latency at batch 1: in-process ``index.search`` vs gRPC Search (batching off and on), p50/p99;
+  throughput: closed-loop clients at concurrency 1/16/64 for --seconds each, QPS with batching on vs off.
+Clients and servers share the machine's cores, as a sidecar deployment would.
+
+    genrec bench serving [--items 200000] [--dim 64] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genrec.bench.report import provenance, write_table
+
+log = logging.getLogger("genrec.bench")
+
+
+def closed_loop(port: int, queries: np.ndarray, k: int, concurrency: int, seconds: float,
+                processes: int = 4) -> tuple[int, int]:
+    """``concurrency`` clients, each sending one request at a time for ``seconds``, spread over
+    ``processes`` client processes so the clients do not share the server's GIL: (completed, failed)."""
+    import multiprocessing as mp
+
+    procs = max(1, min(processes, concurrency))
+    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
+    with mp.get_context("spawn").Pool(procs) as pool:
+        parts = pool.starmap(_client_threads, [(port, queries, k, c, seconds, i) for i, c in enumerate(shares)])
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def _client_threads(port: int, queries: np.ndarray, k: int, concurrency: int, seconds: float,
+                    first: int) -> tuple[int, int]:
+    import grpc
+
+    from genrec.serving.client import GenrecClient
+
+    done, failed, stop = [0] * concurrency, [0] * concurrency, time.monotonic() + seconds
+
+    def worker(w: int) -> None:
+        with GenrecClient(f"127.0.0.1:{port}") as c:
+            i = first * 1000 + w
+            while time.monotonic() < stop:
+                try:
+                    c.search(queries[i % len(queries) : i % len(queries) + 1], k, timeout=30)
+                    done[w] += 1
+                except grpc.RpcError:
+                    failed[w] += 1
+                i += concurrency
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done), sum(failed)
+
+
+def latency_ms(fn, queries: np.ndarray, n: int) -> np.ndarray:
+    for i in range(5):
+        fn(queries[i : i + 1])
+    out = []
+    for i in range(n):
+        t = time.perf_counter()
+        fn(queries[i % len(queries) : i % len(queries) + 1])
+        out.append((time.perf_counter() - t) * 1e3)
+    return np.array(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="genrec bench serving", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--items", type=int, default=200_000)
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--latency-queries", type=int, default=300)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--max-batch", type=int, default=64)
+    ap.add_argument("--max-delay-ms", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--stem", default="serving")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+
+    from genrec.index.mips import FlatMIPS
+    from genrec.index.storage import save_index
+    from genrec.serving.client import GenrecClient
+    from genrec.serving.config import BatchingConfig, IndexEntry, LimitsConfig, ServeConfig
+    from genrec.serving.server import RetrievalServer
+
+    rng = np.random.default_rng(0)
+    items = rng.standard_normal((args.items, args.dim)).astype(np.float32)
+    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    queries = rng.standard_normal((1024, args.dim)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_index(FlatMIPS(torch.from_numpy(items)), tmp, "bench", "v1")
+        index = FlatMIPS(torch.from_numpy(items))
+        limits = LimitsConfig(max_concurrent_rpcs=1024, workers=max(args.concurrency) + 8)
+        servers = {}
+        for batching in (False, True):
+            cfg = ServeConfig(port=0, indexes=(IndexEntry("bench", str(path), "size"),), limits=limits,
+                              batching=BatchingConfig(enabled=batching, max_batch=args.max_batch,
+                                                      max_delay_ms=args.max_delay_ms, queue_size=4096))
+            servers[batching] = RetrievalServer(cfg).start()
+        try:
+            lat = {"in-process": latency_ms(lambda q: index.search(q, args.k), queries, args.latency_queries)}
+            for batching, srv in servers.items():
+                with GenrecClient(f"127.0.0.1:{srv.port}") as c:
+                    lat[f"grpc batching={'on' if batching else 'off'}"] = latency_ms(
+                        lambda q: c.search(q, args.k, timeout=30), queries, args.latency_queries)
+            base = float(np.percentile(lat["in-process"], 50))
+            for name, v in lat.items():
+                p50 = float(np.percentile(v, 50))
+                rows.append({"measure": "latency_b1", "system": name, "concurrency": 1, "p50_ms": round(p50, 3),
+                             "p99_ms": round(float(np.percentile(v, 99)), 3), "overhead_p50_ms": round(p50 - base, 3)})
+                log.info("%s: p50 %.3f ms", name, p50)
+            for conc in args.concurrency:
+                qps = {}
+                for batching, srv in servers.items():
+                    done, failed = closed_loop(srv.port, queries, args.k, conc, args.seconds)
+                    qps[batching] = done / args.seconds
+                    rows.append({"measure": "throughput", "system": f"grpc batching={'on' if batching else 'off'}",
+                                 "concurrency": conc, "qps": round(qps[batching], 1), "failed": failed})
+                    log.info("concurrency %d batching %s: %.1f QPS (%d failed)", conc, batching, qps[batching], failed)
+                rows.append({"measure": "throughput_ratio", "system": "batching on / off", "concurrency": conc,
+                             "qps": round(qps[True] / max(qps[False], 1e-9), 2)})
+        finally:
+            for srv in servers.values():
+                srv.stop(grace=1)
+    meta = {**provenance(), "threads": args.threads, "items": args.items, "dim": args.dim, "k": args.k,
+            "index": "flat MIPS (exact)", "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
+            "note": "clients and servers on the same machine; loopback gRPC"}
+    md = write_table(rows, args.out_dir, args.stem, meta)
+    plot(rows, Path(args.out_dir) / f"{args.stem}.png", meta)
+    print(md.read_text())
+    return 0
+
+
+def plot(rows: list[dict], path: Path, meta: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for system in ("grpc batching=off", "grpc batching=on"):
+        pts = [(r["concurrency"], r["qps"]) for r in rows if r["measure"] == "throughput" and r["system"] == system]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o", label=system)
+    ax.set(xlabel="concurrent clients", ylabel="QPS", xscale="log", yscale="log",
+           title=f"gRPC Search, flat MIPS {meta['items']:,} x {meta['dim']}, {meta['device']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

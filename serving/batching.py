@@ -1,0 +1,147 @@
+"""Dynamic batching: concurrent search requests are coalesced so one scan serves many queries.
+
+Requests wait in a bounded queue (full -> ``QueueFull``, answered RESOURCE_EXHAUSTED at once). One
+worker thread takes the first waiting request and everything queued behind it (up to ``max_batch``
+queries); only if others were already waiting does it linger up to ``max_delay`` for more, so a lone
+request at low load is served at once and batches grow by themselves while a search runs. It groups
+the batch by what must match for one call (index version, k, search parameters) and runs each group
+as one search. A request whose deadline passed while it waited is
+dropped before any compute (counted), its caller already gone with DEADLINE_EXCEEDED.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Expired(Exception):
+    pass
+
+
+@dataclass
+class Job:
+    """One request's share of a batch: queries (nq, d) float32 against ``served`` (a registry entry)."""
+
+    served: Any
+    queries: np.ndarray
+    k: int
+    params: dict
+    exclude: list | None = None
+    deadline: float | None = None  # time.monotonic() seconds
+    enqueued: float = field(default_factory=time.monotonic)
+    future: Future = field(default_factory=Future)
+
+    @property
+    def key(self) -> tuple:
+        return (id(self.served), self.k, tuple(sorted(self.params.items())))
+
+
+@dataclass
+class BatchResult:
+    """One job's rows of a batch search, plus how it was served."""
+
+    result: Any  # SearchResult restricted to the job's rows
+    queue_s: float
+    compute_s: float
+    batch_queries: int
+
+
+def run_group(jobs: list[Job]) -> None:
+    """One search for jobs sharing a key; results are split back per job."""
+    first = jobs[0]
+    q = np.concatenate([j.queries for j in jobs]) if len(jobs) > 1 else first.queries
+    excl = None
+    if any(j.exclude for j in jobs):
+        excl = [row for j in jobs for row in (j.exclude or [[] for _ in range(len(j.queries))])]
+    start = time.monotonic()
+    try:
+        r = first.served.index.search_with_certificate(q, first.k, exclude=excl, **first.params)
+    except Exception as e:  # noqa: BLE001 - every waiter must hear about it
+        for j in jobs:
+            j.future.set_exception(e)
+        return
+    compute = time.monotonic() - start
+    row = 0
+    for j in jobs:
+        n = len(j.queries)
+        part = type(r)(r.scores[row : row + n], r.ids[row : row + n], r.exact[row : row + n], r.bound[row : row + n])
+        j.future.set_result(BatchResult(part, start - j.enqueued, compute, len(q)))
+        row += n
+
+
+class DynamicBatcher:
+    def __init__(self, max_batch: int = 64, max_delay_s: float = 0.001, queue_size: int = 256,
+                 on_batch: Callable[[int], None] | None = None, on_expired: Callable[[], None] | None = None):
+        self.max_batch, self.max_delay_s = max_batch, max_delay_s
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
+        self._on_batch = on_batch or (lambda n: None)
+        self._on_expired = on_expired or (lambda: None)
+        self._thread = threading.Thread(target=self._loop, name="genrec-batcher", daemon=True)
+        self._thread.start()
+
+    def depth(self) -> int:
+        return self._queue.qsize()
+
+    def submit(self, job: Job) -> Future:
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise QueueFull(f"request queue full ({self._queue.maxsize} waiting)") from None
+        return job.future
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _collect(self, first: Job) -> tuple[list[Job], bool]:
+        jobs, nq = [first], len(first.queries)
+        until = time.monotonic() + self.max_delay_s
+        while nq < self.max_batch:
+            remaining = until - time.monotonic()
+            try:  # lingering only pays when requests are arriving: never wait on an empty queue alone
+                job = (self._queue.get(timeout=remaining) if remaining > 0 and len(jobs) > 1
+                       else self._queue.get_nowait())
+            except queue.Empty:
+                break
+            if job is None:
+                return jobs, True
+            jobs.append(job)
+            nq += len(job.queries)
+        return jobs, False
+
+    def _loop(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            jobs, stop = self._collect(first)
+            now = time.monotonic()
+            live = []
+            for j in jobs:
+                if j.deadline is not None and now > j.deadline:
+                    self._on_expired()
+                    if j.future.set_running_or_notify_cancel():  # False: the caller already gave up
+                        j.future.set_exception(Expired("deadline passed while queued"))
+                elif j.future.set_running_or_notify_cancel():
+                    live.append(j)
+            groups: dict[tuple, list[Job]] = {}
+            for j in live:
+                groups.setdefault(j.key, []).append(j)
+            for group in groups.values():
+                self._on_batch(sum(len(j.queries) for j in group))
+                run_group(group)

@@ -1,0 +1,85 @@
+"""Python client for the genrec Retrieval service, FAISS-shaped:
+
+    with GenrecClient("localhost:50051") as c:
+        D, I = c.search(queries, k=100)                  # (nq, k) float32 / int64, -inf / -1 padded
+        r = c.search_by_user([12, 7, 99], k=10)          # the server encodes the history
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import grpc
+import numpy as np
+
+from genrec.serving import genrec_pb2 as pb
+from genrec.serving import genrec_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Reply:
+    scores: np.ndarray   # (nq, k) float32
+    ids: np.ndarray      # (nq, k) int64
+    exact: np.ndarray    # (nq,) bool
+    bound: np.ndarray    # (nq,) float32
+    index: str
+    version: str
+    timing: pb.Timing
+    unknown_ids: list[int]
+
+
+def to_reply(resp: pb.SearchResponse) -> Reply:
+    shape = (resp.nq, resp.k)
+    return Reply(np.asarray(resp.scores, dtype=np.float32).reshape(shape), np.asarray(resp.ids, dtype=np.int64).reshape(shape),
+                 np.asarray(resp.exact, dtype=bool), np.asarray(resp.bound, dtype=np.float32), resp.index, resp.version,
+                 resp.timing, list(resp.unknown_ids))
+
+
+class GenrecClient:
+    def __init__(self, target: str, token: str | None = None, root_cert: bytes | None = None,
+                 max_message_bytes: int = 16 * 1024 * 1024):
+        options = [("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.max_receive_message_length", max_message_bytes)]
+        self.channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options)
+                        if root_cert else grpc.insecure_channel(target, options))
+        self.stub = pb_grpc.RetrievalStub(self.channel)
+        self.admin_metadata = [("authorization", f"Bearer {token}")] if token else None
+
+    def search_reply(self, queries, k: int, index: str = "", version: str = "", exact: bool = False, kprime: int = 0,
+                     exclude: Sequence[Sequence[int]] | None = None, timeout: float | None = None,
+                     request_id: str = "") -> Reply:
+        q = np.ascontiguousarray(queries, dtype="<f4")
+        if q.ndim != 2:
+            raise ValueError(f"queries must be 2-D (nq, dim), got shape {q.shape}")
+        req = pb.SearchRequest(index=index, version=version, k=k, dim=q.shape[1], queries=q.tobytes(), exact=exact,
+                               kprime=kprime, request_id=request_id)
+        for row in exclude or []:
+            req.exclude.add().ids.extend(int(x) for x in row)
+        return to_reply(self.stub.Search(req, timeout=timeout))
+
+    def search(self, queries, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        r = self.search_reply(queries, k, **kwargs)
+        return r.scores, r.ids
+
+    def search_by_user(self, history: Sequence[int], k: int, timestamps: Sequence[int] | None = None, index: str = "",
+                       keep_history: bool = False, timeout: float | None = None, **kwargs) -> Reply:
+        req = pb.SearchByUserRequest(index=index, k=k, history=list(history), timestamps=list(timestamps or []),
+                                     keep_history=keep_history, **kwargs)
+        return to_reply(self.stub.SearchByUser(req, timeout=timeout))
+
+    def info(self, index: str = "") -> pb.IndexInfo:
+        return self.stub.GetIndexInfo(pb.IndexInfoRequest(index=index))
+
+    def load_index(self, index: str, path: str, verify: str = "full", timeout: float | None = None) -> pb.IndexInfo:
+        return self.stub.LoadIndex(pb.LoadIndexRequest(index=index, path=path, verify=verify), timeout=timeout,
+                                   metadata=self.admin_metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "GenrecClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,53 @@
+"""``genrec serve`` configuration: a typed dataclass loaded from YAML, overridable with --set."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class IndexEntry:
+    name: str = "default"
+    path: str = ""            # an index version directory, or <root>/<name> to take its latest version
+    verify: str = "full"      # full | size: checks run before the index is served
+
+
+@dataclass
+class BatchingConfig:
+    enabled: bool = True
+    max_batch: int = 64       # queries coalesced into one search
+    max_delay_ms: float = 1.0  # how long the first request of a batch waits for company
+    queue_size: int = 256     # requests waiting; beyond it RESOURCE_EXHAUSTED
+
+
+@dataclass
+class LimitsConfig:
+    max_k: int = 1000
+    max_nq: int = 1024
+    max_history: int = 4096
+    max_message_bytes: int = 16 * 1024 * 1024
+    max_concurrent_rpcs: int = 128
+    workers: int = 16
+
+
+@dataclass
+class TLSConfig:
+    cert: str = ""
+    key: str = ""
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051          # 0 = any free port (tests)
+    indexes: tuple[IndexEntry, ...] = ()
+    default_index: str = ""    # "" = the first entry
+    encoder_checkpoint: str = ""  # for SearchByUser; "" = that method answers FAILED_PRECONDITION
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    metrics_port: int = -1     # -1 = no metrics endpoint, 0 = any free port
+    tls: TLSConfig = field(default_factory=TLSConfig)
+    admin_token: str = ""      # when set, LoadIndex needs "authorization: Bearer <token>"
+    warmup_queries: int = 4
+    grace_seconds: float = 5.0
+    threads: int = 0           # torch threads (0 = leave as is)

@@ -1,0 +1,73 @@
+"""The indexes a server holds, by name, each with one active version swapped atomically.
+
+A search takes a reference to the active ``Served`` entry once and uses it to the end, so a swap never
+disturbs requests already running: they finish on the version they started with and report it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from genrec.index.storage import MANIFEST, latest_version, load_index
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Served:
+    name: str
+    version: str
+    path: str
+    index: Any
+    manifest: dict
+
+
+def resolve_path(path: str | Path) -> Path:
+    """A version directory as given, or <root>/<name> -> its latest complete version."""
+    p = Path(path)
+    if (p / MANIFEST).is_file() or not p.is_dir():
+        return p
+    return latest_version(p.parent, p.name)
+
+
+def warm_up(index, count: int, seed: int = 0) -> None:
+    """A few searches so first real requests do not pay for lazy allocation and page faults."""
+    if count <= 0:
+        return
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((count, index.dim)).astype(np.float32)
+    index.search(q / np.linalg.norm(q, axis=1, keepdims=True), 10)
+
+
+class IndexRegistry:
+    def __init__(self, warmup_queries: int = 4):
+        self._lock = threading.Lock()
+        self._served: dict[str, Served] = {}
+        self.warmup_queries = warmup_queries
+
+    def load(self, name: str, path: str | Path, verify: str = "full") -> Served:
+        """Verify, load and warm a version, then swap it in. Any failure leaves the old one serving."""
+        p = resolve_path(path)
+        index, manifest = load_index(p, verify=verify)
+        warm_up(index, self.warmup_queries)
+        served = Served(name, manifest.get("version", p.name), str(p), index, manifest)
+        with self._lock:
+            old = self._served.get(name)
+            self._served[name] = served
+        log.info("index %r: serving version %s (%d items)%s", name, served.version, manifest["count"],
+                 f", replaced {old.version}" if old else "")
+        return served
+
+    def get(self, name: str) -> Served | None:
+        with self._lock:
+            return self._served.get(name)
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._served)

@@ -1,0 +1,135 @@
+"""The gRPC server: Retrieval + grpc.health.v1 + reflection, limits, TLS, admin token, shutdown.
+
+Lifecycle: the port opens with health NOT_SERVING; indexes are verified, loaded and warmed; health
+turns SERVING. On stop, health turns NOT_SERVING first, new RPCs get UNAVAILABLE, in-flight ones get
+``grace_seconds`` to finish, then the batcher and the metrics endpoint close.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from genrec.serving import genrec_pb2_grpc as pb_grpc
+from genrec.serving.config import ServeConfig
+from genrec.serving.metrics import ServerMetrics
+from genrec.serving.registry import IndexRegistry
+from genrec.serving.service import SERVICE_NAME, RetrievalService
+
+log = logging.getLogger(__name__)
+ADMIN_METHODS = {f"/{SERVICE_NAME}/LoadIndex"}
+
+
+class AdminTokenInterceptor(grpc.ServerInterceptor):
+    """Admin methods need ``authorization: Bearer <token>`` metadata when a token is configured."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+    def intercept_service(self, continuation, handler_call_details):
+        if handler_call_details.method not in ADMIN_METHODS:
+            return continuation(handler_call_details)
+        meta = dict(handler_call_details.invocation_metadata or ())
+        got = meta.get("authorization", "")
+        if got == f"Bearer {self.token}":
+            return continuation(handler_call_details)
+        code = grpc.StatusCode.UNAUTHENTICATED if not got else grpc.StatusCode.PERMISSION_DENIED
+        message = "admin method: send 'authorization: Bearer <token>'" if not got else "admin token rejected"
+
+        def deny(request, context):
+            context.abort(code, message)
+
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class RetrievalServer:
+    def __init__(self, cfg: ServeConfig):
+        self.cfg = cfg
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.metrics = ServerMetrics()
+        self.registry = IndexRegistry(cfg.warmup_queries)
+        encoder = None
+        if cfg.encoder_checkpoint:
+            from genrec.serving.user_encoder import UserEncoder
+
+            encoder = UserEncoder(cfg.encoder_checkpoint)
+        self.service = RetrievalService(cfg, self.registry, self.metrics, encoder)
+        lim = cfg.limits
+        options = [("grpc.max_send_message_length", lim.max_message_bytes),
+                   ("grpc.max_receive_message_length", lim.max_message_bytes)]
+        interceptors = [AdminTokenInterceptor(cfg.admin_token)] if cfg.admin_token else []
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=lim.workers, thread_name_prefix="genrec-rpc"),
+                                  options=options, maximum_concurrent_rpcs=lim.max_concurrent_rpcs,
+                                  interceptors=interceptors)
+        pb_grpc.add_RetrievalServicer_to_server(self.service, self.server)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls.cert or cfg.tls.key:
+            with open(cfg.tls.key, "rb") as k, open(cfg.tls.cert, "rb") as c:
+                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"could not bind {address}")
+        self.metrics_port = None
+        self._stopped = threading.Event()
+
+    def _set_health(self, status) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def start(self) -> "RetrievalServer":
+        """Open the port (NOT_SERVING), load + warm every configured index, then report SERVING."""
+        self.server.start()
+        if self.cfg.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
+        for entry in self.cfg.indexes:
+            served = self.registry.load(entry.name, entry.path, entry.verify)
+            self.metrics.index_items.labels(served.name, served.version).set(served.index.ntotal)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s:%d%s", ", ".join(self.registry.names()) or "no index", self.cfg.host, self.port,
+                 f" (metrics on :{self.metrics_port})" if self.metrics_port else "")
+        return self
+
+    def reload(self) -> None:
+        """Load the latest version of every configured index (SIGHUP); failures keep the old one."""
+        for entry in self.cfg.indexes:
+            try:
+                self.registry.load(entry.name, entry.path, entry.verify)
+            except Exception as e:  # noqa: BLE001
+                log.warning("reload of %s refused, old version keeps serving: %s", entry.name, e)
+
+    def stop(self, grace: float | None = None) -> None:
+        if self._stopped.is_set():
+            return
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.service.closing = True
+        self.server.stop(self.cfg.grace_seconds if grace is None else grace).wait()
+        if self.service.batcher is not None:
+            self.service.batcher.close()
+        self._stopped.set()
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Run until SIGINT/SIGTERM; SIGHUP reloads the configured indexes."""
+    server = RetrievalServer(cfg).start()
+    print(f"genrec: serving on {cfg.host}:{server.port}", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.stop).start())
+    signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=server.stop).start())
+    signal.signal(signal.SIGHUP, lambda *_: threading.Thread(target=server.reload).start())
+    server.wait()

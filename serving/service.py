@@ -1,0 +1,264 @@
+"""The Retrieval servicer: request validation, status codes, batching, hot swap, metrics.
+
+Status codes (the conventions gRPC users expect):
+  INVALID_ARGUMENT    NaN/Inf, dim unset or wrong, byte length not nq*dim*4, empty batch, k <= 0,
+                      k > max_k, nq > max_nq, history too long, exclude rows != nq
+  NOT_FOUND           unknown index or version; no history id known to the encoder; no index at a path
+  RESOURCE_EXHAUSTED  request queue full (grpc itself: too many concurrent RPCs, oversize message)
+  DEADLINE_EXCEEDED   deadline passed (a queued request is dropped before any compute)
+  FAILED_PRECONDITION exact search on an approximate-only index; SearchByUser without an encoder;
+                      index format newer than this server
+  DATA_LOSS           LoadIndex found a checksum / size mismatch (the old version keeps serving)
+  UNAVAILABLE         the server is shutting down
+  UNIMPLEMENTED       Rank (until the ranking stage exists)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import grpc
+import numpy as np
+
+from genrec.index.storage import IndexFormatError
+from genrec.serving import genrec_pb2 as pb
+from genrec.serving import genrec_pb2_grpc as pb_grpc
+from genrec.serving.batching import DynamicBatcher, Expired, Job, QueueFull, run_group
+from genrec.serving.config import ServeConfig
+from genrec.serving.metrics import ServerMetrics
+from genrec.serving.registry import IndexRegistry, Served
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
+
+
+class ServiceError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def decode_queries(request: pb.SearchRequest, index_dim: int, max_nq: int) -> np.ndarray:
+    """request.queries bytes (or query_values) -> (nq, dim) float32, with every check of the matrix."""
+    dim = request.dim
+    if dim == 0:
+        raise invalid("dim must be set (the query vector length)")
+    if dim != index_dim:
+        raise invalid(f"query dim {dim} does not match the index dim {index_dim}")
+    if request.queries and request.query_values:
+        raise invalid("give queries as bytes or as query_values, not both")
+    if request.queries:
+        if len(request.queries) % (4 * dim):
+            raise invalid(f"queries: {len(request.queries)} bytes is not a multiple of 4*dim = {4 * dim}")
+        q = np.frombuffer(request.queries, dtype="<f4").reshape(-1, dim)
+    else:
+        if len(request.query_values) % dim:
+            raise invalid(f"query_values: {len(request.query_values)} values is not a multiple of dim = {dim}")
+        q = np.asarray(request.query_values, dtype=np.float32).reshape(-1, dim)
+    if len(q) == 0:
+        raise invalid("empty query batch (nq = 0)")
+    if len(q) > max_nq:
+        raise invalid(f"nq {len(q)} exceeds max_nq {max_nq}")
+    if not np.isfinite(q).all():
+        raise invalid(f"queries contain NaN or Inf (first at row {int(np.nonzero(~np.isfinite(q).all(1))[0][0])})")
+    return q
+
+
+def load_error(e: Exception) -> ServiceError:
+    if isinstance(e, IndexFormatError):
+        code = {"missing": grpc.StatusCode.NOT_FOUND, "newer": grpc.StatusCode.FAILED_PRECONDITION}.get(
+            e.reason, grpc.StatusCode.DATA_LOSS)
+        return ServiceError(code, str(e))
+    if isinstance(e, FileNotFoundError):
+        return ServiceError(grpc.StatusCode.NOT_FOUND, str(e))
+    return ServiceError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+
+
+class RetrievalService(pb_grpc.RetrievalServicer):
+    def __init__(self, cfg: ServeConfig, registry: IndexRegistry, metrics: ServerMetrics, encoder=None):
+        self.cfg, self.registry, self.metrics, self.encoder = cfg, registry, metrics, encoder
+        self.closing = False
+        b = cfg.batching
+        self.batcher = (DynamicBatcher(b.max_batch, b.max_delay_ms / 1000, b.queue_size,
+                                       on_batch=metrics.batch_size.observe, on_expired=metrics.expired.inc)
+                        if b.enabled else None)
+
+    # ---- plumbing ----
+    def _call(self, method: str, context, fn):
+        start = time.monotonic()
+        code, message = grpc.StatusCode.OK, ""
+        try:
+            if self.closing:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+            return fn()
+        except ServiceError as e:
+            code, message = e.code, str(e)
+        except QueueFull as e:
+            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+        except (Expired, FutureTimeout):
+            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the search ran"
+        except ValueError as e:  # the searchers' own input checks
+            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+        except Exception as e:  # noqa: BLE001
+            log.exception("%s failed", method)
+            code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+        finally:
+            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.latency.labels(method, "total").observe(time.monotonic() - start)
+        context.abort(code, message)
+
+    def _served(self, name: str, version: str) -> Served:
+        name = name or self.cfg.default_index or (self.cfg.indexes[0].name if self.cfg.indexes else "")
+        served = self.registry.get(name)
+        if served is None:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown index {name!r} (serving: {', '.join(self.registry.names()) or 'none'})")
+        if version and version != served.version:
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"index {name!r} version {version!r} is not served (active: {served.version})")
+        return served
+
+    def _params(self, served: Served, exact: bool, kprime: int) -> dict:
+        kind = served.manifest.get("kind")
+        hindexer = kind == "mol-hindexer" or (kind == "sharded" and served.manifest.get("shard_kind") == "mol-hindexer")
+        if exact:
+            if hindexer:
+                return {"kprime": served.index.ntotal}
+            if kind in ("mips-faiss",) or served.manifest.get("shard_kind") == "mips-faiss":
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"index {served.name!r} ({kind}) cannot search exactly")
+        if kprime:
+            if not hindexer:
+                raise invalid(f"kprime applies to mol-hindexer indexes, not {kind}")
+            return {"kprime": int(kprime)}
+        return {}
+
+    def _check_k(self, k: int) -> int:
+        if k <= 0:
+            raise invalid(f"k must be positive, got {k}")
+        if k > self.cfg.limits.max_k:
+            raise invalid(f"k {k} exceeds max_k {self.cfg.limits.max_k}")
+        return k
+
+    def _search(self, served: Served, q: np.ndarray, k: int, params: dict, exclude, context, method: str):
+        remaining = context.time_remaining()
+        if remaining is not None and remaining > 1e6:  # grpc reports "no deadline" as a huge number
+            remaining = None
+        if remaining is not None and remaining <= 0:
+            raise Expired()
+        job = Job(served, q, k, params, exclude,
+                  deadline=None if remaining is None else time.monotonic() + remaining)
+        if self.batcher is None:
+            run_group([job])
+        else:
+            self.metrics.queue_depth.set(self.batcher.depth())
+            self.batcher.submit(job)
+        try:
+            out = job.future.result(timeout=remaining)
+        except FutureTimeout:
+            job.future.cancel()  # still queued: the batcher will skip it
+            raise
+        self.metrics.searched_queries.inc(len(q))
+        self.metrics.latency.labels(method, "queue").observe(out.queue_s)
+        self.metrics.latency.labels(method, "compute").observe(out.compute_s)
+        return out
+
+    @staticmethod
+    def _response(served: Served, out, k: int, request_id: str, started: float) -> pb.SearchResponse:
+        r = out.result
+        resp = pb.SearchResponse(nq=len(r.ids), k=k, index=served.name, version=served.version, request_id=request_id)
+        resp.ids.extend(r.ids.reshape(-1).tolist())
+        resp.scores.extend(r.scores.reshape(-1).tolist())
+        resp.exact.extend(r.exact.tolist())
+        resp.bound.extend(r.bound.tolist())
+        resp.timing.queue_ms = out.queue_s * 1e3
+        resp.timing.compute_ms = out.compute_s * 1e3
+        resp.timing.total_ms = (time.monotonic() - started) * 1e3
+        resp.timing.batch_size = out.batch_queries
+        return resp
+
+    # ---- RPCs ----
+    def Search(self, request, context):
+        def run():
+            started = time.monotonic()
+            served = self._served(request.index, request.version)
+            q = decode_queries(request, served.index.dim, self.cfg.limits.max_nq)
+            k = self._check_k(request.k)
+            params = self._params(served, request.exact, request.kprime)
+            exclude = None
+            if len(request.exclude):
+                if len(request.exclude) != len(q):
+                    raise invalid(f"exclude has {len(request.exclude)} rows for {len(q)} queries")
+                exclude = [list(x.ids) for x in request.exclude]
+            out = self._search(served, q, k, params, exclude, context, "Search")
+            return self._response(served, out, k, request.request_id, started)
+
+        return self._call("Search", context, run)
+
+    def SearchByUser(self, request, context):
+        def run():
+            started = time.monotonic()
+            if self.encoder is None:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no encoder_checkpoint configured: SearchByUser is off")
+            served = self._served(request.index, request.version)
+            if served.index.dim != self.encoder.dim:
+                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                                   f"index {served.name!r} expects dim {served.index.dim}, the encoder makes {self.encoder.dim}")
+            k = self._check_k(request.k)
+            if not request.history:
+                raise invalid("history is empty")
+            if len(request.history) > self.cfg.limits.max_history:
+                raise invalid(f"history of {len(request.history)} items exceeds max_history {self.cfg.limits.max_history}")
+            ts = list(request.timestamps) or None
+            if ts is not None and len(ts) != len(request.history):
+                raise invalid(f"{len(ts)} timestamps for {len(request.history)} history items")
+            try:
+                enc = self.encoder.encode([list(request.history)], [ts] if ts else None,
+                                          [request.query_time or None] if ts else None)
+            except KeyError as e:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+            params = self._params(served, request.exact, request.kprime)
+            exclude = None if request.keep_history else [enc.known[0].tolist()]
+            out = self._search(served, enc.states, k, params, exclude, context, "SearchByUser")
+            resp = self._response(served, out, k, request.request_id, started)
+            resp.unknown_ids.extend(enc.unknown[0].tolist())
+            return resp
+
+        return self._call("SearchByUser", context, run)
+
+    def Rank(self, request, context):
+        def run():
+            raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "Rank needs the ranking stage (M-FALCON), not built yet")
+
+        return self._call("Rank", context, run)
+
+    def _info(self, served: Served) -> pb.IndexInfo:
+        return pb.IndexInfo(index=served.name, version=served.version, kind=served.manifest.get("kind", ""),
+                            count=served.index.ntotal, dim=served.index.dim, path=served.path,
+                            manifest_json=json.dumps(served.manifest, sort_keys=True), indexes=self.registry.names())
+
+    def GetIndexInfo(self, request, context):
+        return self._call("GetIndexInfo", context, lambda: self._info(self._served(request.index, "")))
+
+    def LoadIndex(self, request, context):
+        def run():
+            if not request.index or not request.path:
+                raise invalid("LoadIndex needs index (a name) and path")
+            verify = request.verify or "full"
+            if verify not in ("full", "size"):
+                raise invalid(f"verify must be full or size, got {verify!r}")
+            try:
+                served = self.registry.load(request.index, request.path, verify)
+            except Exception as e:  # noqa: BLE001 - the old version keeps serving
+                self.metrics.index_swaps.labels(request.index, "refused").inc()
+                log.warning("LoadIndex %s from %s refused: %s", request.index, request.path, e)
+                raise load_error(e) from None
+            self.metrics.index_swaps.labels(request.index, "loaded").inc()
+            self.metrics.index_items.labels(served.name, served.version).set(served.index.ntotal)
+            return self._info(served)
+
+        return self._call("LoadIndex", context, run)

@@ -1,0 +1,345 @@
+"""gRPC serving on loopback: results, status codes, batching, limits, deadlines, hot swap, shutdown.
+Every loop here is bounded in count and time."""
+
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from genrec.index.mips import FaissMIPS, FlatMIPS
+from genrec.index.storage import save_index
+from genrec.serving import genrec_pb2 as pb
+from genrec.serving.client import GenrecClient
+from genrec.serving.config import BatchingConfig, IndexEntry, LimitsConfig, ServeConfig
+from genrec.serving.registry import Served
+from genrec.serving.server import RetrievalServer
+from genrec.serving.service import SERVICE_NAME
+
+DIM = 8
+
+
+def unit(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, DIM, generator=g), dim=-1).numpy()
+
+
+@pytest.fixture
+def index_root(tmp_path):
+    root = tmp_path / "indexes"
+    save_index(FlatMIPS(torch.from_numpy(unit(300, 1)), np.arange(300) + 1000), root, "items", "v1")
+    save_index(FlatMIPS(torch.from_numpy(unit(200, 2)), np.arange(200) + 5000), root, "items", "v2")
+    save_index(FaissMIPS.build(unit(300, 1), "HNSW16"), root, "hnsw", "v1")
+    return root
+
+
+def start(cfg: ServeConfig) -> RetrievalServer:
+    return RetrievalServer(cfg).start()
+
+
+@pytest.fixture
+def server(index_root):
+    cfg = ServeConfig(port=0, indexes=(IndexEntry("items", str(index_root / "items" / "v1")),
+                                       IndexEntry("hnsw", str(index_root / "hnsw"))),
+                      limits=LimitsConfig(max_k=50, max_nq=16, max_message_bytes=64 * 1024),
+                      batching=BatchingConfig(max_delay_ms=2.0), metrics_port=0, admin_token="s3cret")
+    srv = start(cfg)
+    yield srv
+    srv.stop(grace=1)
+
+
+def client_for(srv, token=None):
+    return GenrecClient(f"127.0.0.1:{srv.port}", token=token)
+
+
+class SlowIndex:
+    """A real index whose searches take ``delay`` seconds: makes a server busy on demand."""
+
+    def __init__(self, inner, delay):
+        self.inner, self.delay, self.dim, self.ntotal = inner, delay, inner.dim, inner.ntotal
+
+    def search_with_certificate(self, *a, **kw):
+        time.sleep(self.delay)
+        return self.inner.search_with_certificate(*a, **kw)
+
+    def search(self, *a, **kw):
+        r = self.search_with_certificate(*a, **kw)
+        return r.scores, r.ids
+
+
+def install_slow(srv, delay):
+    inner = FlatMIPS(torch.from_numpy(unit(100, 3)))
+    srv.registry._served["slow"] = Served("slow", "s1", "", SlowIndex(inner, delay), {"kind": "mips", "count": 100})
+    return inner
+
+
+def test_search_over_grpc_equals_the_in_process_api_and_is_deterministic(server, index_root):
+    q = unit(5, 9)
+    local = FlatMIPS(torch.from_numpy(unit(300, 1)), np.arange(300) + 1000)
+    with client_for(server) as c:
+        r = c.search_reply(q, 20, index="items", exclude=[[1000], [], [], [], []])
+        again = c.search_reply(q, 20, index="items", exclude=[[1000], [], [], [], []])
+        info = c.info("items")
+    d, i = local.search(q, 20, exclude=[[1000], [], [], [], []])
+    np.testing.assert_array_equal(r.ids, i)
+    np.testing.assert_allclose(r.scores, d, rtol=1e-6)
+    np.testing.assert_array_equal(again.ids, r.ids)
+    assert r.version == "v1" and r.exact.all() and r.timing.total_ms > 0 and r.timing.batch_size >= 5
+    assert (info.count, info.dim, info.version, info.kind) == (300, DIM, "v1", "mips")
+    assert sorted(info.indexes) == ["hnsw", "items"]
+
+
+def test_k_beyond_the_corpus_pads_like_faiss(index_root):
+    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(index_root / "items" / "v2")),)))
+    try:
+        with client_for(srv) as c:
+            s, i = c.search(unit(2, 4), 250)
+        assert i.shape == (2, 250) and np.all(i[:, 200:] == -1) and np.all(np.isneginf(s[:, 200:]))
+    finally:
+        srv.stop(grace=1)
+
+
+def raw(q: np.ndarray) -> bytes:
+    return np.ascontiguousarray(q, dtype="<f4").tobytes()
+
+
+BAD = [
+    ("NaN", dict(index="items", k=5, dim=DIM, queries=raw(np.full((1, DIM), np.nan))), grpc.StatusCode.INVALID_ARGUMENT, "NaN"),
+    ("Inf", dict(index="items", k=5, dim=DIM, query_values=[np.inf] * DIM), grpc.StatusCode.INVALID_ARGUMENT, "NaN or Inf"),
+    ("wrong dim", dict(index="items", k=5, dim=4, queries=raw(np.ones((1, 4)))), grpc.StatusCode.INVALID_ARGUMENT, "does not match"),
+    ("dim unset", dict(index="items", k=5, queries=raw(np.ones((1, DIM)))), grpc.StatusCode.INVALID_ARGUMENT, "dim must be set"),
+    ("ragged bytes", dict(index="items", k=5, dim=DIM, queries=b"\0" * 36), grpc.StatusCode.INVALID_ARGUMENT, "multiple of 4*dim"),
+    ("empty", dict(index="items", k=5, dim=DIM), grpc.StatusCode.INVALID_ARGUMENT, "empty query batch"),
+    ("k=0", dict(index="items", k=0, dim=DIM, queries=raw(np.ones((1, DIM)))), grpc.StatusCode.INVALID_ARGUMENT, "k must be positive"),
+    ("k>max", dict(index="items", k=51, dim=DIM, queries=raw(np.ones((1, DIM)))), grpc.StatusCode.INVALID_ARGUMENT, "max_k"),
+    ("nq>max", dict(index="items", k=5, dim=DIM, queries=raw(np.ones((17, DIM)))), grpc.StatusCode.INVALID_ARGUMENT, "max_nq"),
+    ("index", dict(index="nope", k=5, dim=DIM, queries=raw(np.ones((1, DIM)))), grpc.StatusCode.NOT_FOUND, "unknown index"),
+    ("version", dict(index="items", version="v9", k=5, dim=DIM, queries=raw(np.ones((1, DIM)))), grpc.StatusCode.NOT_FOUND, "not served"),
+    ("exact hnsw", dict(index="hnsw", k=5, dim=DIM, exact=True, queries=raw(np.ones((1, DIM)))),
+     grpc.StatusCode.FAILED_PRECONDITION, "cannot search exactly"),
+    ("too big", dict(index="items", k=5, dim=DIM, queries=raw(np.ones((3000, DIM)))), grpc.StatusCode.RESOURCE_EXHAUSTED, ""),
+]
+
+
+@pytest.mark.parametrize("name,fields,code,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_inputs_get_their_status_code_and_the_server_keeps_serving(server, name, fields, code, message):
+    with client_for(server) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.stub.Search(pb.SearchRequest(**fields), timeout=10)
+        assert err.value.code() == code and message in (err.value.details() or "")
+        assert c.search(unit(1, 5), 3, index="items")[1].shape == (1, 3)  # still serving
+
+
+def test_other_methods_answer_with_their_codes(server):
+    with client_for(server) as c:
+        cases = [(lambda: c.stub.Rank(pb.RankRequest(history=[1], candidates=[2])), grpc.StatusCode.UNIMPLEMENTED),
+                 (lambda: c.search_by_user([1000], 5, index="items"), grpc.StatusCode.FAILED_PRECONDITION),
+                 (lambda: c.info("nope"), grpc.StatusCode.NOT_FOUND)]
+        for call, code in cases:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == code
+
+
+def test_health_reflection_and_metrics_answer_generic_clients(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    for service in ("", SERVICE_NAME):
+        assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+    reply = next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+    names = {s.name for s in reply.list_services_response.service}
+    assert {SERVICE_NAME, "grpc.health.v1.Health"} <= names
+    channel.close()
+    with client_for(server) as c:
+        c.search(unit(2, 5), 3, index="items")
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    assert 'genrec_requests_total{code="OK",method="Search"}' in text
+    assert 'genrec_index_items{index="items",version="v1"} 300.0' in text
+    assert "genrec_latency_seconds_bucket" in text and "genrec_batch_queries_count" in text
+
+
+def test_admin_methods_need_the_token(server, index_root):
+    with client_for(server) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.load_index("items", str(index_root / "items" / "v2"))
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with client_for(server, token="wrong") as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.load_index("items", str(index_root / "items" / "v2"))
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with client_for(server, token="s3cret") as c:
+        assert c.load_index("items", str(index_root / "items" / "v2")).version == "v2"
+
+
+def test_hot_swap_under_load_never_fails_and_answers_match_the_reported_version(server, index_root):
+    q = unit(3, 11)
+    exact = {v: FlatMIPS(torch.from_numpy(unit(n, seed)), np.arange(n) + base).search(q, 10)[1]
+             for v, n, seed, base in (("v1", 300, 1, 1000), ("v2", 200, 2, 5000))}
+    stop, failures, seen = threading.Event(), [], []
+
+    def searcher():
+        with client_for(server) as c:
+            while not stop.is_set():
+                try:
+                    r = c.search_reply(q, 10, index="items", timeout=10)
+                    seen.append(r.version)
+                    if not np.array_equal(r.ids, exact[r.version]):
+                        failures.append(f"wrong answer for {r.version}")
+                except grpc.RpcError as e:
+                    failures.append(e.code().name)
+
+    threads = [threading.Thread(target=searcher) for _ in range(4)]
+    for t in threads:
+        t.start()
+    with client_for(server, token="s3cret") as admin:
+        for i in range(8):
+            admin.load_index("items", str(index_root / "items" / ("v2" if i % 2 == 0 else "v1")))
+            time.sleep(0.05)
+        bad = index_root / "items" / "v3"
+        save_index(FlatMIPS(torch.from_numpy(unit(50, 7))), index_root, "items", "v3")
+        data = bytearray((bad / "items.npy").read_bytes())
+        data[-3] ^= 0xFF
+        (bad / "items.npy").write_bytes(bytes(data))
+        with pytest.raises(grpc.RpcError) as err:
+            admin.load_index("items", str(bad))
+        assert err.value.code() == grpc.StatusCode.DATA_LOSS
+        with pytest.raises(grpc.RpcError) as err:
+            admin.load_index("items", str(index_root / "items" / "v404"))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    stop.set()
+    for t in threads:
+        t.join(timeout=20)
+    assert not failures and {"v1", "v2"} <= set(seen)
+    with client_for(server) as c:
+        assert c.info("items").version == "v1"  # the refused v3 never replaced it
+
+
+def test_overload_beyond_the_queue_is_refused_fast_and_nothing_hangs(index_root):
+    srv = start(ServeConfig(port=0, indexes=(), batching=BatchingConfig(max_batch=1, max_delay_ms=0, queue_size=2),
+                            limits=LimitsConfig(workers=16, max_concurrent_rpcs=64)))
+    install_slow(srv, 0.2)
+    try:
+        def one(_):
+            with client_for(srv) as c:
+                try:
+                    c.search(unit(1, 1), 3, index="slow", timeout=30)
+                    return "OK"
+                except grpc.RpcError as e:
+                    return e.code().name
+
+        t = time.monotonic()
+        with ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(one, range(12)))
+        assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and time.monotonic() - t < 20
+    finally:
+        srv.stop(grace=1)
+
+
+def test_a_request_whose_deadline_passes_in_the_queue_is_never_computed():
+    srv = start(ServeConfig(port=0, batching=BatchingConfig(max_batch=1, max_delay_ms=0)))
+    install_slow(srv, 0.5)
+    try:
+        with client_for(srv) as busy, client_for(srv) as late:
+            pool = ThreadPoolExecutor(1)
+            first = pool.submit(busy.search, unit(2, 1), 3, index="slow", timeout=30)
+            time.sleep(0.1)  # the batcher is now inside the first search
+            with pytest.raises(grpc.RpcError) as err:
+                late.search(unit(1, 2), 3, index="slow", timeout=0.05)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            first.result(timeout=30)
+            time.sleep(0.2)  # the batcher reaches (and drops) the expired request
+            pool.shutdown()
+        searched = srv.metrics.searched_queries._value.get()
+        assert searched == 2  # only the busy request's two queries were computed
+        assert srv.metrics.expired._value.get() == 1
+    finally:
+        srv.stop(grace=1)
+
+
+def test_concurrent_requests_are_coalesced_into_one_search(index_root):
+    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(index_root / "items" / "v1")),),
+                            batching=BatchingConfig(max_batch=64, max_delay_ms=50)))
+    local = FlatMIPS(torch.from_numpy(unit(300, 1)), np.arange(300) + 1000)
+    try:
+        queries = [unit(1, 100 + i) for i in range(8)]
+
+        def one(q):
+            with client_for(srv) as c:
+                return c.search_reply(q, 5, index="items", timeout=30)
+
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(one, queries))
+        assert max(r.timing.batch_size for r in replies) > 1
+        for q, r in zip(queries, replies):
+            np.testing.assert_array_equal(r.ids, local.search(q, 5)[1])
+    finally:
+        srv.stop(grace=1)
+
+
+def test_graceful_shutdown_finishes_in_flight_work_and_refuses_new(index_root):
+    srv = start(ServeConfig(port=0))
+    install_slow(srv, 0.6)
+    port = srv.port
+    with client_for(srv) as c:
+        pool = ThreadPoolExecutor(2)
+        in_flight = pool.submit(c.search, unit(1, 1), 3, index="slow", timeout=30)
+        time.sleep(0.15)
+        stopper = pool.submit(srv.stop, 5)
+        time.sleep(0.1)
+        status = srv.health._server_status.get("")  # flipped before the port closes
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with GenrecClient(f"127.0.0.1:{port}") as late:
+            with pytest.raises(grpc.RpcError) as err:
+                late.search(unit(1, 2), 3, index="slow", timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert in_flight.result(timeout=30)[1].shape == (1, 3)
+        stopper.result(timeout=30)
+        pool.shutdown()
+
+
+def test_search_by_user_encodes_the_history_server_side(tmp_path, tiny_synthetic_cfg):
+    from genrec.serving.user_encoder import UserEncoder
+    from genrec.training import train
+
+    cfg = tiny_synthetic_cfg
+    cfg.out_dir, cfg.name, cfg.train.epochs = str(tmp_path / "runs"), "enc", 1
+    ckpt = train(cfg, progress=False).run_dir / "checkpoint_best.pt"
+    enc = UserEncoder(str(ckpt))
+    items = enc.model.item_embeddings()[1:].detach()
+    raw_ids = enc.items.ids.numpy()
+    save_index(FlatMIPS(items, raw_ids), tmp_path / "idx", "items", "v1")
+    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(tmp_path / "idx" / "items")),),
+                            encoder_checkpoint=str(ckpt)))
+    try:
+        history = [int(raw_ids[3]), int(raw_ids[7]), 999999, int(raw_ids[11])]
+        with client_for(srv) as c:
+            r = c.search_by_user(history, 10)
+            with pytest.raises(grpc.RpcError) as err:
+                c.search_by_user([999998, 999999], 10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        state = enc.encode([history]).states
+        _, expected = FlatMIPS(items, raw_ids).search(state, 10, exclude=[[history[0], history[1], history[3]]])
+        np.testing.assert_array_equal(r.ids, expected)
+        assert r.unknown_ids == [999999] and not set(history) & set(r.ids[0].tolist())
+    finally:
+        srv.stop(grace=1)
+
+
+def test_committed_grpc_code_matches_the_proto(tmp_path):
+    from pathlib import Path
+
+    from genrec.serving.codegen import GENERATED, HERE, generate
+
+    generate(tmp_path)
+    for name in GENERATED:
+        assert (tmp_path / name).read_bytes() == (Path(HERE) / name).read_bytes(), (
+            f"{name} is stale: run python -m genrec.serving.codegen")
