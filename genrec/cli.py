@@ -178,7 +178,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from genrec.serving.config import ServeConfig
     from genrec.serving.server import serve
 
-    serve(load_dataclass(ServeConfig, args.config, args.overrides))
+    overrides = list(args.overrides)
+    if args.role:
+        overrides.append(f"role={args.role}")
+    if args.shards:
+        overrides.append(f"broker.shards=[{', '.join(repr(t) for t in args.shards.split(','))}]")
+    serve(load_dataclass(ServeConfig, args.config, overrides))
     return 0
 
 
@@ -313,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.set_defaults(func=cmd_search)
 
     sv = sub.add_parser("serve", help="serve indexes over gRPC (health, reflection, metrics, hot swap)")
-    sv.add_argument("--config", required=True, help="serve.yaml (fields of genrec/serving/config.py::ServeConfig)")
+    sv.add_argument("--config", help="serve.yaml (fields of genrec/serving/config.py::ServeConfig)")
+    sv.add_argument("--role", choices=["server", "broker"], help="broker: fan out to --shards (default: server)")
+    sv.add_argument("--shards", help="broker: comma-separated host:port of the shard servers")
     _add_overrides(sv)
     sv.set_defaults(func=cmd_serve)
 

@@ -27,13 +27,14 @@ class Reply:
     version: str
     timing: pb.Timing
     unknown_ids: list[int]
+    failed_shards: list[str]  # broker only: shards that did not answer (the result is partial)
 
 
 def to_reply(resp: pb.SearchResponse) -> Reply:
     shape = (resp.nq, resp.k)
     return Reply(np.asarray(resp.scores, dtype=np.float32).reshape(shape), np.asarray(resp.ids, dtype=np.int64).reshape(shape),
                  np.asarray(resp.exact, dtype=bool), np.asarray(resp.bound, dtype=np.float32), resp.index, resp.version,
-                 resp.timing, list(resp.unknown_ids))
+                 resp.timing, list(resp.unknown_ids), list(resp.failed_shards))
 
 
 class GenrecClient:

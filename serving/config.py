@@ -37,7 +37,17 @@ class TLSConfig:
 
 
 @dataclass
+class BrokerConfig:
+    shards: tuple[str, ...] = ()   # host:port of each shard server
+    policy: str = "partial"        # partial: answer from the shards that replied (and name the others); fail: UNAVAILABLE
+    shard_timeout_s: float = 5.0   # per-shard cap, within the request's own deadline
+    health_interval_s: float = 1.0
+
+
+@dataclass
 class ServeConfig:
+    role: str = "server"       # server: holds indexes; broker: fans requests out to shard servers
+    broker: BrokerConfig = field(default_factory=BrokerConfig)
     host: str = "127.0.0.1"
     port: int = 50051          # 0 = any free port (tests)
     indexes: tuple[IndexEntry, ...] = ()

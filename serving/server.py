@@ -61,7 +61,14 @@ class RetrievalServer:
             from genrec.serving.user_encoder import UserEncoder
 
             encoder = UserEncoder(cfg.encoder_checkpoint)
-        self.service = RetrievalService(cfg, self.registry, self.metrics, encoder)
+        if cfg.role == "broker":
+            from genrec.serving.broker import BrokerService
+
+            self.service = BrokerService(cfg, self.metrics, encoder)
+        elif cfg.role == "server":
+            self.service = RetrievalService(cfg, self.registry, self.metrics, encoder)
+        else:
+            raise ValueError(f"role must be server or broker, got {cfg.role!r}")
         lim = cfg.limits
         options = [("grpc.max_send_message_length", lim.max_message_bytes),
                    ("grpc.max_receive_message_length", lim.max_message_bytes)]
@@ -85,6 +92,7 @@ class RetrievalServer:
             raise OSError(f"could not bind {address}")
         self.metrics_port = None
         self._stopped = threading.Event()
+        self._watch_stop = threading.Event()
 
     def _set_health(self, status) -> None:
         for name in ("", SERVICE_NAME):
@@ -95,6 +103,12 @@ class RetrievalServer:
         self.server.start()
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
+        if self.cfg.role == "broker":  # health follows the shards'
+            from genrec.serving.broker import watch_health
+
+            watch_health(self.service, self._set_health, self.cfg.broker.health_interval_s, self._watch_stop)
+            log.info("broker over %s on %s:%d", ", ".join(self.cfg.broker.shards), self.cfg.host, self.port)
+            return self
         for entry in self.cfg.indexes:
             served = self.registry.load(entry.name, entry.path, entry.verify)
             self.metrics.index_items.labels(served.name, served.version).set(served.index.ntotal)
@@ -114,11 +128,14 @@ class RetrievalServer:
     def stop(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
             return
+        self._watch_stop.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.service.closing = True
         self.server.stop(self.cfg.grace_seconds if grace is None else grace).wait()
         if self.service.batcher is not None:
             self.service.batcher.close()
+        if hasattr(self.service, "close"):
+            self.service.close()
         self._stopped.set()
 
     def wait(self) -> None:
