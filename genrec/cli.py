@@ -40,6 +40,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if result is None:  # a non-zero torchrun rank: rank 0 reports
+        return 0
     ks = tuple(cfg.eval.ks)
     print(f"\nTest metrics (full corpus, history excluded; best epoch {result.best_epoch}):")
     print(format_metrics_table({cfg.model.encoder: result.test, "popularity": result.popularity_test}, ks))

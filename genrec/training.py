@@ -23,6 +23,7 @@ from genrec.encoders.model import SequentialEncoder
 from genrec.evaluation import evaluate_model, evaluate_popularity, format_metrics_table
 from genrec.io import atomic_write_csv, atomic_write_json, atomic_write_text
 from genrec.plots import learning_curve
+from genrec.distributed import all_reduce_mean, broadcast_flag, cleanup, init_from_env, slice_batch, user_slice
 from genrec.retrieval.losses import sample_negatives, sampled_softmax_loss
 from genrec.retrieval.mol import mutual_information_loss
 from genrec.retrieval.similarity import build_similarity
@@ -57,14 +58,18 @@ class TrainResult:
 
 
 def batch_loss(model: SequentialEncoder, batch: SequenceBatch, cfg: RunConfig, similarity,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sampled-softmax loss over every position of a training batch (+ MoL load balancing)."""
+               generator: torch.Generator | None = None, neg_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampled-softmax loss over every position of a training batch (+ MoL load balancing).
+
+    neg_ids: pre-drawn negatives, (L, R) per position or (R,) batch-shared, int64 in 1..num_items
+    (default: drawn here from ``generator``)."""
     states = model(batch.items, batch.offsets, batch.max_len, batch.timestamps, batch.next_timestamps)
     table = model.item_embeddings()  # (num_items + 1, D), normalised once per step
     pos_logits, pos_pi = similarity.aligned(states, table[batch.targets], return_gates=True)
     r = cfg.loss.num_negatives
     if cfg.loss.negatives == "per_position":
-        neg_ids = sample_negatives(model.num_items, (len(states), r), states.device, generator)
+        if neg_ids is None:
+            neg_ids = sample_negatives(model.num_items, (len(states), r), states.device, generator)
         if similarity.cheap_pairwise and table.shape[0] <= DENSE_NEGATIVES_MAX_RATIO * r:
             # Small catalogue: scoring every item and gathering the sampled columns is cheaper than
             # gathering an (L, R, D) tensor and scatter-adding its gradient back. Same samples, same loss.
@@ -73,7 +78,8 @@ def batch_loss(model: SequentialEncoder, batch: SequenceBatch, cfg: RunConfig, s
         else:
             neg_logits, neg_pi = similarity.per_query(states, table[neg_ids], return_gates=True)
     else:
-        neg_ids = sample_negatives(model.num_items, (r,), states.device, generator)
+        if neg_ids is None:
+            neg_ids = sample_negatives(model.num_items, (r,), states.device, generator)
         neg_logits, neg_pi = similarity.pairwise(states, table[neg_ids], return_gates=True)
     temperature = cfg.loss.temperature if cfg.similarity.type == "dot" else 1.0  # MoL logits carry 1/tau
     loss = sampled_softmax_loss(pos_logits, neg_logits, batch.targets, neg_ids, temperature)
@@ -81,6 +87,19 @@ def batch_loss(model: SequentialEncoder, batch: SequenceBatch, cfg: RunConfig, s
         pi = torch.cat([pos_pi.reshape(-1, pos_pi.shape[-1]), neg_pi.reshape(-1, neg_pi.shape[-1])])
         loss = loss + cfg.similarity.mi_loss_weight * mutual_information_loss(pi)
     return loss
+
+
+class LossModule(torch.nn.Module):
+    """Encoder + similarity whose forward is the training loss: the unit DDP wraps."""
+
+    def __init__(self, model: SequentialEncoder, similarity, cfg: RunConfig):
+        super().__init__()
+        self.model = model
+        self.trainable_similarity = similarity if isinstance(similarity, torch.nn.Module) else None
+        self.similarity, self.cfg = similarity, cfg
+
+    def forward(self, batch: SequenceBatch, neg_ids: torch.Tensor) -> torch.Tensor:
+        return batch_loss(self.model, batch, self.cfg, self.similarity, neg_ids=neg_ids)
 
 
 def make_run_dir(cfg: RunConfig) -> Path:
@@ -92,11 +111,16 @@ def make_run_dir(cfg: RunConfig) -> Path:
 
 
 def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDataset | None = None,
-          progress: bool = True) -> TrainResult:
-    """Train per ``cfg``; with ``resume``, continue from that checkpoint's epoch in its run dir."""
+          progress: bool = True) -> TrainResult | None:
+    """Train per ``cfg``; with ``resume``, continue from that checkpoint's epoch in its run dir.
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains its slice of each global batch with DDP; rank 0
+    evaluates, checkpoints and returns the result, the other ranks return None."""
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     device = select_device(cfg.train.device)
+    ctx = init_from_env(device)
+    device = ctx.device if ctx.enabled else device
     seed_everything(cfg.train.seed)
     ds = dataset if dataset is not None else load_dataset(cfg.data)
     split = leave_one_out(ds)
@@ -126,9 +150,21 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
         best_epoch, best_score, bad_epochs = state["best_epoch"], state["best_score"], state["bad_epochs"]
         run_dir = Path(resume).parent
         log.info("resuming from %s at epoch %d", resume, start_epoch)
-    else:
+    elif ctx.is_main:
         run_dir = make_run_dir(cfg)
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    else:
+        run_dir = None
+    if ctx.is_main:
+        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
+    # One negative stream that every rank advances alike (dropout and friends use the global RNG).
+    neg_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+    if resume is not None and "negatives_rng" in state:
+        neg_gen.set_state(state["negatives_rng"])
+    step_module = LossModule(model, similarity, cfg)
+    if ctx.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_module = DistributedDataParallel(step_module, find_unused_parameters=True)
     use_amp = device.type == "cuda" and cfg.train.bf16
     ks = tuple(cfg.eval.ks)
 
@@ -136,7 +172,8 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
         extra = {"similarity": similarity.state_dict()} if isinstance(similarity, torch.nn.Module) else {}
         save_checkpoint(path, model, cfg, ds.item_ids, optimizer=optimizer.state_dict(), epoch=epoch, **extra,
                         history=history, best_epoch=best_epoch, best_score=best_score, bad_epochs=bad_epochs,
-                        numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state())
+                        numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
+                        negatives_rng=neg_gen.get_state())
 
     epoch_seconds: list[float] = []
     for epoch in range(start_epoch, cfg.train.epochs + 1):
@@ -149,15 +186,28 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
         bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False,
                    total=int(np.ceil(np.sum(split.train_end - ds.offsets[:-1] >= 2) / cfg.train.batch_size)))
         for batch in bar:
+            r = cfg.loss.num_negatives
+            shape = (len(batch.items), r) if cfg.loss.negatives == "per_position" else (r,)
+            negs = sample_negatives(ds.num_items, shape, torch.device("cpu"), neg_gen)
+            scale = 1.0
+            if ctx.enabled:  # this rank's users; the scale makes DDP's average the global position mean
+                n_users = len(batch.offsets) - 1
+                if n_users < ctx.world_size:
+                    continue  # a final sliver smaller than the world: every rank skips it alike
+                global_positions = len(batch.items)
+                batch, lo = slice_batch(batch, *user_slice(n_users, ctx.rank, ctx.world_size))
+                if cfg.loss.negatives == "per_position":
+                    negs = negs[lo : lo + len(batch.items)]
+                scale = len(batch.items) / global_positions * ctx.world_size
             batch = batch.to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext():
-                loss = batch_loss(model, batch, cfg, similarity)
+                loss = step_module(batch, negs.to(device)) * scale
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total_loss += loss.item()
+            total_loss += all_reduce_mean(loss.item(), ctx)
             steps += 1
-            tokens += len(batch.items)
+            tokens += len(batch.items) * ctx.world_size
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if cfg.train.max_steps_per_epoch and steps >= cfg.train.max_steps_per_epoch:
                 break
@@ -166,7 +216,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
         row = {"epoch": epoch, "train_loss": total_loss / max(steps, 1), "seconds": round(seconds, 3),
                "positions_per_s": round(tokens / seconds, 1)}
         improved = False
-        if epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs:
+        if ctx.is_main and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
             val = evaluate_model(model, ds, split, "valid", ks, cfg.eval.batch_size, cfg.eval.exclude_history,
                                  similarity=similarity)
             row.update({f"val_{k}": v for k, v in val.items()})
@@ -176,16 +226,23 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
             else:
                 bad_epochs += 1
         history.append(row)
-        log.info("epoch %d: loss %.4f, %.1fs (%.0f positions/s)%s", epoch, row["train_loss"], seconds,
-                 row["positions_per_s"], f", val HR@10 {row['val_hr@10']:.4f}" if "val_hr@10" in row else "")
-        if improved:
-            checkpoint(run_dir / "checkpoint_best.pt", epoch)
-        checkpoint(run_dir / "checkpoint_last.pt", epoch)
-        atomic_write_csv(run_dir / "metrics.csv", history)
-        learning_curve(history, run_dir / "learning_curve.png", f"{cfg.name} ({cfg.model.encoder})")
-        if cfg.train.patience and bad_epochs >= cfg.train.patience:
-            log.info("early stop: no validation HR@10 gain for %d epochs (best epoch %d)", bad_epochs, best_epoch)
+        if ctx.is_main:
+            log.info("epoch %d: loss %.4f, %.1fs (%.0f positions/s)%s", epoch, row["train_loss"], seconds,
+                     row["positions_per_s"], f", val HR@10 {row['val_hr@10']:.4f}" if "val_hr@10" in row else "")
+            if improved:
+                checkpoint(run_dir / "checkpoint_best.pt", epoch)
+            checkpoint(run_dir / "checkpoint_last.pt", epoch)
+            atomic_write_csv(run_dir / "metrics.csv", history)
+            learning_curve(history, run_dir / "learning_curve.png", f"{cfg.name} ({cfg.model.encoder})")
+        stop = bool(cfg.train.patience and bad_epochs >= cfg.train.patience)
+        if broadcast_flag(stop, ctx):
+            if ctx.is_main:
+                log.info("early stop: no validation HR@10 gain for %d epochs (best epoch %d)", bad_epochs, best_epoch)
             break
+
+    if not ctx.is_main:
+        cleanup(ctx)
+        return None
 
     if best_epoch:
         best = load_checkpoint(run_dir / "checkpoint_best.pt", map_location=device)
@@ -203,4 +260,5 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
     })
     atomic_write_text(run_dir / "results.md", format_metrics_table(
         {f"{cfg.model.encoder}+{cfg.similarity.type} (test)": test, "popularity (test)": popularity}, ks) + "\n")
+    cleanup(ctx)
     return result
