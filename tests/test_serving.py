@@ -343,3 +343,28 @@ def test_committed_grpc_code_matches_the_proto(tmp_path):
     for name in GENERATED:
         assert (tmp_path / name).read_bytes() == (Path(HERE) / name).read_bytes(), (
             f"{name} is stale: run python -m genrec.serving.codegen")
+
+
+def test_tls_server_answers_a_tls_client_and_refuses_plaintext(tmp_path, index_root):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available to make a test certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    from genrec.serving.config import TLSConfig
+
+    srv = start(ServeConfig(port=0, host="localhost", tls=TLSConfig(cert=str(cert), key=str(key)),
+                            indexes=(IndexEntry("items", str(index_root / "items" / "v1")),)))
+    try:
+        with GenrecClient(f"localhost:{srv.port}", root_cert=cert.read_bytes()) as c:
+            assert c.search(unit(1, 3), 5, timeout=10)[1].shape == (1, 5)
+        with GenrecClient(f"localhost:{srv.port}") as plain:
+            with pytest.raises(grpc.RpcError) as err:
+                plain.search(unit(1, 3), 5, timeout=3)
+            assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        srv.stop(grace=1)
