@@ -37,11 +37,9 @@ class HSTULayer(nn.Module):
         self.pos_table = nn.Parameter(torch.randn(2 * max_len - 1) * 0.02) if cfg.relative_position_bias else None
         self.time_table = nn.Parameter(torch.randn(cfg.num_time_buckets + 1) * 0.02) if cfg.relative_time_bias else None
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int,
-                timestamps: torch.Tensor | None = None, next_timestamps: torch.Tensor | None = None,
-                rab_cache: dict | None = None) -> torch.Tensor:
-        """x: (L, D) float; offsets: (B+1,) int64; timestamps/next_timestamps: (L,) int64 or None;
-        rab_cache: a dict shared by all layers of one forward pass."""
+    # The layer in three steps, shared by the jagged forward here and the ranking paths (encoders/ranking.py).
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (L, D) -> u (L, H*dv), v (L, H, dv), q (L, H, dqk), k (L, H, dqk)."""
         cfg, h = self.cfg, self.heads
         uvqk = F.layer_norm(x, x.shape[-1:]) @ self.uvqk.to(x.dtype)
         if cfg.uvqk_activation == "silu":
@@ -49,15 +47,31 @@ class HSTULayer(nn.Module):
         u, v, q, k = torch.split(uvqk, [h * self.dv, h * self.dv, h * self.dqk, h * self.dqk], dim=-1)
         if cfg.uvqk_activation == "silu_u_only":
             u = F.silu(u)
+        return u, v.reshape(-1, h, self.dv), q.reshape(-1, h, self.dqk), k.reshape(-1, h, self.dqk)
+
+    @property
+    def alpha(self) -> float:
+        return 1.0 / math.sqrt(self.dqk) if self.cfg.qk_scale == "inv_sqrt_dqk" else 1.0
+
+    def finish(self, x: torch.Tensor, u: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual output from the attention result attn (L, H, dv)."""
+        attn = attn.reshape(-1, self.heads * self.dv)
+        gated = u * F.layer_norm(attn, attn.shape[-1:])
+        o = torch.cat([u, attn, gated], dim=-1) if self.cfg.output_mode == "concat" else gated
+        return x + self.out(F.dropout(o, p=self.cfg.dropout, training=self.training))
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, max_len: int,
+                timestamps: torch.Tensor | None = None, next_timestamps: torch.Tensor | None = None,
+                rab_cache: dict | None = None) -> torch.Tensor:
+        """x: (L, D) float; offsets: (B+1,) int64; timestamps/next_timestamps: (L,) int64 or None;
+        rab_cache: a dict shared by all layers of one forward pass."""
+        cfg = self.cfg
+        u, v, q, k = self.project(x)
         use_time = self.time_table is not None and timestamps is not None
         attn = hstu_attention(
-            q.reshape(-1, h, self.dqk),
-            k.reshape(-1, h, self.dqk),
-            v.reshape(-1, h, self.dv),
-            offsets,
-            max_len,
+            q, k, v, offsets, max_len,
             backend=cfg.attention_backend,
-            alpha=1.0 / math.sqrt(self.dqk) if cfg.qk_scale == "inv_sqrt_dqk" else 1.0,
+            alpha=self.alpha,
             scale=1.0 / self.max_len,
             pos_table=self.pos_table,
             time_table=self.time_table if use_time else None,
@@ -67,7 +81,5 @@ class HSTULayer(nn.Module):
             dropout=cfg.attn_dropout,
             training=self.training,
             rab_cache=rab_cache,
-        ).reshape(-1, h * self.dv)
-        gated = u * F.layer_norm(attn, attn.shape[-1:])
-        o = torch.cat([u, attn, gated], dim=-1) if cfg.output_mode == "concat" else gated
-        return x + self.out(F.dropout(o, p=cfg.dropout, training=self.training))
+        )
+        return self.finish(x, u, attn)

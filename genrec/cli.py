@@ -222,9 +222,9 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from genrec.bench import broker, retrieval, serving
+    from genrec.bench import broker, ranking, retrieval, serving
 
-    harnesses = {"retrieval": retrieval.main, "serving": serving.main, "broker": broker.main}
+    harnesses = {"retrieval": retrieval.main, "serving": serving.main, "broker": broker.main, "ranking": ranking.main}
     return harnesses[args.harness](args.bench_args)
 
 
@@ -339,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--json", action="store_true")
     qu.set_defaults(func=cmd_query)
 
-    be = sub.add_parser("bench", help="benchmarks (CSV/Markdown/JSON/PNG): `genrec bench retrieval|serving|broker --help`")
-    be.add_argument("harness", choices=["retrieval", "serving", "broker"])
+    be = sub.add_parser("bench", help="benchmarks (CSV/Markdown/JSON/PNG): `genrec bench retrieval|serving|broker|ranking --help`")
+    be.add_argument("harness", choices=["retrieval", "serving", "broker", "ranking"])
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the harness")
     be.set_defaults(func=cmd_bench)
     return parser

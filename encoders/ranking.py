@@ -1,0 +1,190 @@
+"""Ranking with target-aware HSTU and M-FALCON inference.
+
+Input of one request: a history of n items (oldest first, with timestamps) followed by m candidates.
+Every candidate takes position id n and the request time, so candidate order cannot matter. The
+target-aware mask lets history rows attend causally among themselves only, and each candidate attend
+to the whole history and itself, never to another candidate: a candidate's score depends on the
+history and on nothing else in its pass.
+
+Three ways to score, equal up to float rounding (tested):
+  full pass     [history; candidates] through the layers at once with the mask: O((n + m)^2 d);
+  per candidate one pass per candidate over [history; c]: m times O((n + 1)^2 d), the naive baseline;
+  M-FALCON      prefill the history once, keeping every layer's K/V; then microbatches of candidates
+                compute only their own rows against the cache: O(n^2 d + m n d).
+The head is an MLP over (candidate state ⊙ candidate embedding) -> one logit per task.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from genrec.encoders.hstu import HSTULayer
+from genrec.encoders.model import SequentialEncoder
+from genrec.kernels.hstu_attention_reference import table_lookup, time_bucket
+
+
+@dataclass
+class HistoryCache:
+    """Per-layer K/V of a prefilled history: keys[l] (n, H, dqk), values[l] (n, H, dv); with the
+    history's position ids (n,) and timestamps (n,) (or None) for the relative bias of later rows."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    pos: torch.Tensor
+    ts: torch.Tensor | None
+    states: torch.Tensor  # (n, D) normalised history outputs
+
+
+def target_aware_mask(n: int, m: int, device=None) -> torch.Tensor:
+    """(n+m, n+m) bool: history causal among itself; a candidate sees the history and itself."""
+    mask = torch.zeros(n + m, n + m, dtype=torch.bool, device=device)
+    mask[:n, :n] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    mask[n:, :n] = True
+    idx = torch.arange(n, n + m, device=device)
+    mask[idx, idx] = True
+    return mask
+
+
+def relative_bias(layer: HSTULayer, q_pos: torch.Tensor, k_pos: torch.Tensor, q_next_ts: torch.Tensor | None,
+                  k_ts: torch.Tensor | None) -> torch.Tensor | None:
+    """rab for explicit position ids: (M,) queries x (N,) keys -> (M, N) or None."""
+    bias = None
+    if layer.pos_table is not None:
+        n_max = (layer.pos_table.numel() + 1) // 2
+        idx = (k_pos[None, :] - q_pos[:, None] + n_max - 1).clamp(0, layer.pos_table.numel() - 1)
+        bias = table_lookup(layer.pos_table, idx)
+    if layer.time_table is not None and k_ts is not None:
+        buckets = time_bucket(q_next_ts[:, None] - k_ts[None, :], layer.cfg.time_bucket_divisor, layer.time_table.numel() - 1)
+        tb = table_lookup(layer.time_table, buckets)
+        bias = tb if bias is None else bias + tb
+    return bias
+
+
+def masked_attention(layer: HSTULayer, q, k, v, bias, mask) -> torch.Tensor:
+    """q (M, H, dqk), k (N, H, dqk), v (N, H, dv), bias (M, N) | None, mask (M, N) -> (M, H, dv)."""
+    logits = torch.einsum("mhd,nhd->hmn", q, k) * layer.alpha
+    if bias is not None:
+        logits = logits + bias.unsqueeze(0).to(logits.dtype)
+    w = F.silu(logits) * (1.0 / layer.max_len) * mask.unsqueeze(0)
+    return torch.einsum("hmn,nhd->mhd", w, v)
+
+
+class RankingModel(nn.Module):
+    """Target-aware HSTU ranker: a SequentialEncoder's embeddings and HSTU layers + a multi-task head.
+
+    The encoder's max_len must exceed the longest history (candidates sit at position n)."""
+
+    def __init__(self, encoder: SequentialEncoder, num_tasks: int = 2, head_hidden: int = 64):
+        super().__init__()
+        if encoder.cfg.encoder != "hstu":
+            raise ValueError("the ranking model needs an HSTU encoder")
+        self.encoder = encoder
+        d = encoder.cfg.item_emb_dim
+        self.head = nn.Sequential(nn.Linear(d, head_hidden), nn.SiLU(), nn.Linear(head_hidden, num_tasks))
+
+    # ---- inputs ----
+    def _inputs(self, items: torch.Tensor, pos: torch.Tensor, ts: torch.Tensor | None, next_ts: torch.Tensor | None):
+        enc = self.encoder
+        x = enc.item_emb(items) * math.sqrt(enc.cfg.item_emb_dim) + enc.pos_emb(pos)
+        if enc.time_emb is not None and ts is not None:
+            x = x + enc.time_emb(time_bucket(next_ts - ts, enc.cfg.time_bucket_divisor, enc.cfg.num_time_buckets))
+        return F.dropout(x, p=enc.cfg.input_dropout, training=self.training)
+
+    @staticmethod
+    def _times(history_ts: torch.Tensor | None, request_time: int | None, n: int, m: int, device):
+        """Event times and 'time of the next prediction' for history rows then m candidate rows."""
+        if history_ts is None:
+            return None, None
+        req = int(history_ts[-1]) if request_time is None else int(request_time)
+        req_t = torch.full((m,), req, dtype=torch.int64, device=device)
+        nxt = torch.cat([history_ts[1:], torch.tensor([req], device=device)]) if n else history_ts
+        return torch.cat([history_ts, req_t]), torch.cat([nxt, req_t])
+
+    def _check(self, history: torch.Tensor) -> int:
+        n = len(history)
+        if n == 0:
+            raise ValueError("empty history")
+        if n >= self.encoder.max_len:
+            raise ValueError(f"history of {n} items: the model takes at most {self.encoder.max_len - 1} (keep the most recent)")
+        return n
+
+    def _head(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        return self.head(states * self.encoder.item_embeddings(candidates))
+
+    # ---- the three scoring paths ----
+    def score_full(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,
+                   request_time: int | None = None, return_history: bool = False):
+        """One pass over [history; candidates] with the target-aware mask -> (m, T) logits."""
+        n, m, dev = self._check(history), len(candidates), history.device
+        pos = torch.cat([torch.arange(n, device=dev), torch.full((m,), n, device=dev)])
+        ts, next_ts = self._times(history_ts, request_time, n, m, dev)
+        x = self._inputs(torch.cat([history, candidates]), pos, ts, next_ts)
+        mask = target_aware_mask(n, m, dev)
+        for layer in self.encoder.blocks:
+            u, v, q, k = layer.project(x)
+            bias = relative_bias(layer, pos, pos, next_ts, ts if layer.time_table is not None else None)
+            x = layer.finish(x, u, masked_attention(layer, q, k, v, bias, mask))
+        states = F.normalize(x, dim=-1, eps=1e-6)
+        logits = self._head(states[n:], candidates)
+        return (logits, states[:n]) if return_history else logits
+
+    def score_per_candidate(self, history: torch.Tensor, candidates: torch.Tensor, history_ts=None, request_time=None):
+        """The naive baseline: one full pass per candidate."""
+        return torch.cat([self.score_full(history, c[None], history_ts, request_time) for c in candidates])
+
+    def prefill(self, history: torch.Tensor, history_ts: torch.Tensor | None = None,
+                request_time: int | None = None) -> HistoryCache:
+        """Run the history alone (causal) and keep each layer's K/V for the candidates to attend to."""
+        n, dev = self._check(history), history.device
+        pos = torch.arange(n, device=dev)
+        ts, next_ts = self._times(history_ts, request_time, n, 0, dev)
+        x = self._inputs(history, pos, ts, next_ts)
+        mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
+        keys, values = [], []
+        for layer in self.encoder.blocks:
+            u, v, q, k = layer.project(x)
+            keys.append(k)
+            values.append(v)
+            bias = relative_bias(layer, pos, pos, next_ts, ts if layer.time_table is not None else None)
+            x = layer.finish(x, u, masked_attention(layer, q, k, v, bias, mask))
+        return HistoryCache(keys, values, pos, ts, F.normalize(x, dim=-1, eps=1e-6))
+
+    def score_cached(self, cache: HistoryCache, candidates: torch.Tensor, request_time: int | None = None,
+                     microbatch: int = 256) -> torch.Tensor:
+        """M-FALCON: candidates in microbatches against the prefilled cache -> (m, T) logits."""
+        n, dev = len(cache.pos), candidates.device
+        req = None if cache.ts is None else (int(cache.ts[-1]) if request_time is None else int(request_time))
+        out = []
+        for start in range(0, len(candidates), microbatch):
+            c = candidates[start : start + microbatch]
+            b = len(c)
+            pos = torch.full((b,), n, device=dev)
+            t = None if req is None else torch.full((b,), req, dtype=torch.int64, device=dev)
+            x = self._inputs(c, pos, t, t)
+            for layer, hk, hv in zip(self.encoder.blocks, cache.keys, cache.values):
+                u, v, q, k = layer.project(x)
+                use_time = layer.time_table is not None and t is not None
+                bias_h = relative_bias(layer, pos, cache.pos, t, cache.ts if use_time else None)
+                logits_h = torch.einsum("bhd,nhd->hbn", q, hk) * layer.alpha
+                if bias_h is not None:
+                    logits_h = logits_h + bias_h.unsqueeze(0)
+                bias_s = relative_bias(layer, pos[:1], pos[:1], t[:1] if use_time else None, t[:1] if use_time else None)
+                logits_s = (q * k).sum(-1).T * layer.alpha  # (H, b): each candidate with itself
+                if bias_s is not None:
+                    logits_s = logits_s + bias_s.reshape(())
+                scale = 1.0 / layer.max_len
+                attn = (torch.einsum("hbn,nhd->bhd", F.silu(logits_h) * scale, hv)
+                        + (F.silu(logits_s) * scale).T.unsqueeze(-1) * v)
+                x = layer.finish(x, u, attn)
+            out.append(self._head(F.normalize(x, dim=-1, eps=1e-6), c))
+        return torch.cat(out) if out else torch.empty(0, self.head[-1].out_features, device=dev)
+
+    def score(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,
+              request_time: int | None = None, microbatch: int = 256) -> torch.Tensor:
+        """Production path: prefill once, then M-FALCON microbatches. (m, T) logits."""
+        return self.score_cached(self.prefill(history, history_ts, request_time), candidates, request_time, microbatch)
