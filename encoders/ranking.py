@@ -11,7 +11,8 @@ Three ways to score, equal up to float rounding (tested):
   per candidate one pass per candidate over [history; c]: m times O((n + 1)^2 d), the naive baseline;
   M-FALCON      prefill the history once, keeping every layer's K/V; then microbatches of candidates
                 compute only their own rows against the cache: O(n^2 d + m n d).
-The head is an MLP over (candidate state ⊙ candidate embedding) -> one logit per task.
+The head is an MLP over D x (candidate state ⊙ candidate embedding) plus a per-item bias -> one logit
+per task.
 """
 
 from __future__ import annotations
@@ -86,6 +87,8 @@ class RankingModel(nn.Module):
         self.encoder = encoder
         d = encoder.cfg.item_emb_dim
         self.head = nn.Sequential(nn.Linear(d, head_hidden), nn.SiLU(), nn.Linear(head_hidden, num_tasks))
+        self.item_bias = nn.Embedding(encoder.num_items + 1, num_tasks)  # per-item prior (popularity) per task
+        nn.init.zeros_(self.item_bias.weight)
 
     # ---- inputs ----
     def _inputs(self, items: torch.Tensor, pos: torch.Tensor, ts: torch.Tensor | None, next_ts: torch.Tensor | None):
@@ -114,7 +117,9 @@ class RankingModel(nn.Module):
         return n
 
     def _head(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        return self.head(states * self.encoder.item_embeddings(candidates))
+        # unit vectors: entries of the product are ~1/D, so scale by D (its sum is then D x cosine)
+        return (self.head(states * self.encoder.item_embeddings(candidates) * self.encoder.cfg.item_emb_dim)
+                + self.item_bias(candidates))
 
     # ---- the three scoring paths ----
     def score_full(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,

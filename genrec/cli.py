@@ -39,6 +39,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from genrec.training import train
 
     cfg = load_config(args.config, args.overrides)
+    if cfg.task == "ranking":
+        return _train_ranking(cfg, args)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return 0
@@ -47,6 +49,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(format_metrics_table({cfg.model.encoder: result.test, "popularity": result.popularity_test}, ks))
     print(f"\nrun dir:    {result.run_dir}")
     print(f"checkpoint: {result.run_dir / 'checkpoint_best.pt'}")
+    return 0
+
+
+def _train_ranking(cfg, args: argparse.Namespace) -> int:
+    from genrec.evaluation import format_metrics_table
+    from genrec.ranking_training import train_ranking
+
+    if args.resume:
+        raise ValueError("--resume is not supported for task: ranking yet")
+    r = train_ranking(cfg, progress=not args.no_progress)
+    print(f"\nRanking (best epoch {r.best_epoch}): test AUC {r.test['auc']:.4f}, logloss {r.test['logloss']:.4f} "
+          f"(valid AUC {r.valid['auc']:.4f})")
+    if r.two_stage:
+        ks = tuple(k for k in cfg.eval.ks if k <= cfg.ranking.rerank_k)
+        print(f"\nTwo-stage (retrieve top {cfg.ranking.rerank_k}, rerank), test:")
+        print(format_metrics_table(r.two_stage, ks))
+    print(f"\nrun dir:    {r.run_dir}")
+    print(f"checkpoint: {r.run_dir / 'checkpoint_best.pt'}")
     return 0
 
 

@@ -134,9 +134,23 @@ class EvalConfig:
 
 
 @dataclass
+class RankingConfig:
+    """task: ranking (genrec/ranking_training.py)."""
+
+    negatives: int = 16             # sampled negatives per positive in training
+    head_hidden: int = 64
+    rating_weight: float = 0.1      # MSE on rating / 5 (task 1) where the data has ratings
+    eval_negatives: int = 100       # AUC / logloss: held-out item vs this many sampled items
+    retrieval_checkpoint: str = ""  # two-stage evaluation: retrieve with this checkpoint, then rerank
+    rerank_k: int = 200
+
+
+@dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
+    task: Literal["retrieval", "ranking"] = "retrieval"
+    ranking: RankingConfig = field(default_factory=RankingConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)

@@ -69,6 +69,13 @@ class GenrecClient:
                                      keep_history=keep_history, **kwargs)
         return to_reply(self.stub.SearchByUser(req, timeout=timeout))
 
+    def rank(self, history: Sequence[int], candidates: Sequence[int], timestamps: Sequence[int] | None = None,
+             request_time: int = 0, microbatch: int = 0, timeout: float | None = None) -> pb.RankResponse:
+        """Engagement logits (and predicted ratings) of each candidate after the history."""
+        req = pb.RankRequest(history=list(history), candidates=list(candidates), timestamps=list(timestamps or []),
+                             request_time=request_time, microbatch=microbatch)
+        return self.stub.Rank(req, timeout=timeout)
+
     def info(self, index: str = "") -> pb.IndexInfo:
         return self.stub.GetIndexInfo(pb.IndexInfoRequest(index=index))
 

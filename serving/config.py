@@ -53,6 +53,9 @@ class ServeConfig:
     indexes: tuple[IndexEntry, ...] = ()
     default_index: str = ""    # "" = the first entry
     encoder_checkpoint: str = ""  # for SearchByUser; "" = that method answers FAILED_PRECONDITION
+    ranking_checkpoint: str = ""  # a task: ranking run's checkpoint, for Rank; "" = UNIMPLEMENTED
+    rank_microbatch: int = 256
+    max_candidates: int = 10000
     batching: BatchingConfig = field(default_factory=BatchingConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     metrics_port: int = -1     # -1 = no metrics endpoint, 0 = any free port

@@ -61,12 +61,17 @@ class RetrievalServer:
             from genrec.serving.user_encoder import UserEncoder
 
             encoder = UserEncoder(cfg.encoder_checkpoint)
+        ranker = None
+        if cfg.ranking_checkpoint:
+            from genrec.serving.ranker import Ranker
+
+            ranker = Ranker(cfg.ranking_checkpoint)
         if cfg.role == "broker":
             from genrec.serving.broker import BrokerService
 
             self.service = BrokerService(cfg, self.metrics, encoder)
         elif cfg.role == "server":
-            self.service = RetrievalService(cfg, self.registry, self.metrics, encoder)
+            self.service = RetrievalService(cfg, self.registry, self.metrics, encoder, ranker)
         else:
             raise ValueError(f"role must be server or broker, got {cfg.role!r}")
         lim = cfg.limits

@@ -10,7 +10,7 @@ Status codes (the conventions gRPC users expect):
                       index format newer than this server
   DATA_LOSS           LoadIndex found a checksum / size mismatch (the old version keeps serving)
   UNAVAILABLE         the server is shutting down
-  UNIMPLEMENTED       Rank (until the ranking stage exists)
+  UNIMPLEMENTED       Rank when no ranking_checkpoint is configured
 """
 
 from __future__ import annotations
@@ -82,8 +82,8 @@ def load_error(e: Exception) -> ServiceError:
 
 
 class RetrievalService(pb_grpc.RetrievalServicer):
-    def __init__(self, cfg: ServeConfig, registry: IndexRegistry, metrics: ServerMetrics, encoder=None):
-        self.cfg, self.registry, self.metrics, self.encoder = cfg, registry, metrics, encoder
+    def __init__(self, cfg: ServeConfig, registry: IndexRegistry, metrics: ServerMetrics, encoder=None, ranker=None):
+        self.cfg, self.registry, self.metrics, self.encoder, self.ranker = cfg, registry, metrics, encoder, ranker
         self.closing = False
         b = cfg.batching
         self.batcher = (DynamicBatcher(b.max_batch, b.max_delay_ms / 1000, b.queue_size,
@@ -232,7 +232,27 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     def Rank(self, request, context):
         def run():
-            raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "Rank needs the ranking stage (M-FALCON), not built yet")
+            started = time.monotonic()
+            if self.ranker is None:
+                raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "no ranking_checkpoint configured: Rank is off")
+            if not request.history or not request.candidates:
+                raise invalid("Rank needs a non-empty history and candidates")
+            if len(request.candidates) > self.cfg.max_candidates:
+                raise invalid(f"{len(request.candidates)} candidates exceed max_candidates {self.cfg.max_candidates}")
+            if len(request.history) > self.cfg.limits.max_history:
+                raise invalid(f"history of {len(request.history)} items exceeds max_history {self.cfg.limits.max_history}")
+            ts = list(request.timestamps) or None
+            if ts is not None and len(ts) != len(request.history):
+                raise invalid(f"{len(ts)} timestamps for {len(request.history)} history items")
+            try:
+                scores, ratings, unknown = self.ranker.rank(list(request.history), list(request.candidates), ts,
+                                                            request.request_time or None,
+                                                            request.microbatch or self.cfg.rank_microbatch)
+            except KeyError as e:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+            resp = pb.RankResponse(scores=scores.tolist(), ratings=ratings.tolist(), unknown_ids=unknown)
+            resp.timing.total_ms = resp.timing.compute_ms = (time.monotonic() - started) * 1e3
+            return resp
 
         return self._call("Rank", context, run)
 

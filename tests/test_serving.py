@@ -139,7 +139,7 @@ def test_bad_inputs_get_their_status_code_and_the_server_keeps_serving(server, n
 
 def test_other_methods_answer_with_their_codes(server):
     with client_for(server) as c:
-        cases = [(lambda: c.stub.Rank(pb.RankRequest(history=[1], candidates=[2])), grpc.StatusCode.UNIMPLEMENTED),
+        cases = [(lambda: c.stub.Rank(pb.RankRequest(history=[1], candidates=[2])), grpc.StatusCode.UNIMPLEMENTED),  # no ranker
                  (lambda: c.search_by_user([1000], 5, index="items"), grpc.StatusCode.FAILED_PRECONDITION),
                  (lambda: c.info("nope"), grpc.StatusCode.NOT_FOUND)]
         for call, code in cases:
@@ -366,5 +366,38 @@ def test_tls_server_answers_a_tls_client_and_refuses_plaintext(tmp_path, index_r
             with pytest.raises(grpc.RpcError) as err:
                 plain.search(unit(1, 3), 5, timeout=3)
             assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        srv.stop(grace=1)
+
+
+def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cfg):
+    from genrec.checkpoint import save_checkpoint
+    from genrec.encoders.model import SequentialEncoder
+    from genrec.encoders.ranking import RankingModel
+
+    cfg = tiny_synthetic_cfg
+    cfg.task = "ranking"
+    torch.manual_seed(0)
+    model = RankingModel(SequentialEncoder(cfg.model, 60, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden).eval()
+    with torch.no_grad():
+        model.item_bias.weight.normal_()
+    raw = np.arange(60) * 10 + 7  # raw ids of model items 1..60
+    ckpt = save_checkpoint(tmp_path / "rank.pt", model.encoder, cfg, raw, ranking_head=model.head.state_dict(),
+                           ranking_item_bias=model.item_bias.state_dict())
+    srv = start(ServeConfig(port=0, ranking_checkpoint=str(ckpt), rank_microbatch=4))
+    try:
+        hist_rows, cand_rows = [3, 9, 27, 41], [5, 12, 12, 60, 33, 2, 8, 19, 44]
+        ts = [1000, 2000, 2600, 9000]
+        with client_for(srv) as c:
+            r = c.rank([int(raw[i - 1]) for i in hist_rows] + [99999], [int(raw[i - 1]) for i in cand_rows] + [88888],
+                       timestamps=ts + [9500], request_time=10_000, timeout=10)
+            with pytest.raises(grpc.RpcError) as err:
+                c.rank([99999], [7], timeout=10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        with torch.no_grad():
+            want = model.score(torch.tensor(hist_rows), torch.tensor(cand_rows), torch.tensor(ts), 10_000)
+        np.testing.assert_allclose(np.asarray(r.scores[:-1]), want[:, 0].numpy(), rtol=1e-5, atol=1e-6)
+        assert np.isneginf(r.scores[-1]) and list(r.unknown_ids) == [99999, 88888]
+        assert r.scores[1] == r.scores[2]  # a duplicated candidate scores the same wherever it sits
     finally:
         srv.stop(grace=1)

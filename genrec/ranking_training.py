@@ -1,0 +1,196 @@
+"""Training and evaluating the ranking stage (``task: ranking`` in a run config).
+
+Examples come from the same leave-one-out split as retrieval. Training: for each user, a random cut t
+of the training part gives history = items before t, positive = items[t] (with its rating where the data
+has ratings) and ``ranking.negatives`` uniformly sampled items; the target-aware model scores all of
+them in one pass. Loss: BCE on task 0 (engagement: positive 1, negatives 0) + ``rating_weight`` x MSE
+on task 1 (rating / 5, positives only).
+
+Evaluation (valid for early stopping, test at the end): the held-out item against
+``ranking.eval_negatives`` sampled items: AUC and logloss (normalised entropy's numerator). With
+``ranking.retrieval_checkpoint``, also the two-stage pipeline: retrieve the top ``rerank_k`` (history
+excluded) with that checkpoint, rerank them by engagement with M-FALCON, and report HR@k / NDCG@k of
+retrieval alone vs retrieval + ranking.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from genrec.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, similarity_from_checkpoint
+from genrec.config import RunConfig, dump_config
+from genrec.data.sequences import SequenceDataset, Split, leave_one_out
+from genrec.data.source import load_dataset
+from genrec.encoders.model import SequentialEncoder
+from genrec.encoders.ranking import RankingModel
+from genrec.io import atomic_write_csv, atomic_write_json
+from genrec.retrieval.metrics import metrics_from_ranks
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RankingResult:
+    run_dir: Path
+    best_epoch: int
+    valid: dict[str, float]
+    test: dict[str, float]
+    two_stage: dict[str, dict[str, float]]
+
+
+def _example(ds: SequenceDataset, u: int, target: int, max_len: int):
+    """(history items, history timestamps or None, target item, request time or None) for target index."""
+    start = max(int(ds.offsets[u]), target - max_len)
+    hist = torch.from_numpy(ds.items[start:target])
+    ts = torch.from_numpy(ds.timestamps[start:target]) if ds.timestamps is not None else None
+    req = int(ds.timestamps[target]) if ds.timestamps is not None else None
+    return hist, ts, int(ds.items[target]), req
+
+
+def _negatives(rng: np.random.Generator, num_items: int, count: int, positive: int) -> list[int]:
+    negs = rng.integers(1, num_items + 1, count)
+    return [int(x) for x in negs if x != positive]
+
+
+def example_loss(model: RankingModel, ds: SequenceDataset, u: int, target: int, cfg: RunConfig,
+                 rng: np.random.Generator) -> torch.Tensor:
+    hist, ts, pos, req = _example(ds, u, target, cfg.data.max_len)
+    cands = torch.tensor([pos, *_negatives(rng, ds.num_items, cfg.ranking.negatives, pos)])
+    logits = model.score_full(hist, cands, ts, req)
+    labels = torch.zeros(len(cands))
+    labels[0] = 1.0
+    loss = F.binary_cross_entropy_with_logits(logits[:, 0], labels)
+    if ds.ratings is not None and cfg.ranking.rating_weight > 0:
+        loss = loss + cfg.ranking.rating_weight * (logits[0, 1] - float(ds.ratings[target]) / 5.0) ** 2
+    return loss
+
+
+@torch.no_grad()
+def evaluate_ranking(model: RankingModel, ds: SequenceDataset, split: Split, stage: str, cfg: RunConfig,
+                     seed: int = 0) -> dict[str, float]:
+    """AUC and logloss of the held-out item vs sampled negatives, averaged over evaluation users."""
+    model.eval()
+    rng = np.random.default_rng(seed)
+    aucs, losses = [], []
+    for u in split.eval_users:
+        target = int(ds.offsets[u + 1]) - (2 if stage == "valid" else 1)
+        hist, ts, pos, req = _example(ds, u, target, cfg.data.max_len)
+        cands = torch.tensor([pos, *_negatives(rng, ds.num_items, cfg.ranking.eval_negatives, pos)])
+        s = model.score(hist, cands, ts, req)[:, 0]
+        aucs.append(float(((s[1:] < s[0]).float() + 0.5 * (s[1:] == s[0]).float()).mean()))
+        labels = torch.zeros(len(cands))
+        labels[0] = 1.0
+        losses.append(float(F.binary_cross_entropy_with_logits(s, labels)))
+    model.train()
+    return {"auc": float(np.mean(aucs)), "logloss": float(np.mean(losses))}
+
+
+@torch.no_grad()
+def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, cfg: RunConfig) -> dict[str, dict[str, float]]:
+    """Retrieval top-K by the retrieval checkpoint, then reranked by engagement: HR/NDCG for both."""
+    state = load_checkpoint(cfg.ranking.retrieval_checkpoint)
+    retriever, rcfg = model_from_checkpoint(state)
+    similarity = similarity_from_checkpoint(state)
+    if retriever.num_items != ds.num_items:
+        raise ValueError(f"retrieval checkpoint has {retriever.num_items} items, the data {ds.num_items}")
+    model.eval()
+    items = retriever.item_embeddings().float()
+    k = cfg.ranking.rerank_k
+    ranks_retrieval, ranks_reranked = [], []
+    for u in split.eval_users:
+        target = int(ds.offsets[u + 1]) - 1
+        start = max(int(ds.offsets[u]), target - retriever.max_len)
+        h = torch.from_numpy(ds.items[start:target])
+        hts = torch.from_numpy(ds.timestamps[start:target]) if ds.timestamps is not None else None
+        nts = torch.cat([hts[1:], torch.from_numpy(ds.timestamps[target : target + 1])]) if hts is not None else None
+        off = torch.tensor([0, len(h)])
+        state_u = retriever(h, off, len(h), hts, nts)[-1:]
+        scores = similarity.pairwise(state_u, items)[0]
+        scores[0] = float("-inf")
+        scores[torch.from_numpy(ds.items[int(ds.offsets[u]) : target])] = float("-inf")
+        top = torch.topk(scores, k).indices
+        pos = int(ds.items[target])
+        hit = (top == pos).nonzero()
+        ranks_retrieval.append(int(hit[0]) if len(hit) else k + 10**6)
+        hist, ts, _, req = _example(ds, u, target, cfg.data.max_len)
+        engage = model.score(hist, top, ts, req)[:, 0]
+        order = top[torch.argsort(-engage, stable=True)]
+        hit = (order == pos).nonzero()
+        ranks_reranked.append(int(hit[0]) if len(hit) else k + 10**6)
+    model.train()
+    ks = tuple(x for x in cfg.eval.ks if x <= k)
+    return {"retrieval": metrics_from_ranks(torch.tensor(ranks_retrieval), ks),
+            "retrieval+ranking": metrics_from_ranks(torch.tensor(ranks_reranked), ks)}
+
+
+def ranking_model_from_checkpoint(state: dict) -> RankingModel:
+    encoder, cfg = model_from_checkpoint(state)
+    model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden)
+    model.head.load_state_dict(state["ranking_head"])
+    model.item_bias.load_state_dict(state["ranking_item_bias"])
+    return model.eval()
+
+
+def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
+    from genrec.training import make_run_dir, seed_everything
+
+    seed_everything(cfg.train.seed)
+    ds = load_dataset(cfg.data)
+    split = leave_one_out(ds)
+    # candidates sit at position n, one past the longest history
+    model = RankingModel(SequentialEncoder(cfg.model, ds.num_items, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
+                                  weight_decay=cfg.train.weight_decay)
+    rng = np.random.default_rng(cfg.train.seed)
+    run_dir = make_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    users = np.flatnonzero(split.train_end - ds.offsets[:-1] >= 2)
+    history: list[dict] = []
+    best_epoch, best_auc, bad = 0, -1.0, 0
+    for epoch in range(1, cfg.train.epochs + 1):
+        t0 = time.perf_counter()
+        rng.shuffle(users)
+        total, steps = 0.0, 0
+        bar = tqdm(range(0, len(users), cfg.train.batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for lo in bar:
+            batch = users[lo : lo + cfg.train.batch_size]
+            targets = [int(rng.integers(ds.offsets[u] + 1, split.train_end[u])) for u in batch]
+            loss = torch.stack([example_loss(model, ds, int(u), t, cfg, rng) for u, t in zip(batch, targets)]).mean()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total, steps = total + loss.item(), steps + 1
+            if cfg.train.max_steps_per_epoch and steps >= cfg.train.max_steps_per_epoch:
+                break
+        val = evaluate_ranking(model, ds, split, "valid", cfg)
+        seconds = time.perf_counter() - t0
+        history.append({"epoch": epoch, "train_loss": total / max(steps, 1), "seconds": round(seconds, 2),
+                        **{f"val_{k}": v for k, v in val.items()}})
+        log.info("epoch %d: loss %.4f, %.1fs, val AUC %.4f, logloss %.4f", epoch, history[-1]["train_loss"], seconds,
+                 val["auc"], val["logloss"])
+        if val["auc"] > best_auc:
+            best_auc, best_epoch, bad = val["auc"], epoch, 0
+            save_checkpoint(run_dir / "checkpoint_best.pt", model.encoder, cfg, ds.item_ids,
+                            ranking_head=model.head.state_dict(), ranking_item_bias=model.item_bias.state_dict(),
+                            epoch=epoch)
+        else:
+            bad += 1
+        atomic_write_csv(run_dir / "metrics.csv", history)
+        if cfg.train.patience and bad >= cfg.train.patience:
+            log.info("early stop: no validation AUC gain for %d epochs (best epoch %d)", bad, best_epoch)
+            break
+    model = ranking_model_from_checkpoint(load_checkpoint(run_dir / "checkpoint_best.pt"))
+    valid = evaluate_ranking(model, ds, split, "valid", cfg)
+    test = evaluate_ranking(model, ds, split, "test", cfg)
+    two_stage = evaluate_two_stage(model, ds, split, cfg) if cfg.ranking.retrieval_checkpoint else {}
+    atomic_write_json(run_dir / "results.json", {"best_epoch": best_epoch, "valid": valid, "test": test,
+                                                 "two_stage_test": two_stage})
+    return RankingResult(run_dir, best_epoch, valid, test, two_stage)

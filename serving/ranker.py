@@ -1,0 +1,45 @@
+"""Server-side ranking for the Rank RPC: raw ids -> the ranker's item ids -> M-FALCON scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from genrec.checkpoint import load_checkpoint
+from genrec.retrieval.ids import IdMap
+
+
+class Ranker:
+    def __init__(self, checkpoint: str):
+        from genrec.ranking_training import ranking_model_from_checkpoint
+
+        state = load_checkpoint(checkpoint)
+        if "ranking_head" not in state:
+            raise ValueError(f"{checkpoint}: not a ranking checkpoint (train with task: ranking)")
+        self.model = ranking_model_from_checkpoint(state)
+        raw = np.asarray(state["item_ids"], dtype=np.int64)
+        self.items = IdMap(raw, len(raw))  # row r <-> model item id r + 1
+        self.max_history = self.model.encoder.max_len - 1
+
+    @torch.no_grad()
+    def rank(self, history: list[int], candidates: list[int], timestamps: list[int] | None = None,
+             request_time: int | None = None, microbatch: int = 256):
+        """-> (engagement logits (m,), ratings (m,), unknown raw ids). Unknown candidates score -inf."""
+        h_rows = self.items.lookup(history)
+        keep = h_rows >= 0
+        if not bool(keep.any()):
+            raise KeyError(f"none of the {len(history)} history item ids is known to the ranker")
+        hist = (h_rows[keep] + 1)[-self.max_history :]
+        ts = None
+        if timestamps is not None:
+            ts = torch.as_tensor(timestamps, dtype=torch.int64)[keep][-self.max_history :]
+        c_rows = self.items.lookup(candidates)
+        known = c_rows >= 0
+        scores = torch.full((len(candidates),), float("-inf"))
+        ratings = torch.full((len(candidates),), float("nan"))
+        if bool(known.any()):
+            out = self.model.score(hist, c_rows[known] + 1, ts, request_time, microbatch)
+            scores[known], ratings[known] = out[:, 0], out[:, 1] * 5.0
+        unknown = [int(x) for x, ok in zip(history, keep.tolist()) if not ok]
+        unknown += [int(x) for x, ok in zip(candidates, known.tolist()) if not ok]
+        return scores.numpy(), ratings.numpy(), unknown
