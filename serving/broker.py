@@ -25,7 +25,7 @@ from genrec.retrieval.topk import select_topk
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
 from genrec.serving.config import ServeConfig
-from genrec.serving.service import ServiceError, invalid
+from genrec.serving.service import ServiceError, history_times, invalid, run_rpc
 from genrec.serving.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -102,21 +102,7 @@ class BrokerService(pb_grpc.RetrievalServicer):
         return resp
 
     def _call(self, method: str, context, fn):
-        start = time.monotonic()
-        code, message = grpc.StatusCode.OK, ""
-        try:
-            if self.closing:
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "broker is shutting down")
-            return fn()
-        except ServiceError as e:
-            code, message = e.code, str(e)
-        except Exception as e:  # noqa: BLE001
-            log.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-        finally:
-            self.metrics.requests.labels(method, code.name).inc()
-            self.metrics.latency.labels(method, "total").observe(time.monotonic() - start)
-        context.abort(code, message)
+        return run_rpc(self.metrics, method, context, fn, self.closing)
 
     # ---- RPCs ----
     def Search(self, request, context):
@@ -131,11 +117,7 @@ class BrokerService(pb_grpc.RetrievalServicer):
         def run():
             if self.encoder is None:
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no encoder_checkpoint configured on the broker")
-            if not request.history:
-                raise invalid("history is empty")
-            ts = list(request.timestamps) or None
-            if ts is not None and len(ts) != len(request.history):
-                raise invalid(f"{len(ts)} timestamps for {len(request.history)} history items")
+            ts = history_times(request, self.cfg.limits.max_history)
             try:
                 enc = self.encoder.encode([list(request.history)], [ts] if ts else None,
                                           [request.query_time or None] if ts else None)

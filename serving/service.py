@@ -81,6 +81,43 @@ def load_error(e: Exception) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
 
+def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool):
+    """Run one RPC body: map its exceptions to status codes (the table above) and count it."""
+    start = time.monotonic()
+    code, message = grpc.StatusCode.OK, ""
+    try:
+        if closing:
+            raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        return fn()
+    except ServiceError as e:
+        code, message = e.code, str(e)
+    except QueueFull as e:
+        code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
+    except (Expired, FutureTimeout):
+        code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the search ran"
+    except ValueError as e:  # the searchers' own input checks
+        code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
+    except Exception as e:  # noqa: BLE001
+        log.exception("%s failed", method)
+        code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
+    finally:
+        metrics.requests.labels(method, code.name).inc()
+        metrics.latency.labels(method, "total").observe(time.monotonic() - start)
+    context.abort(code, message)
+
+
+def history_times(request, max_history: int) -> list[int] | None:
+    """Check a request's history (+ optional per-item timestamps); returns the timestamps or None."""
+    if not request.history:
+        raise invalid("history is empty")
+    if len(request.history) > max_history:
+        raise invalid(f"history of {len(request.history)} items exceeds max_history {max_history}")
+    ts = list(request.timestamps) or None
+    if ts is not None and len(ts) != len(request.history):
+        raise invalid(f"{len(ts)} timestamps for {len(request.history)} history items")
+    return ts
+
+
 class RetrievalService(pb_grpc.RetrievalServicer):
     def __init__(self, cfg: ServeConfig, registry: IndexRegistry, metrics: ServerMetrics, encoder=None, ranker=None):
         self.cfg, self.registry, self.metrics, self.encoder, self.ranker = cfg, registry, metrics, encoder, ranker
@@ -92,27 +129,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     # ---- plumbing ----
     def _call(self, method: str, context, fn):
-        start = time.monotonic()
-        code, message = grpc.StatusCode.OK, ""
-        try:
-            if self.closing:
-                raise ServiceError(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-            return fn()
-        except ServiceError as e:
-            code, message = e.code, str(e)
-        except QueueFull as e:
-            code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
-        except (Expired, FutureTimeout):
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the search ran"
-        except ValueError as e:  # the searchers' own input checks
-            code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
-        except Exception as e:  # noqa: BLE001
-            log.exception("%s failed", method)
-            code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
-        finally:
-            self.metrics.requests.labels(method, code.name).inc()
-            self.metrics.latency.labels(method, "total").observe(time.monotonic() - start)
-        context.abort(code, message)
+        return run_rpc(self.metrics, method, context, fn, self.closing)
 
     def _served(self, name: str, version: str) -> Served:
         name = name or self.cfg.default_index or (self.cfg.indexes[0].name if self.cfg.indexes else "")
@@ -209,13 +226,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"index {served.name!r} expects dim {served.index.dim}, the encoder makes {self.encoder.dim}")
             k = self._check_k(request.k)
-            if not request.history:
-                raise invalid("history is empty")
-            if len(request.history) > self.cfg.limits.max_history:
-                raise invalid(f"history of {len(request.history)} items exceeds max_history {self.cfg.limits.max_history}")
-            ts = list(request.timestamps) or None
-            if ts is not None and len(ts) != len(request.history):
-                raise invalid(f"{len(ts)} timestamps for {len(request.history)} history items")
+            ts = history_times(request, self.cfg.limits.max_history)
             try:
                 enc = self.encoder.encode([list(request.history)], [ts] if ts else None,
                                           [request.query_time or None] if ts else None)
@@ -235,15 +246,11 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             started = time.monotonic()
             if self.ranker is None:
                 raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "no ranking_checkpoint configured: Rank is off")
-            if not request.history or not request.candidates:
-                raise invalid("Rank needs a non-empty history and candidates")
+            if not request.candidates:
+                raise invalid("Rank needs candidates")
             if len(request.candidates) > self.cfg.max_candidates:
                 raise invalid(f"{len(request.candidates)} candidates exceed max_candidates {self.cfg.max_candidates}")
-            if len(request.history) > self.cfg.limits.max_history:
-                raise invalid(f"history of {len(request.history)} items exceeds max_history {self.cfg.limits.max_history}")
-            ts = list(request.timestamps) or None
-            if ts is not None and len(ts) != len(request.history):
-                raise invalid(f"{len(ts)} timestamps for {len(request.history)} history items")
+            ts = history_times(request, self.cfg.limits.max_history)
             try:
                 scores, ratings, unknown = self.ranker.rank(list(request.history), list(request.candidates), ts,
                                                             request.request_time or None,

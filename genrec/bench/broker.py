@@ -18,7 +18,7 @@ import tempfile
 import numpy as np
 import torch
 
-from genrec.bench.report import provenance, write_table
+from genrec.bench.report import provenance, random_unit, write_table
 from genrec.bench.serving import closed_loop, latency_ms
 
 log = logging.getLogger("genrec.bench")
@@ -48,11 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from genrec.serving.server import RetrievalServer
 
     rng = np.random.default_rng(0)
-    items = rng.standard_normal((args.items, args.dim)).astype(np.float32)
-    items /= np.linalg.norm(items, axis=1, keepdims=True)
+    items = random_unit(rng, args.items, args.dim)
     ids = np.arange(args.items, dtype=np.int64)
-    queries = rng.standard_normal((512, args.dim)).astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    queries = random_unit(rng, 512, args.dim)
     limits = LimitsConfig(max_concurrent_rpcs=1024, workers=args.concurrency + 8)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:

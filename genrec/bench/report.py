@@ -33,3 +33,9 @@ def write_table(rows: list[dict], out_dir: str | Path, stem: str, meta: dict) ->
     atomic_write_text(out_dir / f"{stem}.md", "\n".join(md) + "\n")
     atomic_write_json(out_dir / f"{stem}.json", {"meta": meta, "rows": rows})
     return out_dir / f"{stem}.md"
+
+
+def random_unit(rng, n: int, d: int):
+    """(n, d) float32 rows drawn uniformly on the unit sphere (synthetic items / queries)."""
+    x = rng.standard_normal((n, d)).astype("float32")
+    return x / ((x * x).sum(1, keepdims=True) ** 0.5)

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.bench.report import provenance, write_table
+from genrec.bench.report import provenance, random_unit, write_table
 
 log = logging.getLogger("genrec.bench")
 
@@ -102,10 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     from genrec.serving.server import RetrievalServer
 
     rng = np.random.default_rng(0)
-    items = rng.standard_normal((args.items, args.dim)).astype(np.float32)
-    items /= np.linalg.norm(items, axis=1, keepdims=True)
-    queries = rng.standard_normal((1024, args.dim)).astype(np.float32)
-    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    items = random_unit(rng, args.items, args.dim)
+    queries = random_unit(rng, 1024, args.dim)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = save_index(FlatMIPS(torch.from_numpy(items)), tmp, "bench", "v1")
