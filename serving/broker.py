@@ -25,7 +25,7 @@ from genrec.retrieval.topk import select_topk
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
 from genrec.serving.config import ServeConfig
-from genrec.serving.service import ServiceError, history_times, invalid, run_rpc
+from genrec.serving.service import ServiceError, encode_user, invalid, run_rpc
 from genrec.serving.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -117,12 +117,7 @@ class BrokerService(pb_grpc.RetrievalServicer):
         def run():
             if self.encoder is None:
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no encoder_checkpoint configured on the broker")
-            ts = history_times(request, self.cfg.limits.max_history)
-            try:
-                enc = self.encoder.encode([list(request.history)], [ts] if ts else None,
-                                          [request.query_time or None] if ts else None)
-            except KeyError as e:
-                raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+            enc = encode_user(self.encoder, request, self.cfg.limits.max_history)
             q = np.ascontiguousarray(enc.states, dtype="<f4")
             search = pb.SearchRequest(index=request.index, version=request.version, k=request.k, dim=q.shape[1],
                                       queries=q.tobytes(), exact=request.exact, kprime=request.kprime,

@@ -106,6 +106,15 @@ def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool):
     context.abort(code, message)
 
 
+def encode_user(encoder, request, max_history: int):
+    """A SearchByUser request's history -> EncodedUsers (one user); no known id -> NOT_FOUND."""
+    ts = history_times(request, max_history)
+    try:
+        return encoder.encode([list(request.history)], [ts] if ts else None, [request.query_time or None] if ts else None)
+    except KeyError as e:
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+
+
 def history_times(request, max_history: int) -> list[int] | None:
     """Check a request's history (+ optional per-item timestamps); returns the timestamps or None."""
     if not request.history:
@@ -226,12 +235,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"index {served.name!r} expects dim {served.index.dim}, the encoder makes {self.encoder.dim}")
             k = self._check_k(request.k)
-            ts = history_times(request, self.cfg.limits.max_history)
-            try:
-                enc = self.encoder.encode([list(request.history)], [ts] if ts else None,
-                                          [request.query_time or None] if ts else None)
-            except KeyError as e:
-                raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+            enc = encode_user(self.encoder, request, self.cfg.limits.max_history)
             params = self._params(served, request.exact, request.kprime)
             exclude = None if request.keep_history else [enc.known[0].tolist()]
             out = self._search(served, enc.states, k, params, exclude, context, "SearchByUser")
