@@ -240,6 +240,9 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
                 log.info("early stop: no validation HR@10 gain for %d epochs (best epoch %d)", bad_epochs, best_epoch)
             break
 
+    # The DDP reducer must go before its process group does: destroying the group first aborts the
+    # process at exit ("terminate called without an active exception").
+    del step_module
     if not ctx.is_main:
         cleanup(ctx)
         return None
