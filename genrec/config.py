@@ -138,6 +138,7 @@ class RankingConfig:
     """task: ranking (genrec/ranking_training.py)."""
 
     negatives: int = 16             # sampled negatives per positive in training
+    hard_negatives: int = 0         # of those, drawn from the retrieval checkpoint's top rerank_k (needs it)
     head_hidden: int = 64
     rating_weight: float = 0.1      # MSE on rating / 5 (task 1) where the data has ratings
     eval_negatives: int = 100       # AUC / logloss: held-out item vs this many sampled items

@@ -2,7 +2,9 @@
 
 Examples come from the same leave-one-out split as retrieval. Training: for each user, a random cut t
 of the training part gives history = items before t, positive = items[t] (with its rating where the data
-has ratings) and ``ranking.negatives`` uniformly sampled items; the target-aware model scores all of
+has ratings) and ``ranking.negatives`` sampled items, ``ranking.hard_negatives`` of them from the
+retrieval checkpoint's top ``rerank_k`` for that history (the ranker must learn to order what retrieval
+returns, not to tell it from random items) and the rest uniform; the target-aware model scores all of
 them in one pass. Loss: BCE on task 0 (engagement: positive 1, negatives 0) + ``rating_weight`` x MSE
 on task 1 (rating / 5, positives only).
 
@@ -60,10 +62,42 @@ def _negatives(rng: np.random.Generator, num_items: int, count: int, positive: i
     return [int(x) for x in negs if x != positive]
 
 
+class Retriever:
+    """A retrieval checkpoint used by the ranking stage: top-K of a user's next item, history excluded."""
+
+    def __init__(self, checkpoint: str, num_items: int):
+        state = load_checkpoint(checkpoint)
+        self.model, _ = model_from_checkpoint(state)
+        self.similarity = similarity_from_checkpoint(state)
+        if self.model.num_items != num_items:
+            raise ValueError(f"retrieval checkpoint has {self.model.num_items} items, the data {num_items}")
+        with torch.no_grad():
+            self.items = self.model.item_embeddings().float()
+
+    @torch.no_grad()
+    def top(self, ds: SequenceDataset, u: int, target: int, k: int) -> torch.Tensor:
+        """(k,) item ids ranked for position ``target`` of user u (items before it are the history)."""
+        start = max(int(ds.offsets[u]), target - self.model.max_len)
+        h = torch.from_numpy(ds.items[start:target])
+        hts = torch.from_numpy(ds.timestamps[start:target]) if ds.timestamps is not None else None
+        nts = torch.cat([hts[1:], torch.from_numpy(ds.timestamps[target : target + 1])]) if hts is not None else None
+        state_u = self.model(h, torch.tensor([0, len(h)]), len(h), hts, nts)[-1:]
+        scores = self.similarity.pairwise(state_u, self.items)[0]
+        scores[0] = float("-inf")
+        scores[torch.from_numpy(ds.items[int(ds.offsets[u]) : target])] = float("-inf")
+        return torch.topk(scores, k).indices
+
+
 def example_loss(model: RankingModel, ds: SequenceDataset, u: int, target: int, cfg: RunConfig,
-                 rng: np.random.Generator) -> torch.Tensor:
+                 rng: np.random.Generator, retriever: Retriever | None = None) -> torch.Tensor:
     hist, ts, pos, req = _example(ds, u, target, cfg.data.max_len)
-    cands = torch.tensor([pos, *_negatives(rng, ds.num_items, cfg.ranking.negatives, pos)])
+    hard = []
+    if retriever is not None and cfg.ranking.hard_negatives:
+        top = retriever.top(ds, u, target, cfg.ranking.rerank_k)
+        top = top[top != pos]
+        hard = top[torch.from_numpy(rng.choice(len(top), min(cfg.ranking.hard_negatives, len(top)), replace=False))].tolist()
+    easy = _negatives(rng, ds.num_items, cfg.ranking.negatives - len(hard), pos)
+    cands = torch.tensor([pos, *hard, *easy])
     logits = model.score_full(hist, cands, ts, req)
     labels = torch.zeros(len(cands))
     labels[0] = 1.0
@@ -94,29 +128,16 @@ def evaluate_ranking(model: RankingModel, ds: SequenceDataset, split: Split, sta
 
 
 @torch.no_grad()
-def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, cfg: RunConfig) -> dict[str, dict[str, float]]:
+def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, cfg: RunConfig,
+                       retriever: Retriever | None = None) -> dict[str, dict[str, float]]:
     """Retrieval top-K by the retrieval checkpoint, then reranked by engagement: HR/NDCG for both."""
-    state = load_checkpoint(cfg.ranking.retrieval_checkpoint)
-    retriever, rcfg = model_from_checkpoint(state)
-    similarity = similarity_from_checkpoint(state)
-    if retriever.num_items != ds.num_items:
-        raise ValueError(f"retrieval checkpoint has {retriever.num_items} items, the data {ds.num_items}")
+    retriever = retriever or Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items)
     model.eval()
-    items = retriever.item_embeddings().float()
     k = cfg.ranking.rerank_k
     ranks_retrieval, ranks_reranked = [], []
     for u in split.eval_users:
         target = int(ds.offsets[u + 1]) - 1
-        start = max(int(ds.offsets[u]), target - retriever.max_len)
-        h = torch.from_numpy(ds.items[start:target])
-        hts = torch.from_numpy(ds.timestamps[start:target]) if ds.timestamps is not None else None
-        nts = torch.cat([hts[1:], torch.from_numpy(ds.timestamps[target : target + 1])]) if hts is not None else None
-        off = torch.tensor([0, len(h)])
-        state_u = retriever(h, off, len(h), hts, nts)[-1:]
-        scores = similarity.pairwise(state_u, items)[0]
-        scores[0] = float("-inf")
-        scores[torch.from_numpy(ds.items[int(ds.offsets[u]) : target])] = float("-inf")
-        top = torch.topk(scores, k).indices
+        top = retriever.top(ds, int(u), target, k)
         pos = int(ds.items[target])
         hit = (top == pos).nonzero()
         ranks_retrieval.append(int(hit[0]) if len(hit) else k + 10**6)
@@ -153,6 +174,9 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
     run_dir = make_run_dir(cfg)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     users = np.flatnonzero(split.train_end - ds.offsets[:-1] >= 2)
+    retriever = Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items) if cfg.ranking.retrieval_checkpoint else None
+    if cfg.ranking.hard_negatives and retriever is None:
+        raise ValueError("ranking.hard_negatives needs ranking.retrieval_checkpoint")
     history: list[dict] = []
     best_epoch, best_auc, bad = 0, -1.0, 0
     for epoch in range(1, cfg.train.epochs + 1):
@@ -163,7 +187,8 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
         for lo in bar:
             batch = users[lo : lo + cfg.train.batch_size]
             targets = [int(rng.integers(ds.offsets[u] + 1, split.train_end[u])) for u in batch]
-            loss = torch.stack([example_loss(model, ds, int(u), t, cfg, rng) for u, t in zip(batch, targets)]).mean()
+            loss = torch.stack([example_loss(model, ds, int(u), t, cfg, rng, retriever)
+                                for u, t in zip(batch, targets)]).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -190,7 +215,7 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
     model = ranking_model_from_checkpoint(load_checkpoint(run_dir / "checkpoint_best.pt"))
     valid = evaluate_ranking(model, ds, split, "valid", cfg)
     test = evaluate_ranking(model, ds, split, "test", cfg)
-    two_stage = evaluate_two_stage(model, ds, split, cfg) if cfg.ranking.retrieval_checkpoint else {}
+    two_stage = evaluate_two_stage(model, ds, split, cfg, retriever) if retriever is not None else {}
     atomic_write_json(run_dir / "results.json", {"best_epoch": best_epoch, "valid": valid, "test": test,
                                                  "two_stage_test": two_stage})
     return RankingResult(run_dir, best_epoch, valid, test, two_stage)

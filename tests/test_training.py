@@ -171,6 +171,7 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 3, 16, 1e-2
     cfg.ranking.retrieval_checkpoint = str(retrieval.run_dir / "checkpoint_best.pt")
     cfg.ranking.rerank_k = 50
+    cfg.ranking.hard_negatives = 4  # of 16: retrieval-aware negatives
     r = train_ranking(cfg, progress=False)
     assert r.test["auc"] > 0.58 and r.valid["auc"] > 0.58  # chance is 0.5 (~0.01 spread over 300 users)
     two = r.two_stage
