@@ -11,8 +11,8 @@ Three ways to score, equal up to float rounding (tested):
   per candidate one pass per candidate over [history; c]: m times O((n + 1)^2 d), the naive baseline;
   M-FALCON      prefill the history once, keeping every layer's K/V; then microbatches of candidates
                 compute only their own rows against the cache: O(n^2 d + m n d).
-The head is an MLP over D x (candidate state ⊙ candidate embedding) plus a per-item bias -> one logit
-per task.
+The head is an MLP over D x [candidate state ⊙ item embedding ; user state ⊙ item embedding] (the user
+state is the last history row, the retrieval query) plus a per-item bias -> one logit per task.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class RankingModel(nn.Module):
             raise ValueError("the ranking model needs an HSTU encoder")
         self.encoder = encoder
         d = encoder.cfg.item_emb_dim
-        self.head = nn.Sequential(nn.Linear(d, head_hidden), nn.SiLU(), nn.Linear(head_hidden, num_tasks))
+        self.head = nn.Sequential(nn.Linear(2 * d, head_hidden), nn.SiLU(), nn.Linear(head_hidden, num_tasks))
         self.item_bias = nn.Embedding(encoder.num_items + 1, num_tasks)  # per-item prior (popularity) per task
         nn.init.zeros_(self.item_bias.weight)
 
@@ -116,10 +116,12 @@ class RankingModel(nn.Module):
             raise ValueError(f"history of {n} items: the model takes at most {self.encoder.max_len - 1} (keep the most recent)")
         return n
 
-    def _head(self, states: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        # unit vectors: entries of the product are ~1/D, so scale by D (its sum is then D x cosine)
-        return (self.head(states * self.encoder.item_embeddings(candidates) * self.encoder.cfg.item_emb_dim)
-                + self.item_bias(candidates))
+    def _head(self, states: torch.Tensor, user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """states (m, D) candidate rows, user (D,) the last history row (the retrieval query state)."""
+        emb = self.encoder.item_embeddings(candidates) * self.encoder.cfg.item_emb_dim
+        # unit vectors: entries of a product are ~1/D, hence the factor D (each half then sums to D x cosine)
+        features = torch.cat([states * emb, user.expand_as(states) * emb], dim=-1)
+        return self.head(features) + self.item_bias(candidates)
 
     # ---- the three scoring paths ----
     def score_full(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,
@@ -135,7 +137,7 @@ class RankingModel(nn.Module):
             bias = relative_bias(layer, pos, pos, next_ts, ts if layer.time_table is not None else None)
             x = layer.finish(x, u, masked_attention(layer, q, k, v, bias, mask))
         states = F.normalize(x, dim=-1, eps=1e-6)
-        logits = self._head(states[n:], candidates)
+        logits = self._head(states[n:], states[n - 1], candidates)
         return (logits, states[:n]) if return_history else logits
 
     def score_per_candidate(self, history: torch.Tensor, candidates: torch.Tensor, history_ts=None, request_time=None):
@@ -186,10 +188,33 @@ class RankingModel(nn.Module):
                 attn = (torch.einsum("hbn,nhd->bhd", F.silu(logits_h) * scale, hv)
                         + (F.silu(logits_s) * scale).T.unsqueeze(-1) * v)
                 x = layer.finish(x, u, attn)
-            out.append(self._head(F.normalize(x, dim=-1, eps=1e-6), c))
+            out.append(self._head(F.normalize(x, dim=-1, eps=1e-6), cache.states[-1], c))
         return torch.cat(out) if out else torch.empty(0, self.head[-1].out_features, device=dev)
 
     def score(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,
               request_time: int | None = None, microbatch: int = 256) -> torch.Tensor:
         """Production path: prefill once, then M-FALCON microbatches. (m, T) logits."""
         return self.score_cached(self.prefill(history, history_ts, request_time), candidates, request_time, microbatch)
+
+
+def warm_start(encoder: SequentialEncoder, state_dict: dict) -> list[str]:
+    """Copy a retrieval encoder's weights into a ranking encoder whose max_len is larger: equal shapes
+    are copied, position embeddings row by row, relative-position tables centred on offset 0.
+    Returns the names that could not be copied."""
+    own = encoder.state_dict()
+    skipped = []
+    for name, w in state_dict.items():
+        if name not in own:
+            skipped.append(name)
+            continue
+        dst = own[name]
+        if dst.shape == w.shape:
+            dst.copy_(w)
+        elif name.endswith("pos_emb.weight") and dst.shape[1:] == w.shape[1:]:
+            dst[: min(len(w), len(dst))].copy_(w[: min(len(w), len(dst))])
+        elif name.endswith("pos_table") and w.dim() == 1:
+            cs, cd, half = (len(w) - 1) // 2, (len(dst) - 1) // 2, (min(len(w), len(dst)) - 1) // 2
+            dst[cd - half : cd + half + 1].copy_(w[cs - half : cs + half + 1])
+        else:
+            skipped.append(name)
+    return skipped

@@ -143,6 +143,7 @@ class RankingConfig:
     rating_weight: float = 0.1      # MSE on rating / 5 (task 1) where the data has ratings
     eval_negatives: int = 100       # AUC / logloss: held-out item vs this many sampled items
     retrieval_checkpoint: str = ""  # two-stage evaluation: retrieve with this checkpoint, then rerank
+    warm_start: bool = True         # initialise the ranker's encoder from retrieval_checkpoint (same model config)
     rerank_k: int = 200
 
 

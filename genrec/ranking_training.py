@@ -32,7 +32,7 @@ from genrec.config import RunConfig, dump_config
 from genrec.data.sequences import SequenceDataset, Split, leave_one_out
 from genrec.data.source import load_dataset
 from genrec.encoders.model import SequentialEncoder
-from genrec.encoders.ranking import RankingModel
+from genrec.encoders.ranking import RankingModel, warm_start
 from genrec.io import atomic_write_csv, atomic_write_json
 from genrec.retrieval.metrics import metrics_from_ranks
 
@@ -175,6 +175,11 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
     (run_dir / "config.yaml").write_text(dump_config(cfg))
     users = np.flatnonzero(split.train_end - ds.offsets[:-1] >= 2)
     retriever = Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items) if cfg.ranking.retrieval_checkpoint else None
+    if retriever is not None and cfg.ranking.warm_start:
+        with torch.no_grad():
+            skipped = warm_start(model.encoder, retriever.model.state_dict())
+        log.info("ranker initialised from %s%s", cfg.ranking.retrieval_checkpoint,
+                 f" (not copied: {', '.join(skipped)})" if skipped else "")
     if cfg.ranking.hard_negatives and retriever is None:
         raise ValueError("ranking.hard_negatives needs ranking.retrieval_checkpoint")
     history: list[dict] = []

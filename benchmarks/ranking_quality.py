@@ -1,0 +1,37 @@
+"""Tabulate ranking runs (``genrec train`` with ``task: ranking``): AUC / logloss and the two-stage
+HR@k / NDCG@k of retrieval alone vs retrieval + ranking, one row per (run, system).
+
+    python benchmarks/ranking_quality.py RUN_DIR [RUN_DIR ...] --stem ranking_two_stage_synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import provenance, write_table  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+")
+    ap.add_argument("--stem", required=True)
+    args = ap.parse_args()
+    rows = []
+    for run in map(Path, args.runs):
+        res = json.loads((run / "results.json").read_text())
+        cfg = (run / "config.yaml").read_text()
+        hard = next((line.split(":")[1].strip() for line in cfg.splitlines() if "hard_negatives" in line), "0")
+        for system, m in res.get("two_stage_test", {}).items():
+            rows.append({"run": run.name, "hard_negatives": hard, "system": system, "test_auc": res["test"]["auc"],
+                         "test_logloss": res["test"]["logloss"], "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"],
+                         "hr@50": m.get("hr@50", ""), "mrr": m["mrr"]})
+    print(write_table(rows, args.stem, {**provenance(), "runs": [str(r) for r in args.runs]}).read_text())
+
+
+if __name__ == "__main__":
+    main()
