@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from genrec.retrieval.mol import QueryState
+from genrec.retrieval.mol import QueryState, topk_avg_vectors
 
 DTYPES = ("float32", "bfloat16", "int8")
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
@@ -37,16 +37,13 @@ def parse_method(method: str) -> int | None:
 
 
 def item_base_vectors(components: torch.Tensor) -> torch.Tensor:
-    """(N, P_X, d_P) item components -> (N, d_P) float32 mean component.
-
-    Not re-normalised: with even gates phi ~ <sum_i f_i, mean_j g_j> / (P_Q tau), and the norm of the
-    mean (how much an item's components agree) is part of that score."""
-    return components.float().mean(1)
+    """(N, P_X, d_P) item components -> (N, d_P) float32 mean component (TopKAvg's item side)."""
+    return topk_avg_vectors(components, query=False)
 
 
 def query_base_vectors(q: QueryState) -> torch.Tensor:
-    """(B, P_Q, d_P) query components -> (B, d_P) float32 sum."""
-    return q.components.float().sum(1)
+    """(B, P_Q, d_P) query components -> (B, d_P) float32 sum (TopKAvg's query side)."""
+    return topk_avg_vectors(q.components, query=True)
 
 
 def pca_projection(sample: torch.Tensor, dim: int) -> torch.Tensor:

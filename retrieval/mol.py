@@ -46,6 +46,14 @@ class QueryState:
         return self.components.shape[0]
 
 
+def topk_avg_vectors(components: torch.Tensor, query: bool) -> torch.Tensor:
+    """RAILS' TopKAvg embedding: item side mean_j g_j(x), query side sum_i f_i(u); (n, P, d_P) -> (n, d_P)
+    float32. Not re-normalised: with even gates phi ~ <sum_i f_i, mean_j g_j> / (P_Q tau), and the norm
+    of the item mean (how much its components agree) is part of that score."""
+    c = components.float()
+    return c.sum(1) if query else c.mean(1)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, d_in: int, d_hidden: int):
         super().__init__()

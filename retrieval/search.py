@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from genrec.retrieval.ids import IdMap
-from genrec.retrieval.mol import ItemCache, MixtureOfLogits, QueryState
+from genrec.retrieval.mol import ItemCache, MixtureOfLogits, QueryState, topk_avg_vectors
 from genrec.retrieval.topk import chunked_topk, empty_topk, mask_excluded, merge_topk, pad_invalid, unique_rows
 
 Method = Literal["exact", "topk_per_embedding", "topk_avg", "combined"]
@@ -78,7 +78,7 @@ class MoLSearcher:
         with torch.no_grad():
             cache = items if isinstance(items, ItemCache) else mol.encode_items(torch.as_tensor(items, dtype=torch.float32))
         self.cache = ItemCache(cache.components.to(cache_dtype), cache.gate.to(cache_dtype))
-        self.avg_items = self.cache.components.float().mean(1).to(cache_dtype)  # (N, d_P) mean_j g_j for TopKAvg
+        self.avg_items = topk_avg_vectors(self.cache.components, query=False).to(cache_dtype)  # (N, d_P)
         self.ntotal = len(self.cache)
         self.idmap = IdMap(ids, self.ntotal)
         self.ids = self.idmap.ids
@@ -145,7 +145,7 @@ class MoLSearcher:
         return best_i.reshape(b, p * budget), bound
 
     def _avg_candidates(self, q: QueryState, budget: int) -> torch.Tensor:
-        query = q.components.float().sum(1)  # (B, d_P)
+        query = topk_avg_vectors(q.components, query=True)  # (B, d_P)
         budget = min(budget, self.ntotal)
 
         def score(start: int, end: int) -> torch.Tensor:
