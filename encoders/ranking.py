@@ -89,6 +89,9 @@ class RankingModel(nn.Module):
         self.head = nn.Sequential(nn.Linear(2 * d, head_hidden), nn.SiLU(), nn.Linear(head_hidden, num_tasks))
         self.item_bias = nn.Embedding(encoder.num_items + 1, num_tasks)  # per-item prior (popularity) per task
         nn.init.zeros_(self.item_bias.weight)
+        # engagement starts from the retrieval logit cos(user, item) / tau (tau 0.05 as in training), so a
+        # warm-started ranker ranks like retrieval before it learns anything; the head adds a correction
+        self.retrieval_weight = nn.Parameter(torch.tensor(20.0))
 
     # ---- inputs ----
     def _inputs(self, items: torch.Tensor, pos: torch.Tensor, ts: torch.Tensor | None, next_ts: torch.Tensor | None):
@@ -121,7 +124,9 @@ class RankingModel(nn.Module):
         emb = self.encoder.item_embeddings(candidates) * self.encoder.cfg.item_emb_dim
         # unit vectors: entries of a product are ~1/D, hence the factor D (each half then sums to D x cosine)
         features = torch.cat([states * emb, user.expand_as(states) * emb], dim=-1)
-        return self.head(features) + self.item_bias(candidates)
+        out = self.head(features) + self.item_bias(candidates)
+        prior = self.retrieval_weight * (user.expand_as(states) * emb).sum(-1) / self.encoder.cfg.item_emb_dim
+        return out + F.pad(prior[:, None], (0, out.shape[1] - 1))
 
     # ---- the three scoring paths ----
     def score_full(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,

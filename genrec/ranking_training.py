@@ -157,6 +157,8 @@ def ranking_model_from_checkpoint(state: dict) -> RankingModel:
     model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden)
     model.head.load_state_dict(state["ranking_head"])
     model.item_bias.load_state_dict(state["ranking_item_bias"])
+    with torch.no_grad():
+        model.retrieval_weight.copy_(state["ranking_retrieval_weight"])
     return model.eval()
 
 
@@ -210,6 +212,7 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
             best_auc, best_epoch, bad = val["auc"], epoch, 0
             save_checkpoint(run_dir / "checkpoint_best.pt", model.encoder, cfg, ds.item_ids,
                             ranking_head=model.head.state_dict(), ranking_item_bias=model.item_bias.state_dict(),
+                            ranking_retrieval_weight=model.retrieval_weight.detach(),
                             epoch=epoch)
         else:
             bad += 1

@@ -383,7 +383,8 @@ def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cf
         model.item_bias.weight.normal_()
     raw = np.arange(60) * 10 + 7  # raw ids of model items 1..60
     ckpt = save_checkpoint(tmp_path / "rank.pt", model.encoder, cfg, raw, ranking_head=model.head.state_dict(),
-                           ranking_item_bias=model.item_bias.state_dict())
+                           ranking_item_bias=model.item_bias.state_dict(),
+                           ranking_retrieval_weight=model.retrieval_weight.detach())
     srv = start(ServeConfig(port=0, ranking_checkpoint=str(ckpt), rank_microbatch=4))
     try:
         hist_rows, cand_rows = [3, 9, 27, 41], [5, 12, 12, 60, 33, 2, 8, 19, 44]
