@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from genrec.index.spec import IndexSpec
+from genrec.retrieval.metrics import recall_at, top1_in
 
 log = logging.getLogger(__name__)
 
@@ -153,15 +154,6 @@ def proxy_queries(inputs: ItemInputs, count: int, dim: int, seed: int = 0) -> np
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
-def recall_at(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """Mean |approx top-k ∩ exact top-k| / k (exact ids -1 do not count)."""
-    vals = []
-    for a, e in zip(approx[:, :k], exact[:, :k]):
-        e = e[e >= 0]
-        vals.append(len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1))
-    return float(np.mean(vals))
-
-
 def eval_summary(index, exact, queries: np.ndarray, ks: tuple[int, ...] = (10, 100)) -> dict[str, Any]:
     """Recall of the index against the exact searcher on held-out queries, and its batch latency."""
     kmax = max(ks)
@@ -172,7 +164,7 @@ def eval_summary(index, exact, queries: np.ndarray, ks: tuple[int, ...] = (10, 1
     out: dict[str, Any] = {"queries": int(len(queries)), "search_seconds": round(seconds, 4)}
     for k in ks:
         out[f"recall@{k}"] = round(recall_at(approx, exact, k), 4)
-    out["top1_in_top%d" % kmax] = round(float(np.mean([e[0] in set(a.tolist()) for a, e in zip(approx, exact)])), 4)
+    out["top1_in_top%d" % kmax] = round(top1_in(approx, exact), 4)
     return out
 
 

@@ -24,6 +24,7 @@ from genrec.index.stage1 import (Stage1Table, encode, fit_stage1, from_numpy, it
 from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits
 from genrec.retrieval.search import SearchResult, rescore_candidates, validate_queries
+from genrec.retrieval.topk import unique_rows
 
 log = logging.getLogger(__name__)
 
@@ -99,13 +100,11 @@ class MoLHIndexer(Index):
         vectors = base_vectors_from_items(mol, items)
         table = fit_stage1(vectors, n, stage1, stage1_dtype, sample_rows(n, sample_size, seed))
         bar = tqdm(total=end - start, desc="stage-1 codes", unit="item", unit_scale=True, disable=not progress)
-        table = encode(table, lambda r: vectors(r + start) if start else vectors(r), 0, end - start, progress=bar)
+        table = encode(table, lambda r: vectors(r + start), 0, end - start, progress=bar)
         bar.close()
         log.info("h-indexer built over %d items in %.1fs (%.0f items/s)", end - start, time.perf_counter() - t,
                  (end - start) / max(time.perf_counter() - t, 1e-9))
-        shard_ids = None if ids is None else np.asarray(ids)[start:end]
-        if shard_ids is None and start:
-            shard_ids = np.arange(start, end)
+        shard_ids = (np.arange(n) if ids is None else np.asarray(ids))[start:end]
         return cls(mol, cache, table, shard_ids, kprime=kprime, sample_size=sample_size)
 
     @torch.no_grad()
@@ -121,8 +120,7 @@ class MoLHIndexer(Index):
         self.last_stats = SelectionStats()
         _, cand = threshold_topk(qv, self.stage1.scan_range, self._score_sample, self.ntotal, kp,
                                  chunk_size=self.chunk_size, stats=self.last_stats)
-        key = torch.where(cand < 0, torch.iinfo(torch.int64).max, cand)
-        cand = cand.gather(1, key.sort(dim=1).indices)  # ascending rows, -1 last: an in-order gather
+        cand = unique_rows(cand)  # ascending rows, -1 last: an in-order gather (rows are already unique)
         scores, rows = rescore_candidates(self.mol, q, self.cache, cand, k, excl, self.rescore_chunk)
         exact = kp >= self.ntotal
         return self._result(scores, rows, torch.full((len(u),), exact),

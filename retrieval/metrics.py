@@ -27,3 +27,19 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] | list[int]) -> 
         out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r)).mean().item()
     out["mrr"] = (1.0 / (r + 1.0)).mean().item()
     return out
+
+
+def recall_at(approx, exact, k: int) -> float:
+    """Approximate vs exact top-k id lists, (nq, >= k) int64 arrays: mean |approx[:k] ∩ exact[:k]| / k
+    (ties by id are already in the lists; exact ids -1, i.e. fewer than k items, do not count)."""
+    vals = []
+    for a, e in zip(approx[:, :k], exact[:, :k]):
+        e = e[e >= 0]
+        vals.append(len(set(a.tolist()) & set(e.tolist())) / max(len(e), 1))
+    return float(sum(vals) / max(len(vals), 1))
+
+
+def top1_in(approx, exact) -> float:
+    """RAILS-style recall: the share of queries whose exact top-1 id is anywhere in the approximate list."""
+    hits = [e[0] in set(a.tolist()) for a, e in zip(approx, exact)]
+    return float(sum(hits) / max(len(hits), 1))

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genrec.index.build import ItemInputs, build, recall_at
+from genrec.index.build import ItemInputs, build
+from genrec.retrieval.metrics import recall_at
 from genrec.index.hindexer import MoLHIndexer
 from genrec.index.mips import FaissMIPS, FlatMIPS
 from genrec.index.sharding import ShardedIndex, merge_shards, shard_range, shard_version

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from genrec.bench.report import provenance, random_unit, write_table
-from genrec.bench.serving import closed_loop, latency_ms
+from genrec.bench.serving import closed_loop
+from genrec.bench.timing import latencies_ms
 
 log = logging.getLogger("genrec.bench")
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                 broker=BrokerConfig(shards=tuple(f"127.0.0.1:{x.port}" for x in servers)))).start()
             try:
                 with GenrecClient(f"127.0.0.1:{front.port}") as c:
-                    lat = latency_ms(lambda q: c.search(q, args.k, timeout=30), queries, args.latency_queries)
+                    lat = latencies_ms(lambda q: c.search(q, args.k, timeout=30), queries, args.latency_queries, warmup=5)
                     ids_now = c.search(queries[:64], args.k, timeout=30)[1]
                 reference = ids_now if reference is None else reference
                 done, failed = closed_loop(front.port, queries, args.k, args.concurrency, args.seconds)

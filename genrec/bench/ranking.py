@@ -13,23 +13,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 
 import torch
 
 from genrec.bench.report import provenance, write_table
+from genrec.bench.timing import best_seconds
 
 log = logging.getLogger("genrec.bench")
-
-
-def best_seconds(fn, repeats: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from genrec.bench.report import provenance, write_table
+from genrec.bench.timing import best_seconds, latencies_ms
+from genrec.retrieval.metrics import recall_at, top1_in
 
 log = logging.getLogger("genrec.bench")
 
@@ -75,36 +77,6 @@ def expand_corpus(items: np.ndarray, n: int, noise: float, rng: np.random.Genera
         x = x + noise * rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(items.shape[1])
         out[s:e] = x / np.linalg.norm(x, axis=1, keepdims=True)
     return out
-
-
-def recall(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
-    return float(np.mean([len(set(a[:k].tolist()) & set(e[:k].tolist())) / k for a, e in zip(approx, exact)]))
-
-
-def top1_in(approx: np.ndarray, exact: np.ndarray) -> float:
-    return float(np.mean([e[0] in set(a.tolist()) for a, e in zip(approx, exact)]))
-
-
-def best_time(fn, queries: np.ndarray, batch: int, repeats: int) -> float:
-    """Best-of-repeats seconds for one call on a batch, after one warm-up call."""
-    q = queries[:batch]
-    fn(q)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(q)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def latencies_ms(fn, queries: np.ndarray, n: int) -> np.ndarray:
-    fn(queries[:1])
-    out = []
-    for i in range(n):
-        t = time.perf_counter()
-        fn(queries[i % len(queries) : i % len(queries) + 1])
-        out.append(time.perf_counter() - t)
-    return np.array(out) * 1e3
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -172,15 +144,15 @@ def main(argv: list[str] | None = None) -> int:
                vs_mips: bool = False) -> None:
         lat = latencies_ms(fn, queries, args.latency_queries)
         row = {"system": system, "params": params, "items": n, "k": k,
-               "recall@10_vs_mol": recall(ids, exact_mol, 10), "recall@100_vs_mol": recall(ids, exact_mol, k),
+               "recall@10_vs_mol": recall_at(ids, exact_mol, 10), "recall@100_vs_mol": recall_at(ids, exact_mol, k),
                "top1_in_top100_vs_mol": top1_in(ids, exact_mol),
-               "recall@10_vs_mips": recall(ids, exact_mips, 10) if vs_mips else "",
-               "recall@100_vs_mips": recall(ids, exact_mips, k) if vs_mips else "",
+               "recall@10_vs_mips": recall_at(ids, exact_mips, 10) if vs_mips else "",
+               "recall@100_vs_mips": recall_at(ids, exact_mips, k) if vs_mips else "",
                "p50_ms_b1": round(float(np.percentile(lat, 50)), 3), "p95_ms_b1": round(float(np.percentile(lat, 95)), 3),
                "p99_ms_b1": round(float(np.percentile(lat, 99)), 3)}
         for b in args.qps_batches:
             skip = system in args.skip_qps or f"{system}:{b}" in args.skip_qps
-            row[f"qps_b{b}"] = "" if skip else round(b / best_time(fn, queries, b, args.repeats), 1)
+            row[f"qps_b{b}"] = "" if skip else round(b / best_seconds(lambda: fn(queries[:b]), args.repeats), 1)
         row.update({"build_s": round(build, 2), "bytes_per_item": round(bytes_per_item, 1)})
         rows.append(row)
         log.info("%s %s: recall@10 %.4f, p50 %.2f ms", system, params, row["recall@10_vs_mol"], row["p50_ms_b1"])

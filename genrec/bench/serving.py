@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from genrec.bench.report import provenance, random_unit, write_table
+from genrec.bench.timing import latencies_ms
 
 log = logging.getLogger("genrec.bench")
 
@@ -66,17 +67,6 @@ def _client_threads(port: int, queries: np.ndarray, k: int, concurrency: int, se
     return sum(done), sum(failed)
 
 
-def latency_ms(fn, queries: np.ndarray, n: int) -> np.ndarray:
-    for i in range(5):
-        fn(queries[i : i + 1])
-    out = []
-    for i in range(n):
-        t = time.perf_counter()
-        fn(queries[i % len(queries) : i % len(queries) + 1])
-        out.append((time.perf_counter() - t) * 1e3)
-    return np.array(out)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="genrec bench serving", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -116,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                                                       max_delay_ms=args.max_delay_ms, queue_size=4096))
             servers[batching] = RetrievalServer(cfg).start()
         try:
-            lat = {"in-process": latency_ms(lambda q: index.search(q, args.k), queries, args.latency_queries)}
+            lat = {"in-process": latencies_ms(lambda q: index.search(q, args.k), queries, args.latency_queries, warmup=5)}
             for batching, srv in servers.items():
                 with GenrecClient(f"127.0.0.1:{srv.port}") as c:
-                    lat[f"grpc batching={'on' if batching else 'off'}"] = latency_ms(
-                        lambda q: c.search(q, args.k, timeout=30), queries, args.latency_queries)
+                    lat[f"grpc batching={'on' if batching else 'off'}"] = latencies_ms(
+                        lambda q: c.search(q, args.k, timeout=30), queries, args.latency_queries, warmup=5)
             base = float(np.percentile(lat["in-process"], 50))
             for name, v in lat.items():
                 p50 = float(np.percentile(v, 50))
