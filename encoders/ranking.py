@@ -9,8 +9,10 @@ history and on nothing else in its pass.
 Three ways to score, equal up to float rounding (tested):
   full pass     [history; candidates] through the layers at once with the mask: O((n + m)^2 d);
   per candidate one pass per candidate over [history; c]: m times O((n + 1)^2 d), the naive baseline;
-  M-FALCON      prefill the history once, keeping every layer's K/V; then microbatches of candidates
-                compute only their own rows against the cache: O(n^2 d + m n d).
+  M-FALCON      prefill the history once, keeping every layer's K/V; then microbatches of b candidates
+                compute only their own rows against [cache; themselves] (delta-q): O(n^2 d + m (n + b) d).
+All three go through the one attention op (kernels.dispatch.hstu_attention: target-aware and delta-q
+modes), so on GPU they run the Triton kernel.
 The head is an MLP over D x [candidate state ⊙ item embedding ; user state ⊙ item embedding] (the user
 state is the last history row, the retrieval query) plus a per-item bias -> one logit per task.
 """
@@ -26,7 +28,8 @@ from torch import nn
 
 from genrec.encoders.hstu import HSTULayer
 from genrec.encoders.model import SequentialEncoder
-from genrec.kernels.hstu_attention_reference import table_lookup, time_bucket
+from genrec.kernels import hstu_attention
+from genrec.kernels.hstu_attention_reference import time_bucket
 
 
 @dataclass
@@ -41,38 +44,21 @@ class HistoryCache:
     states: torch.Tensor  # (n, D) normalised history outputs
 
 
-def target_aware_mask(n: int, m: int, device=None) -> torch.Tensor:
-    """(n+m, n+m) bool: history causal among itself; a candidate sees the history and itself."""
-    mask = torch.zeros(n + m, n + m, dtype=torch.bool, device=device)
-    mask[:n, :n] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    mask[n:, :n] = True
-    idx = torch.arange(n, n + m, device=device)
-    mask[idx, idx] = True
-    return mask
-
-
-def relative_bias(layer: HSTULayer, q_pos: torch.Tensor, k_pos: torch.Tensor, q_next_ts: torch.Tensor | None,
-                  k_ts: torch.Tensor | None) -> torch.Tensor | None:
-    """rab for explicit position ids: (M,) queries x (N,) keys -> (M, N) or None."""
-    bias = None
-    if layer.pos_table is not None:
-        n_max = (layer.pos_table.numel() + 1) // 2
-        idx = (k_pos[None, :] - q_pos[:, None] + n_max - 1).clamp(0, layer.pos_table.numel() - 1)
-        bias = table_lookup(layer.pos_table, idx)
-    if layer.time_table is not None and k_ts is not None:
-        buckets = time_bucket(q_next_ts[:, None] - k_ts[None, :], layer.cfg.time_bucket_divisor, layer.time_table.numel() - 1)
-        tb = table_lookup(layer.time_table, buckets)
-        bias = tb if bias is None else bias + tb
-    return bias
-
-
-def masked_attention(layer: HSTULayer, q, k, v, bias, mask) -> torch.Tensor:
-    """q (M, H, dqk), k (N, H, dqk), v (N, H, dv), bias (M, N) | None, mask (M, N) -> (M, H, dv)."""
-    logits = torch.einsum("mhd,nhd->hmn", q, k) * layer.alpha
-    if bias is not None:
-        logits = logits + bias.unsqueeze(0).to(logits.dtype)
-    w = F.silu(logits) * (1.0 / layer.max_len) * mask.unsqueeze(0)
-    return torch.einsum("hmn,nhd->mhd", w, v)
+def _attend(layer: HSTULayer, q, k, v, n_keys: int, n_queries: int, n_targets: int, key_ts, query_next_ts):
+    """One request through the dispatch op: k, v (n_keys, H, d) hold the history then the target rows;
+    q (n_queries, H, dqk) are the last n_queries key rows; n_targets of the keys are targets (position id
+    = history length, each sees the history and itself). Returns (n_queries, H, dv)."""
+    dev = q.device
+    use_time = layer.time_table is not None and key_ts is not None
+    return hstu_attention(
+        q, k, v, torch.tensor([0, n_keys], device=dev), n_keys,
+        backend=layer.cfg.attention_backend, alpha=layer.alpha, scale=1.0 / layer.max_len,
+        pos_table=layer.pos_table, time_table=layer.time_table if use_time else None,
+        timestamps=key_ts if use_time else None, next_timestamps=query_next_ts if use_time else None,
+        time_divisor=layer.cfg.time_bucket_divisor,
+        q_offsets=torch.tensor([0, n_queries], device=dev), max_q_len=n_queries,
+        num_targets=torch.tensor([n_targets], device=dev),
+    )
 
 
 class RankingModel(nn.Module):
@@ -136,11 +122,9 @@ class RankingModel(nn.Module):
         pos = torch.cat([torch.arange(n, device=dev), torch.full((m,), n, device=dev)])
         ts, next_ts = self._times(history_ts, request_time, n, m, dev)
         x = self._inputs(torch.cat([history, candidates]), pos, ts, next_ts)
-        mask = target_aware_mask(n, m, dev)
         for layer in self.encoder.blocks:
             u, v, q, k = layer.project(x)
-            bias = relative_bias(layer, pos, pos, next_ts, ts if layer.time_table is not None else None)
-            x = layer.finish(x, u, masked_attention(layer, q, k, v, bias, mask))
+            x = layer.finish(x, u, _attend(layer, q, k, v, n + m, n + m, m, ts, next_ts))
         states = F.normalize(x, dim=-1, eps=1e-6)
         logits = self._head(states[n:], states[n - 1], candidates)
         return (logits, states[:n]) if return_history else logits
@@ -156,14 +140,12 @@ class RankingModel(nn.Module):
         pos = torch.arange(n, device=dev)
         ts, next_ts = self._times(history_ts, request_time, n, 0, dev)
         x = self._inputs(history, pos, ts, next_ts)
-        mask = torch.ones(n, n, dtype=torch.bool, device=dev).tril()
         keys, values = [], []
         for layer in self.encoder.blocks:
             u, v, q, k = layer.project(x)
             keys.append(k)
             values.append(v)
-            bias = relative_bias(layer, pos, pos, next_ts, ts if layer.time_table is not None else None)
-            x = layer.finish(x, u, masked_attention(layer, q, k, v, bias, mask))
+            x = layer.finish(x, u, _attend(layer, q, k, v, n, n, 0, ts, next_ts))
         return HistoryCache(keys, values, pos, ts, F.normalize(x, dim=-1, eps=1e-6))
 
     def score_cached(self, cache: HistoryCache, candidates: torch.Tensor, request_time: int | None = None,
@@ -178,20 +160,10 @@ class RankingModel(nn.Module):
             pos = torch.full((b,), n, device=dev)
             t = None if req is None else torch.full((b,), req, dtype=torch.int64, device=dev)
             x = self._inputs(c, pos, t, t)
+            key_ts = None if t is None else torch.cat([cache.ts, t])
             for layer, hk, hv in zip(self.encoder.blocks, cache.keys, cache.values):
-                u, v, q, k = layer.project(x)
-                use_time = layer.time_table is not None and t is not None
-                bias_h = relative_bias(layer, pos, cache.pos, t, cache.ts if use_time else None)
-                logits_h = torch.einsum("bhd,nhd->hbn", q, hk) * layer.alpha
-                if bias_h is not None:
-                    logits_h = logits_h + bias_h.unsqueeze(0)
-                bias_s = relative_bias(layer, pos[:1], pos[:1], t[:1] if use_time else None, t[:1] if use_time else None)
-                logits_s = (q * k).sum(-1).T * layer.alpha  # (H, b): each candidate with itself
-                if bias_s is not None:
-                    logits_s = logits_s + bias_s.reshape(())
-                scale = 1.0 / layer.max_len
-                attn = (torch.einsum("hbn,nhd->bhd", F.silu(logits_h) * scale, hv)
-                        + (F.silu(logits_s) * scale).T.unsqueeze(-1) * v)
+                u, v, q, k = layer.project(x)  # delta-q: b candidate rows against [history; themselves]
+                attn = _attend(layer, q, torch.cat([hk, k]), torch.cat([hv, v]), n + b, b, b, key_ts, t)
                 x = layer.finish(x, u, attn)
             out.append(self._head(F.normalize(x, dim=-1, eps=1e-6), cache.states[-1], c))
         return torch.cat(out) if out else torch.empty(0, self.head[-1].out_features, device=dev)

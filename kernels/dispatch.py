@@ -21,7 +21,16 @@ def _stage1_scan_triton(*args, **kwargs):
     return stage1_threshold_scan_triton(*args, **kwargs)
 
 
-_TRITON_OPS: dict[str, object] = {"stage1_threshold_scan": _stage1_scan_triton}  # op -> kernel entry point
+def _hstu_attention_triton(*args, **kwargs):
+    from genrec.kernels.hstu_attention_triton import hstu_attention_triton
+
+    return hstu_attention_triton(*args, **kwargs)
+
+
+_TRITON_OPS: dict[str, object] = {  # op -> kernel entry point
+    "stage1_threshold_scan": _stage1_scan_triton,
+    "hstu_attention": _hstu_attention_triton,
+}
 
 
 def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
@@ -36,7 +45,11 @@ def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
 
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_len: int,
                    *, backend: Backend = "auto", **kwargs) -> torch.Tensor:
-    """Jagged HSTU attention; see :func:`hstu_attention_reference` for shapes and semantics."""
+    """Jagged HSTU attention (causal, target-aware, delta-q); see :func:`hstu_attention_reference` for
+    shapes and semantics. Training with attention dropout stays on the reference under ``auto`` (the
+    kernel does not fuse dropout)."""
+    if backend == "auto" and kwargs.get("dropout", 0.0) > 0 and kwargs.get("training", False):
+        backend = "reference"
     if resolve_backend("hstu_attention", backend, q.device) == "triton":
         return _TRITON_OPS["hstu_attention"](q, k, v, offsets, max_len, **kwargs)  # type: ignore[operator]
     return hstu_attention_reference(q, k, v, offsets, max_len, **kwargs)

@@ -69,6 +69,28 @@ def relative_bias(
     return bias
 
 
+def attention_geometry(offsets: torch.Tensor, max_len: int, q_offsets: torch.Tensor, max_q_len: int,
+                       num_targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which keys each query row sees, and the position ids the relative bias uses.
+
+    Query row r of sequence b is key row i = (len_k - len_q) + r of that sequence (delta-q: the new rows
+    sit at the end of the key sequence). With t = num_targets[b] the last t key rows are targets: the
+    first h = len_k - t rows attend causally among themselves, a target row attends to those h rows and
+    to itself only, and every target takes position id h. Without targets h = len_k (plain causal).
+    Returns visible (B, max_q_len, max_len) bool, query position ids (B, max_q_len), key position ids
+    (B, max_len), all int64 but visible.
+    """
+    len_k = offsets[1:] - offsets[:-1]
+    len_q = q_offsets[1:] - q_offsets[:-1]
+    hist = len_k - (num_targets.to(len_k) if num_targets is not None else 0)
+    i = (len_k - len_q)[:, None] + torch.arange(max_q_len, device=offsets.device)[None, :]  # (B, Mq)
+    j = torch.arange(max_len, device=offsets.device)[None, :]  # (1, N)
+    visible = j[:, None, :] <= i[:, :, None]
+    if num_targets is not None:
+        visible &= (j[:, None, :] < hist[:, None, None]) | (j[:, None, :] == i[:, :, None])
+    return visible, torch.minimum(i, hist[:, None]), torch.minimum(j, hist[:, None])
+
+
 def hstu_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -86,28 +108,51 @@ def hstu_attention_reference(
     dropout: float = 0.0,
     training: bool = False,
     rab_cache: dict | None = None,
+    q_offsets: torch.Tensor | None = None,
+    max_q_len: int | None = None,
+    num_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """out_i = sum_{j <= i} SiLU(alpha * <q_i, k_j> + rab(i, j)) * scale * v_j, per row and head.
+    """out_i = sum_{j visible to i} SiLU(alpha * <q_i, k_j> + rab(i, j)) * scale * v_j, per row and head.
 
-    q, k: (L, H, dqk); v: (L, H, dv); offsets: (B+1,) int64; max_len: longest row in the batch.
-    timestamps / next_timestamps: (L,) int64, needed when ``time_table`` is given.
-    rab_cache: optional dict shared by the layers of one forward pass (reuses time buckets).
-    Returns (L, H, dv) in v's dtype.
+    k: (L, H, dqk), v: (L, H, dv) with offsets (B+1,) int64; max_len: longest key row.
+    q: (L, H, dqk) on the same offsets, or, in delta-q mode, (Lq, H, dqk) on ``q_offsets`` (B+1,) with
+    longest row ``max_q_len``: the new rows, which are the last rows of each key sequence (M-FALCON
+    scores candidates against a cached history this way).
+    num_targets: (B,) int64 or None; the target-aware mask of :func:`attention_geometry` (ranking).
+    timestamps: (L,) int64 per key row; next_timestamps: one per query row; both needed with
+    ``time_table``. rab_cache: optional dict shared by the layers of one forward pass.
+    Returns one (H, dv) row per query row in v's dtype.
     """
-    qp = jagged_to_padded(q, offsets, max_len).transpose(1, 2)  # (B, H, N, dqk)
-    kp = jagged_to_padded(k, offsets, max_len).transpose(1, 2)
+    plain = q_offsets is None and num_targets is None
+    if q_offsets is None:
+        q_offsets, max_q_len = offsets, max_len
+    kp = jagged_to_padded(k, offsets, max_len).transpose(1, 2)  # (B, H, N, dqk)
     vp = jagged_to_padded(v, offsets, max_len).transpose(1, 2)  # (B, H, N, dv)
-    logits = torch.matmul(qp, kp.transpose(-1, -2)) * alpha  # (B, H, N, N)
-    ts = nts = None
-    if time_table is not None:
-        ts = jagged_to_padded(timestamps, offsets, max_len)
-        nts = jagged_to_padded(next_timestamps, offsets, max_len)
-    bias = relative_bias(max_len, pos_table, time_table, ts, nts, time_divisor, rab_cache)
+    qp = jagged_to_padded(q, q_offsets, max_q_len).transpose(1, 2)  # (B, H, Mq, dqk)
+    logits = torch.matmul(qp, kp.transpose(-1, -2)) * alpha  # (B, H, Mq, N)
+    if plain:  # one (N, N) geometry shared by every row; time buckets cached across layers
+        ts = nts = None
+        if time_table is not None:
+            ts = jagged_to_padded(timestamps, offsets, max_len)
+            nts = jagged_to_padded(next_timestamps, offsets, max_len)
+        bias = relative_bias(max_len, pos_table, time_table, ts, nts, time_divisor, rab_cache)
+        visible = torch.ones(max_len, max_len, dtype=torch.bool, device=q.device).tril()
+    else:
+        visible, q_pos, k_pos = attention_geometry(offsets, max_len, q_offsets, max_q_len, num_targets)
+        bias = None
+        if pos_table is not None:
+            n_max = (pos_table.numel() + 1) // 2
+            idx = (k_pos[:, None, :] - q_pos[:, :, None] + n_max - 1).clamp(0, pos_table.numel() - 1)
+            bias = table_lookup(pos_table, idx)
+        if time_table is not None:
+            ts = jagged_to_padded(timestamps, offsets, max_len)
+            nts = jagged_to_padded(next_timestamps, q_offsets, max_q_len)
+            tb = table_lookup(time_table, time_bucket(nts[:, :, None] - ts[:, None, :], time_divisor, time_table.numel() - 1))
+            bias = tb if bias is None else bias + tb
     if bias is not None:
         logits = logits + bias.unsqueeze(1).to(logits.dtype)
-    causal = torch.ones(max_len, max_len, dtype=torch.bool, device=q.device).tril()
-    weights = F.silu(logits) * scale * causal
+    weights = F.silu(logits) * scale * visible.unsqueeze(-3)
     if dropout > 0 and training:
         weights = F.dropout(weights, p=dropout, training=True)
-    out = torch.matmul(weights, vp).transpose(1, 2)  # (B, N, H, dv)
-    return padded_to_jagged(out, offsets)
+    out = torch.matmul(weights, vp).transpose(1, 2)  # (B, Mq, H, dv)
+    return padded_to_jagged(out, q_offsets)

@@ -4,10 +4,11 @@ buffer membership at the threshold is decided identically by both."""
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from genrec.kernels.dispatch import resolve_backend, stage1_threshold_scan
+from genrec.encoders.jagged import complete_cumsum
+from genrec.kernels.dispatch import hstu_attention, resolve_backend, stage1_threshold_scan
 from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference
 
 triton = pytest.importorskip("triton")
@@ -55,3 +56,139 @@ def test_dispatch_picks_the_reference_on_cpu_and_triton_on_request():
     assert resolve_backend("stage1_threshold_scan", "triton", torch.device("cpu")) == "triton"
     with pytest.raises(NotImplementedError):
         resolve_backend("no_such_op", "triton", torch.device("cpu"))
+
+
+# ---- jagged HSTU attention ----
+
+def attention_case(seed, lengths, heads, dqk, dv, pos, time, targets, new_rows=None):
+    """Random jagged inputs; new_rows (per sequence) turns on delta-q (queries = last rows)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor(lengths, dtype=torch.int64)
+    offsets = complete_cumsum(lens)
+    total, n = int(offsets[-1]), max(lengths)
+    case = {
+        "q": torch.randn(total, heads, dqk, generator=g), "k": torch.randn(total, heads, dqk, generator=g),
+        "v": torch.randn(total, heads, dv, generator=g), "offsets": offsets, "max_len": n,
+        "kw": {"alpha": 1 / dqk ** 0.5, "scale": 1 / 64},
+    }
+    if pos:
+        case["kw"]["pos_table"] = torch.randn(2 * 64 - 1, generator=g)
+    if time:
+        ts = torch.randint(0, 10**6, (total,), generator=g)
+        case["kw"].update(time_table=torch.randn(41, generator=g), timestamps=ts,
+                          next_timestamps=ts + torch.randint(0, 10**5, (total,), generator=g), time_divisor=0.301)
+    if targets:
+        case["kw"]["num_targets"] = torch.tensor([torch.randint(0, ln + 1, (1,), generator=g).item() for ln in lengths])
+    return case
+
+
+def bucket_margin(case) -> float:
+    """Distance of the closest (query, key) time gap to a bucket edge, in units of log(dt)/divisor
+    (float64): the kernel and torch compute float32 logs that may differ in the last bit."""
+    kw = case["kw"]
+    if "time_table" not in kw:
+        return 1.0
+    r = torch.log((kw["next_timestamps"][:, None] - kw["timestamps"][None, :]).abs().clamp(min=1).double()) / 0.301
+    r = r[r > 0]
+    return float((r - r.round()).abs().min()) if r.numel() else 1.0
+
+
+def close(got, want, tol):
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err = (got.float() - want.float()).abs().max().item() if want.numel() else 0.0
+    assert err <= tol * (1 + want.float().abs().max().item() if want.numel() else 1), err
+
+
+ATTN_TOL = {"float32": 2e-5, "bfloat16": 3e-2}
+
+
+@settings(max_examples=14, deadline=None)
+@given(lengths=st.lists(st.integers(0, 40), min_size=1, max_size=4), heads=st.integers(1, 2),
+       dqk=st.sampled_from([4, 16, 20]), dv=st.sampled_from([8, 12]), pos=st.booleans(), time=st.booleans(),
+       targets=st.booleans(), dtype=st.sampled_from(sorted(ATTN_TOL)), seed=st.integers(0, 999))
+def test_hstu_attention_kernel_forward_and_gradients_match_the_reference(lengths, heads, dqk, dv, pos, time, targets,
+                                                                          dtype, seed):
+    case = attention_case(seed, lengths, heads, dqk, dv, pos, time, targets)
+    assume(bucket_margin(case) > 2e-5)
+    kw = case["kw"]
+    tables = [kw[name].requires_grad_() for name in ("pos_table", "time_table") if name in kw]
+    low = [case[x].to(DTYPES[dtype]).requires_grad_() for x in "qkv"]
+    exact = [x.detach().float().requires_grad_() for x in low]  # the oracle runs in fp32 on the same values
+    out_w = torch.randn(case["q"].shape[0], heads, dv, generator=torch.Generator().manual_seed(seed + 1))
+
+    def run(inputs, backend, **extra):
+        out = hstu_attention(*inputs, case["offsets"], case["max_len"], backend=backend, **kw, **extra)
+        grads = torch.autograd.grad((out.float() * out_w).sum(), [*inputs, *tables], allow_unused=True)
+        return out, grads
+
+    want, want_grads = run(exact, "reference")
+    got, got_grads = run(low, "triton", block_m=16, block_n=16)
+    assert got.dtype == DTYPES[dtype]
+    tol = ATTN_TOL[dtype]
+    close(got, want, tol)
+    for g_got, g_want in zip(got_grads, want_grads):
+        close(g_got, g_want, 2 * tol)
+
+
+@settings(max_examples=8, deadline=None)
+@given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), heads=st.integers(1, 2), pos=st.booleans(),
+       time=st.booleans(), targets=st.booleans(), seed=st.integers(0, 999), data=st.data())
+def test_delta_q_rows_equal_the_same_rows_of_the_full_pass(lengths, heads, pos, time, targets, seed, data):
+    """M-FALCON's delta-q mode: only the last rows of each sequence as queries, against all keys."""
+    case = attention_case(seed, lengths, heads, 16, 8, pos, time, targets)
+    assume(bucket_margin(case) > 2e-5)
+    new = [data.draw(st.integers(0, ln)) for ln in lengths]
+    kw = dict(case["kw"])
+    rows = torch.cat([torch.arange(int(case["offsets"][b + 1]) - m, int(case["offsets"][b + 1])) for b, m in enumerate(new)])
+    full = hstu_attention(case["q"], case["k"], case["v"], case["offsets"], case["max_len"], backend="reference", **kw)[rows]
+    if time:
+        kw["next_timestamps"] = kw["next_timestamps"][rows]
+    q_offsets = complete_cumsum(torch.tensor(new))
+    q = case["q"][rows].requires_grad_()
+    k, v = case["k"].clone().requires_grad_(), case["v"].clone().requires_grad_()
+    outs = {}
+    for backend, extra in (("reference", {}), ("triton", {"block_m": 16, "block_n": 16})):
+        out = hstu_attention(q, k, v, case["offsets"], case["max_len"], backend=backend, q_offsets=q_offsets,
+                             max_q_len=max(new), **kw, **extra)
+        outs[backend] = (out, torch.autograd.grad(out.sum(), [q, k, v]) if out.numel() else ())
+    close(outs["reference"][0], full, 1e-5)
+    close(outs["triton"][0], full, 2e-5)
+    for g_got, g_want in zip(outs["triton"][1], outs["reference"][1]):
+        close(g_got, g_want, 4e-5)
+
+
+def test_attention_dropout_stays_on_the_reference():
+    case = attention_case(0, [5, 3], 1, 4, 4, True, False, False)
+    args = (case["q"], case["k"], case["v"], case["offsets"], case["max_len"])
+    torch.manual_seed(0)
+    a = hstu_attention(*args, backend="auto", dropout=0.5, training=True, **case["kw"])
+    torch.manual_seed(0)
+    b = hstu_attention(*args, backend="reference", dropout=0.5, training=True, **case["kw"])
+    assert torch.equal(a, b)
+    with pytest.raises(NotImplementedError, match="dropout"):
+        hstu_attention(*args, backend="triton", dropout=0.5, training=True, **case["kw"])
+
+
+def test_encoder_training_step_on_the_triton_attention_matches_the_reference():
+    """The HSTU encoder's forward and every parameter gradient (incl. both bias tables) on the kernel."""
+    from genrec.config import ModelConfig
+    from genrec.encoders.model import SequentialEncoder
+
+    grads = {}
+    for backend in ("reference", "triton"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(item_emb_dim=16, num_blocks=2, num_heads=2, dqk=8, dv=8, dropout=0.0, input_dropout=0.0,
+                          attention_backend=backend)
+        model = SequentialEncoder(cfg, num_items=30, max_len=24).train()
+        g = torch.Generator().manual_seed(1)
+        lengths = torch.tensor([7, 1, 24, 0, 12])
+        offsets = complete_cumsum(lengths)
+        items = torch.randint(1, 31, (int(offsets[-1]),), generator=g)
+        ts = torch.cumsum(torch.randint(0, 10**4, (int(offsets[-1]),), generator=g), 0)
+        out = model(items, offsets, int(lengths.max()), ts, ts + 30)
+        (out * torch.randn(out.shape, generator=g)).sum().backward()
+        grads[backend] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert grads["reference"].keys() == grads["triton"].keys()
+    assert any("time_table" in name for name in grads["triton"]) and any("pos_table" in name for name in grads["triton"])
+    for name, want in grads["reference"].items():  # fp32 sums in another order: relative to the largest entry
+        assert (grads["triton"][name] - want).abs().max() <= 1e-5 * want.abs().max(), name

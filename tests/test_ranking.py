@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from genrec.config import ModelConfig
 from genrec.encoders.model import SequentialEncoder
-from genrec.encoders.ranking import RankingModel, target_aware_mask
+from genrec.encoders.ranking import RankingModel
+from genrec.kernels.hstu_attention_reference import attention_geometry
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -29,8 +30,11 @@ def request(n, m, seed=0):
     return hist, ts, cands
 
 
-def test_target_aware_mask_shape():
-    m = target_aware_mask(3, 2)
+def test_target_aware_geometry():
+    """3 history rows + 2 targets: causal history, each target sees the history and itself, at position 3."""
+    visible, q_pos, k_pos = attention_geometry(torch.tensor([0, 5]), 5, torch.tensor([0, 5]), 5, torch.tensor([2]))
+    m = visible[0]
+    assert q_pos.tolist() == [[0, 1, 2, 3, 3]] and k_pos.tolist() == [[0, 1, 2, 3, 3]]
     assert m[:3, :3].equal(torch.ones(3, 3, dtype=torch.bool).tril()) and not m[:3, 3:].any()
     assert m[3:, :3].all() and m[3, 3] and m[4, 4] and not m[3, 4] and not m[4, 3]
 
@@ -68,3 +72,16 @@ def test_ranking_rejects_histories_it_cannot_place():
         model.score(torch.ones(40, dtype=torch.long), torch.tensor([1]))
     with pytest.raises(ValueError, match="empty history"):
         model.score(torch.ones(0, dtype=torch.long), torch.tensor([1]))
+
+
+@torch.no_grad()
+def test_ranking_paths_on_the_triton_kernel_match_the_reference():
+    """Full pass (target-aware) and M-FALCON (delta-q) through the Triton attention (interpreter on CPU)."""
+    pytest.importorskip("triton")
+    model = ranker(seed=1)
+    hist, ts, cands = request(13, 6, seed=2)
+    want_full, want_cached = model.score_full(hist, cands, ts), model.score(hist, cands, ts, microbatch=4)
+    for layer in model.encoder.blocks:
+        layer.cfg.attention_backend = "triton"
+    torch.testing.assert_close(model.score_full(hist, cands, ts), want_full, **TOL)
+    torch.testing.assert_close(model.score(hist, cands, ts, microbatch=4), want_cached, **TOL)
