@@ -134,7 +134,8 @@ def cmd_build_index(args: argparse.Namespace) -> int:
     rows = shard_range(len(inputs.items), args.shard_id, args.num_shards) if sharded else None
     log.info("building %s over %d items%s", spec.describe(), (rows[1] - rows[0]) if rows else len(inputs.items),
              f" (shard {args.shard_id} of {args.num_shards})" if sharded else "")
-    index = build(spec, inputs, mol, rows, progress=not args.no_progress)
+    train_queries = np.load(args.train_queries_file, allow_pickle=False) if args.train_queries_file else None
+    index = build(spec, inputs, mol, rows, progress=not args.no_progress, train_queries=train_queries)
     extra = {"spec": spec.to_dict(), "source": inputs.source,
              "encoder_checkpoint_sha256": inputs.source.get("checkpoint_sha256")}
     if args.eval_queries > 0 or args.eval_queries_file:
@@ -306,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--num-shards", type=int)
     bi.add_argument("--eval-queries", type=int, default=64, help="held-out queries for the manifest's recall summary (0 = skip)")
     bi.add_argument("--eval-queries-file", help="(nq, D) float32 .npy of real query states for that summary")
+    bi.add_argument("--train-queries-file", help="(m, D) float32 .npy of query states a learned stage 1 is distilled on "
+                                                 "(default: noisy copies of sampled items)")
     bi.add_argument("--overwrite", action="store_true")
     bi.add_argument("--no-progress", action="store_true")
     bi.set_defaults(func=cmd_build_index)

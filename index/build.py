@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from genrec.index.distill import noisy_item_queries
 from genrec.index.spec import IndexSpec
 from genrec.retrieval.metrics import recall_at, top1_in
 
@@ -110,8 +111,10 @@ def load_mol(checkpoint: str | None):
     return sim.mol
 
 
-def build(spec: IndexSpec, inputs: ItemInputs, mol=None, rows: tuple[int, int] | None = None, progress: bool = True):
-    """The index ``spec`` names over inputs.items[rows[0]:rows[1]] (all items by default)."""
+def build(spec: IndexSpec, inputs: ItemInputs, mol=None, rows: tuple[int, int] | None = None, progress: bool = True,
+          train_queries: np.ndarray | None = None):
+    """The index ``spec`` names over inputs.items[rows[0]:rows[1]] (all items by default).
+    train_queries: (m, D) query states a learned stage 1 is distilled on (default: noisy items)."""
     from genrec.index.hindexer import MoLHIndexer
     from genrec.index.mips import FaissMIPS, FlatMIPS
 
@@ -121,7 +124,8 @@ def build(spec: IndexSpec, inputs: ItemInputs, mol=None, rows: tuple[int, int] |
             raise ValueError("a mol-hindexer needs the MoL weights (--checkpoint)")
         return MoLHIndexer.build(mol, inputs.items, inputs.ids, stage1=spec.stage1, stage1_dtype=spec.stage1_dtype,
                                  kprime=spec.kprime, cache_dtype=spec.cache_dtype, sample_size=spec.sample_size,
-                                 seed=spec.seed, rows=rows, progress=progress)
+                                 seed=spec.seed, rows=rows, progress=progress, train_queries=train_queries,
+                                 distill_steps=spec.distill_steps)
     items, ids = np.asarray(inputs.items[start:end], dtype=np.float32), inputs.ids[start:end]
     if spec.factory == "Flat":
         return FlatMIPS(torch.from_numpy(np.ascontiguousarray(items)), ids)
@@ -146,12 +150,9 @@ def exact_reference(index, inputs: ItemInputs, rows: tuple[int, int] | None = No
 def proxy_queries(inputs: ItemInputs, count: int, dim: int, seed: int = 0) -> np.ndarray:
     """Held-out evaluation queries when none are given: item embeddings plus noise, re-normalised
     (encoder states live in the item space for both similarities)."""
-    rng = np.random.default_rng(seed)
     if inputs.items.shape[1] != dim:
         raise ValueError(f"items have dim {inputs.items.shape[1]}, the index expects queries of dim {dim}: pass --eval-queries-file")
-    x = np.asarray(inputs.items[np.sort(rng.choice(len(inputs.items), min(count, len(inputs.items)), replace=False))])
-    x = x + 0.5 * rng.standard_normal(x.shape).astype(np.float32) / np.sqrt(dim)
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    return noisy_item_queries(inputs.items, count, seed)
 
 
 def eval_summary(index, exact, queries: np.ndarray, ks: tuple[int, ...] = (10, 100)) -> dict[str, Any]:

@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from genrec.index.base import Index, IndexState
-from genrec.index.stage1 import (Stage1Table, encode, fit_stage1, from_numpy, item_base_vectors, to_numpy)
+from genrec.index.distill import fit_learned_stage1
+from genrec.index.stage1 import (Stage1Table, encode, fit_stage1, from_numpy, is_learned, item_base_vectors, parse_method,
+                                 to_numpy)
 from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits
 from genrec.retrieval.search import SearchResult, rescore_candidates, validate_queries
@@ -49,12 +51,14 @@ def item_cache(mol: MixtureOfLogits, items, start: int, end: int, dtype: torch.d
     return ItemCache(torch.cat(comps), torch.cat(gates))
 
 
-def base_vectors_from_items(mol: MixtureOfLogits, items):
-    """rows -> (m, d_P) stage-1 base vectors computed from raw item embeddings (for global fitting)."""
+def stage1_inputs_from_items(mol: MixtureOfLogits, items, flat: bool):
+    """rows -> the stage-1 input vectors of those raw item embeddings (for global fitting): the
+    TopKAvg base (m, d_P), or with ``flat`` the flattened components (m, P_X * d_P)."""
     def fn(rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             x = _as_tensor(items[rows.numpy()] if not isinstance(items, torch.Tensor) else items[rows])
-            return item_base_vectors(F.normalize(mol.item_proj(x).view(len(rows), mol.px, mol.dp), dim=-1, eps=1e-6))
+            comps = F.normalize(mol.item_proj(x).view(len(rows), mol.px, mol.dp), dim=-1, eps=1e-6)
+            return comps.flatten(1) if flat else item_base_vectors(comps)
     return fn
 
 
@@ -64,7 +68,8 @@ class MoLHIndexer(Index):
     kind = "mol-hindexer"
 
     def __init__(self, mol: MixtureOfLogits, cache: ItemCache, stage1: Stage1Table, ids=None, kprime: int = 10000,
-                 sample_size: int = 16384, chunk_size: int = 65536, rescore_chunk: int = 2048):
+                 sample_size: int = 16384, chunk_size: int = 65536, rescore_chunk: int = 2048,
+                 stage1_fit: dict | None = None):
         super().__init__(ids, len(cache))
         if len(stage1) != len(cache):
             raise ValueError(f"stage-1 table has {len(stage1)} items, MoL cache {len(cache)}")
@@ -72,6 +77,7 @@ class MoLHIndexer(Index):
         self.kprime, self.sample_size, self.chunk_size, self.rescore_chunk = kprime, sample_size, chunk_size, rescore_chunk
         self._score_sample = stage1.sample_scorer(sample_rows(len(cache), sample_size))
         self.last_stats = SelectionStats()
+        self.stage1_fit = stage1_fit or {}  # the distillation report of a learned stage 1
 
     @property
     def dim(self) -> int:
@@ -86,26 +92,33 @@ class MoLHIndexer(Index):
     @classmethod
     def build(cls, mol: MixtureOfLogits, items, ids=None, stage1: str = "avg", stage1_dtype: str = "int8",
               kprime: int = 10000, cache_dtype: str = "float32", sample_size: int = 16384, seed: int = 0,
-              rows: tuple[int, int] | None = None, progress: bool = False) -> "MoLHIndexer":
+              rows: tuple[int, int] | None = None, progress: bool = False, train_queries: np.ndarray | None = None,
+              distill_steps: int = 300) -> "MoLHIndexer":
         """items (N, D_x) float32 (tensor or memmap); ids (N,) int64 or None (0..N-1).
 
         rows=(start, end) builds a shard over items[start:end] whose stage-1 projection and scales are
         fitted on the whole corpus, so every shard of one corpus scores stage 1 identically.
+        A learned stage 1 is distilled on the sample rows and ``train_queries`` ((m, D_q) float32 query
+        states; default: noisy copies of sampled items), deterministically in ``seed``.
         """
         mol = mol.eval()
         n = len(items)
         start, end = rows or (0, n)
         t = time.perf_counter()
         cache = item_cache(mol, items, start, end, getattr(torch, cache_dtype), progress=progress)
-        vectors = base_vectors_from_items(mol, items)
-        table = fit_stage1(vectors, n, stage1, stage1_dtype, sample_rows(n, sample_size, seed))
+        sample = sample_rows(n, sample_size, seed)
+        learned, fit = None, None
+        if is_learned(stage1):
+            learned, fit = fit_learned_stage1(mol, items, sample, parse_method(stage1)[1], train_queries, distill_steps, seed)
+        vectors = stage1_inputs_from_items(mol, items, flat=learned is not None)
+        table = fit_stage1(vectors, n, stage1, stage1_dtype, sample, learned=learned)
         bar = tqdm(total=end - start, desc="stage-1 codes", unit="item", unit_scale=True, disable=not progress)
         table = encode(table, lambda r: vectors(r + start), 0, end - start, progress=bar)
         bar.close()
         log.info("h-indexer built over %d items in %.1fs (%.0f items/s)", end - start, time.perf_counter() - t,
                  (end - start) / max(time.perf_counter() - t, 1e-9))
         shard_ids = (np.arange(n) if ids is None else np.asarray(ids))[start:end]
-        return cls(mol, cache, table, shard_ids, kprime=kprime, sample_size=sample_size)
+        return cls(mol, cache, table, shard_ids, kprime=kprime, sample_size=sample_size, stage1_fit=fit)
 
     @torch.no_grad()
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
@@ -136,12 +149,16 @@ class MoLHIndexer(Index):
             arrays["stage1_projection"] = self.stage1.projection.numpy()
         if self.stage1.scales is not None:
             arrays["stage1_scales"] = self.stage1.scales.numpy()
+        if self.stage1.query_projection is not None:
+            arrays["stage1_query_projection"] = self.stage1.query_projection.numpy()
         params: dict[str, Any] = {
             "stage1": self.stage1.method, "stage1_dtype": self.stage1.dtype, "kprime": self.kprime,
             "sample_size": self.sample_size, "chunk_size": self.chunk_size,
             "cache_dtype": str(self.cache.components.dtype).removeprefix("torch."),
             "mol": {k: v for k, v in self.mol.init_kwargs.items()},
         }
+        if self.stage1_fit:
+            params["stage1_fit"] = self.stage1_fit
         return IndexState(self.kind, params, arrays, {"mol.pt": buf.getvalue()})
 
     @classmethod
@@ -152,6 +169,8 @@ class MoLHIndexer(Index):
         p, a = st.params, st.arrays
         table = Stage1Table(p["stage1"], p["stage1_dtype"], from_numpy(a["stage1_codes"], p["stage1_dtype"]),
                             from_numpy(a["stage1_projection"], "float32") if "stage1_projection" in a else None,
-                            from_numpy(a["stage1_scales"], "float32") if "stage1_scales" in a else None)
+                            from_numpy(a["stage1_scales"], "float32") if "stage1_scales" in a else None,
+                            from_numpy(a["stage1_query_projection"], "float32") if "stage1_query_projection" in a else None)
         cache = ItemCache(from_numpy(a["mol_components"], p["cache_dtype"]), from_numpy(a["mol_gate"], p["cache_dtype"]))
-        return cls(mol, cache, table, a["ids"], kprime=p["kprime"], sample_size=p["sample_size"], chunk_size=p["chunk_size"])
+        return cls(mol, cache, table, a["ids"], kprime=p["kprime"], sample_size=p["sample_size"], chunk_size=p["chunk_size"],
+                   stage1_fit=p.get("stage1_fit"))

@@ -26,7 +26,7 @@ from genrec.io import atomic_directory, sha256_file
 from genrec.retrieval.search import SearchResult
 from genrec.retrieval.topk import select_topk
 
-SHARED_STAGE1_FILES = ("stage1_projection.npy", "stage1_scales.npy")
+SHARED_STAGE1_FILES = ("stage1_projection.npy", "stage1_scales.npy", "stage1_query_projection.npy")
 
 
 def shard_range(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:

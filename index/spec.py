@@ -22,13 +22,15 @@ TYPES = ("mol-hindexer", "mips")
 @dataclass
 class IndexSpec:
     type: str = "mol-hindexer"
-    # mol-hindexer: stage 1 (avg | pca<d>; float32 | bfloat16 | int8), K' kept for stage 2, sample size
-    # for the threshold estimate and the PCA fit, dtype of the cached MoL item components
+    # mol-hindexer: stage 1 (avg | pca<d> | learned<d>; float32 | bfloat16 | int8), K' kept for stage 2,
+    # sample size for the threshold estimate and the PCA / distillation fit, dtype of the cached MoL item
+    # components, optimiser steps of a learned stage 1's distillation
     stage1: str = "avg"
     stage1_dtype: str = "int8"
     kprime: int = 10000
     sample_size: int = 16384
     cache_dtype: str = "float32"
+    distill_steps: int = 300
     # mips: faiss index_factory string ("Flat" = exact torch scan) and its search parameters
     factory: str = "Flat"
     nprobe: int = 0
@@ -38,8 +40,8 @@ class IndexSpec:
     def __post_init__(self) -> None:
         if self.type not in TYPES:
             raise ValueError(f"unknown index type {self.type!r}; use one of {', '.join(TYPES)}")
-        if self.kprime <= 0 or self.sample_size <= 0:
-            raise ValueError("kprime and sample_size must be positive")
+        if self.kprime <= 0 or self.sample_size <= 0 or self.distill_steps <= 0:
+            raise ValueError("kprime, sample_size and distill_steps must be positive")
         if self.cache_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"cache_dtype {self.cache_dtype!r}: use float32 or bfloat16")
         if self.type == "mol-hindexer":

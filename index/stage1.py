@@ -5,6 +5,7 @@ Base vectors (no training, RAILS' TopKAvg): item side mean_j g_j(x) (d_P), query
   method "avg"      keep the d_P dims;
   method "pca<d>"   project both sides onto the top-d right singular vectors of a sample of item vectors
                     (uncentred: inner products, not distances, are what must survive);
+  method "learned<d>" maps of all flattened components, distilled from MoL scores (``distill.py``);
   dtype float32 | bfloat16 | int8. int8 stores round(x_d / s_d) with per-dimension scales
   s_d = max_n |x_nd| / 127; the query is multiplied by s once, so scoring is one matmul.
 
@@ -26,14 +27,19 @@ DTYPES = ("float32", "bfloat16", "int8")
 BYTES = {"float32": 4, "bfloat16": 2, "int8": 1}
 
 
-def parse_method(method: str) -> int | None:
-    """'avg' -> None (no projection); 'pca<d>' -> d."""
+def parse_method(method: str) -> tuple[str, int | None]:
+    """'avg' -> ('avg', None) (no projection); 'pca<d>' -> ('pca', d); 'learned<d>' -> ('learned', d)."""
     if method == "avg":
-        return None
-    m = re.fullmatch(r"pca(\d+)", method)
-    if not m or int(m.group(1)) <= 0:
-        raise ValueError(f"unknown stage-1 method {method!r}; use 'avg' or 'pca<d>' (e.g. pca16)")
-    return int(m.group(1))
+        return "avg", None
+    m = re.fullmatch(r"(pca|learned)(\d+)", method)
+    if not m or int(m.group(2)) <= 0:
+        raise ValueError(f"unknown stage-1 method {method!r}; use 'avg', 'pca<d>' or 'learned<d>' (e.g. pca16)")
+    return m.group(1), int(m.group(2))
+
+
+def is_learned(method: str) -> bool:
+    """Learned tables read flattened components (P * d_P) rather than the TopKAvg base vectors."""
+    return method.startswith("learned")
 
 
 def item_base_vectors(components: torch.Tensor) -> torch.Tensor:
@@ -69,6 +75,8 @@ class Stage1Table:
     """Stage-1 codes for N items and how to map queries onto them.
 
     codes (N, d) float32 | bfloat16 | int8; projection (d_P, d) float32 or None; scales (d,) float32 or None.
+    Learned tables: projection (P_X * d_P, d) maps flattened item components and query_projection
+    (P_Q * d_P, d) flattened query components.
     """
 
     method: str
@@ -76,6 +84,7 @@ class Stage1Table:
     codes: torch.Tensor
     projection: torch.Tensor | None = None
     scales: torch.Tensor | None = None
+    query_projection: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -89,7 +98,10 @@ class Stage1Table:
 
     def query_vectors(self, q: QueryState) -> torch.Tensor:
         """QueryState -> (B, d) float32 ready to multiply the stored codes (scales folded in)."""
-        v = self.project(query_base_vectors(q))
+        if self.query_projection is not None:
+            v = q.components.float().flatten(1) @ self.query_projection
+        else:
+            v = self.project(query_base_vectors(q))
         return v * self.scales if self.scales is not None else v
 
     def score_range(self, qv: torch.Tensor, start: int, end: int) -> torch.Tensor:
@@ -109,18 +121,25 @@ class Stage1Table:
 
 
 def fit_stage1(item_vectors, n: int, method: str, dtype: str, sample: torch.Tensor,
-               chunk_size: int = 65536) -> Stage1Table:
+               chunk_size: int = 65536, learned: tuple[torch.Tensor, torch.Tensor] | None = None) -> Stage1Table:
     """Fit projection and scales on the whole corpus; returns a table with no codes yet (see ``encode``).
 
-    item_vectors(rows (m,) int64) -> (m, d_P) float32 base vectors, called chunk by chunk so the corpus
-    is never held twice. sample: the rows the PCA is fitted on (deterministic, so every shard of one
-    corpus fits the same projection). int8 scales need the per-dim max over all n items: one pass.
+    item_vectors(rows (m,) int64) -> (m, d_P) float32 base vectors (flattened components (m, P_X * d_P)
+    for a learned method), called chunk by chunk so the corpus is never held twice. sample: the rows the
+    PCA is fitted on (deterministic, so every shard of one corpus fits the same projection). learned:
+    the distilled (item map, query map) for a learned method. int8 scales need the per-dim max over all
+    n items: one pass.
     """
     if dtype not in DTYPES:
         raise ValueError(f"unknown stage-1 dtype {dtype!r}; use one of {', '.join(DTYPES)}")
-    dim = parse_method(method)
-    projection = pca_projection(item_vectors(sample), dim) if dim else None
-    table = Stage1Table(method, dtype, torch.empty(0, dim or 0), projection, None)
+    kind, dim = parse_method(method)
+    if kind == "learned":
+        if learned is None:
+            raise ValueError(f"stage-1 {method} needs distilled projections (index.distill.distill_projection)")
+        projection, query_projection = learned
+    else:
+        projection, query_projection = (pca_projection(item_vectors(sample), dim) if dim else None), None
+    table = Stage1Table(method, dtype, torch.empty(0, dim or 0), projection, None, query_projection)
     if dtype == "int8":
         peak = None
         for s in range(0, n, chunk_size):
@@ -142,7 +161,7 @@ def encode(table: Stage1Table, item_vectors, start: int, end: int, chunk_size: i
             progress.update(e - s)
     dim = table.projection.shape[1] if table.projection is not None else None
     codes = torch.cat(parts) if parts else torch.empty(0, dim or 0)
-    return Stage1Table(table.method, table.dtype, codes, table.projection, table.scales)
+    return Stage1Table(table.method, table.dtype, codes, table.projection, table.scales, table.query_projection)
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:

@@ -72,6 +72,17 @@ def test_cli_index_lifecycle_build_verify_search_shard_merge(tmp_path):
     assert manifest["spec"]["kprime"] == 40 and manifest["packages"]["torch"]
     r = genrec("verify-index", "--name", "mol", cwd=tmp_path)
     assert r.returncode == 0 and "ok:" in r.stdout, r.stderr
+    items = np.load(tmp_path / "items.npy")
+    np.save(tmp_path / "train_q.npy", items[:60] + 0.1)
+    np.save(tmp_path / "bad_q.npy", items[:60, :3])
+    learned = ("build-index", "--name", "learned", "--checkpoint", ckpt, "--embeddings", "items.npy", "--no-progress",
+               "--spec", "mol-hindexer:stage1=learned4,kprime=40", "--set", "distill_steps=20", "--eval-queries", "0")
+    r = genrec(*learned, "--train-queries-file", "bad_q.npy", cwd=tmp_path)
+    assert r.returncode == 2 and "training queries must be" in r.stderr and not (tmp_path / "indexes/learned").exists()
+    r = genrec(*learned, "--train-queries-file", "train_q.npy", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    fit = json.loads((tmp_path / "indexes/learned/v1/manifest.json").read_text())["params"]["stage1_fit"]
+    assert fit["query_source"] == "given" and fit["queries"] == 60 and fit["steps"] == 20
     r = genrec("search", "indexes/mol/v1", "--random", "2", "--k", "5", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = [json.loads(line) for line in r.stdout.splitlines()]

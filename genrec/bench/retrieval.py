@@ -97,8 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--retrain", action="store_true", help="retrain the default MoL even if cached")
     ap.add_argument("--budgets", type=int, nargs="+", default=[16, 64], help="TopKPerEmbedding budgets")
     ap.add_argument("--avg-budgets", type=int, nargs="+", default=[1024, 4096, 16384], help="TopKAvg budgets")
-    ap.add_argument("--stage1", nargs="+", default=["avg:float32", "avg:int8", "pca16:int8", "pca8:int8"],
-                    help="h-indexer stage-1 variants method:dtype")
+    ap.add_argument("--stage1", nargs="+", default=["avg:float32", "avg:int8", "pca16:int8", "pca8:int8", "learned16:int8"],
+                    help="h-indexer stage-1 variants method:dtype (a learned stage 1 is distilled on the query "
+                         "states not used for recall)")
     ap.add_argument("--kprimes", type=int, nargs="+", default=[1024, 4096, 16384], help="h-indexer K' sweep")
     ap.add_argument("--nprobes", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--ef-searches", type=int, nargs="+", default=[16, 64, 256])
@@ -175,7 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         for variant in args.stage1:
             method, _, dtype = variant.partition(":")
             t = time.perf_counter()
-            h = MoLHIndexer.build(mol, corpus, stage1=method, stage1_dtype=dtype or "int8", kprime=args.kprimes[0])
+            train_q = queries[len(rq):] if len(queries) - len(rq) >= 64 else None  # disjoint from the recall queries
+            h = MoLHIndexer.build(mol, corpus, stage1=method, stage1_dtype=dtype or "int8", kprime=args.kprimes[0],
+                                  train_queries=train_q)
+            if h.stage1_fit:
+                log.info("stage-1 %s fitted on %s queries (%d): %s", method, h.stage1_fit["query_source"],
+                         h.stage1_fit["queries"], h.stage1_fit)
             build = time.perf_counter() - t
             for kp in args.kprimes:
                 fn = lambda q, kp=kp: h.search(q, k, kprime=kp)  # noqa: E731
