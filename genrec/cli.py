@@ -220,7 +220,8 @@ def cmd_query(args: argparse.Namespace) -> int:
         try:
             if args.history:
                 history = [int(x) for x in args.history.split(",") if x.strip()]
-                replies = [client.search_by_user(history, args.k, index=args.index, timeout=args.timeout)]
+                replies = [client.search_by_user(history, args.k, index=args.index, timeout=args.timeout, exact=args.exact,
+                                                 kprime=args.kprime, rerank=args.rerank)]
             else:
                 queries = np.load(args.queries, allow_pickle=False)
                 replies = [client.search_reply(queries, args.k, index=args.index, exact=args.exact, kprime=args.kprime,
@@ -358,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--history", help="comma-separated raw item ids, oldest first (server-side encoding)")
     qu.add_argument("--exact", action="store_true")
     qu.add_argument("--kprime", type=int, default=0)
+    qu.add_argument("--rerank", type=int, default=0,
+                    help="with --history: retrieve this many, rescore them with the server's ranking stage, keep k")
     qu.add_argument("--timeout", type=float, default=30.0)
     qu.add_argument("--json", action="store_true")
     qu.set_defaults(func=cmd_query)

@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from genrec.kernels.hstu_attention_reference import hstu_attention_reference
+from genrec.kernels.mol_stage2_reference import mol_candidate_scores_reference
 from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference
 
 Backend = Literal["auto", "reference", "triton"]
@@ -27,9 +28,16 @@ def _hstu_attention_triton(*args, **kwargs):
     return hstu_attention_triton(*args, **kwargs)
 
 
+def _mol_stage2_triton(*args, **kwargs):
+    from genrec.kernels.mol_stage2_triton import mol_candidate_scores_triton
+
+    return mol_candidate_scores_triton(*args, **kwargs)
+
+
 _TRITON_OPS: dict[str, object] = {  # op -> kernel entry point
     "stage1_threshold_scan": _stage1_scan_triton,
     "hstu_attention": _hstu_attention_triton,
+    "mol_candidate_scores": _mol_stage2_triton,
 }
 
 
@@ -62,3 +70,14 @@ def stage1_threshold_scan(qv: torch.Tensor, codes: torch.Tensor, thr: torch.Tens
     if resolve_backend("stage1_threshold_scan", backend, qv.device) == "triton":
         return _TRITON_OPS["stage1_threshold_scan"](qv, codes, thr, capacity, id_offset)  # type: ignore[operator]
     return stage1_threshold_scan_reference(qv, codes, thr, capacity, id_offset)
+
+
+def mol_candidate_scores(mol, q, cache, cand: torch.Tensor | None, *, backend: Backend = "auto") -> torch.Tensor:
+    """Exact MoL of each query against its candidate rows (stage 2), or against every cached item when
+    cand is None; see :func:`mol_candidate_scores_reference`. The kernel has no gating dropout: a module
+    in training mode stays on the reference."""
+    if backend == "auto" and mol.training:
+        backend = "reference"
+    if resolve_backend("mol_candidate_scores", backend, q.components.device) == "triton":
+        return _TRITON_OPS["mol_candidate_scores"](mol, q, cache, cand)  # type: ignore[operator]
+    return mol_candidate_scores_reference(mol, q, cache, cand)

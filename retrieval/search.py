@@ -18,6 +18,7 @@ from typing import Literal, Sequence
 import numpy as np
 import torch
 
+from genrec.kernels.dispatch import mol_candidate_scores
 from genrec.retrieval.ids import IdMap
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits, QueryState, topk_avg_vectors
 from genrec.retrieval.topk import chunked_topk, empty_topk, mask_excluded, merge_topk, pad_invalid, unique_rows
@@ -122,7 +123,7 @@ class MoLSearcher:
     # ---- internals (row = internal 0..N-1 index) ----
     def _exact(self, q: QueryState, k: int, excl) -> tuple[torch.Tensor, torch.Tensor]:
         def score(start: int, end: int) -> torch.Tensor:
-            return mask_excluded(self.mol.score(q, self.cache.slice(start, end)).float(), start, excl)
+            return mask_excluded(mol_candidate_scores(self.mol, q, self.cache.slice(start, end), None), start, excl)
 
         return chunked_topk(score, self.ntotal, len(q), k, self.chunk_size)
 
@@ -168,9 +169,7 @@ def rescore_candidates(mol: MixtureOfLogits, q: QueryState, cache: ItemCache, ca
     best_s, best_i = empty_topk(b, k)
     for start in range(0, cand.shape[1], chunk):
         rows = cand[:, start : start + chunk]
-        items = cache.take(rows.clamp(min=0).reshape(-1))
-        s = mol.score(q, items, aligned=True).float()
-        s = s.masked_fill(rows < 0, float("-inf"))
+        s = mol_candidate_scores(mol, q, cache, rows)  # -inf where rows < 0
         if excl:
             for r, ex in enumerate(excl):
                 if ex.numel():

@@ -24,6 +24,7 @@ import grpc
 import numpy as np
 
 from genrec.index.storage import IndexFormatError
+from genrec.retrieval.search import SearchResult
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
 from genrec.serving.batching import DynamicBatcher, Expired, Job, QueueFull, run_group
@@ -235,15 +236,48 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                    f"index {served.name!r} expects dim {served.index.dim}, the encoder makes {self.encoder.dim}")
             k = self._check_k(request.k)
+            depth = self._check_rerank(request.rerank, k)
             enc = encode_user(self.encoder, request, self.cfg.limits.max_history)
             params = self._params(served, request.exact, request.kprime)
             exclude = None if request.keep_history else [enc.known[0].tolist()]
-            out = self._search(served, enc.states, k, params, exclude, context, "SearchByUser")
+            out = self._search(served, enc.states, depth, params, exclude, context, "SearchByUser")
+            if request.rerank:
+                out.result = self._rerank(request, out.result, k)
             resp = self._response(served, out, k, request.request_id, started)
             resp.unknown_ids.extend(enc.unknown[0].tolist())
             return resp
 
         return self._call("SearchByUser", context, run)
+
+    def _check_rerank(self, rerank: int, k: int) -> int:
+        """How deep SearchByUser retrieves: k, or ``rerank`` candidates for the ranking stage."""
+        if not rerank:
+            return k
+        if self.ranker is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no ranking_checkpoint configured: rerank is off")
+        if rerank < k:
+            raise invalid(f"rerank {rerank} must be at least k {k}")
+        if rerank > self.cfg.max_candidates:
+            raise invalid(f"rerank {rerank} exceeds max_candidates {self.cfg.max_candidates}")
+        return rerank
+
+    def _rerank(self, request, result: SearchResult, k: int) -> SearchResult:
+        """One user's retrieved candidates -> the top k by the ranker's engagement logit (ties: smaller id;
+        ids the ranker does not know score -inf); -1 / -inf padded like every search."""
+        ids = result.ids[0][result.ids[0] >= 0]
+        scores = np.full(len(ids), -np.inf, dtype=np.float32)
+        if len(ids):
+            ts = list(request.timestamps) or None
+            try:
+                scores, _, _ = self.ranker.rank(list(request.history), ids.tolist(), ts, request.query_time or None,
+                                                self.cfg.rank_microbatch)
+            except KeyError as e:
+                raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
+        order = np.lexsort((ids, -scores.astype(np.float64)))[:k]
+        out_ids = np.full((1, k), -1, dtype=np.int64)
+        out_scores = np.full((1, k), -np.inf, dtype=np.float32)
+        out_ids[0, : len(order)], out_scores[0, : len(order)] = ids[order], scores[order]
+        return SearchResult(out_scores, out_ids, np.zeros(1, dtype=bool), np.full(1, np.inf, dtype=np.float32))
 
     def Rank(self, request, context):
         def run():

@@ -326,10 +326,44 @@ def test_search_by_user_encodes_the_history_server_side(tmp_path, tiny_synthetic
             with pytest.raises(grpc.RpcError) as err:
                 c.search_by_user([999998, 999999], 10)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.RpcError) as err:
+                c.search_by_user(history, 10, rerank=30)
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "rerank is off" in err.value.details()
         state = enc.encode([history]).states
         _, expected = FlatMIPS(items, raw_ids).search(state, 10, exclude=[[history[0], history[1], history[3]]])
         np.testing.assert_array_equal(r.ids, expected)
         assert r.unknown_ids == [999999] and not set(history) & set(r.ids[0].tolist())
+    finally:
+        srv.stop(grace=1)
+
+    # the two-stage path: retrieve 30, rerank with the ranking stage, keep 10
+    from genrec.checkpoint import save_checkpoint
+    from genrec.encoders.ranking import RankingModel
+    from genrec.serving.ranker import Ranker
+
+    torch.manual_seed(0)
+    model = RankingModel(enc.model, 2, cfg.ranking.head_hidden).eval()
+    with torch.no_grad():
+        model.item_bias.weight.normal_()  # so the ranker's order differs from retrieval's
+    cfg.task = "ranking"
+    rank_ckpt = save_checkpoint(tmp_path / "rank.pt", model.encoder, cfg, raw_ids, ranking_head=model.head.state_dict(),
+                                ranking_item_bias=model.item_bias.state_dict(),
+                                ranking_retrieval_weight=model.retrieval_weight.detach())
+    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(tmp_path / "idx" / "items")),),
+                            encoder_checkpoint=str(ckpt), ranking_checkpoint=str(rank_ckpt)))
+    try:
+        with client_for(srv) as c:
+            r = c.search_by_user(history, 10, rerank=30)
+            for bad in (5, 10**6):
+                with pytest.raises(grpc.RpcError) as err:
+                    c.search_by_user(history, 10, rerank=bad)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        _, top30 = FlatMIPS(items, raw_ids).search(state, 30, exclude=[[history[0], history[1], history[3]]])
+        scores, _, _ = Ranker(str(rank_ckpt)).rank(history, top30[0].tolist())
+        order = sorted(range(30), key=lambda i: (-scores[i], top30[0][i]))[:10]
+        np.testing.assert_array_equal(r.ids[0], top30[0][order])
+        np.testing.assert_allclose(r.scores[0], scores[order], rtol=1e-5, atol=1e-6)
+        assert set(r.ids[0].tolist()) != set(expected[0].tolist())  # reranking changed the result
     finally:
         srv.stop(grace=1)
 
