@@ -145,6 +145,10 @@ class RankingConfig:
     retrieval_checkpoint: str = ""  # two-stage evaluation: retrieve with this checkpoint, then rerank
     warm_start: bool = True         # initialise the ranker's encoder from retrieval_checkpoint (same model config)
     rerank_k: int = 200
+    loss: Literal["bce", "listwise"] = "bce"  # engagement: per-candidate BCE, or softmax CE of the positive vs its negatives
+    select_on: Literal["auc", "two_stage"] = "auc"  # best epoch / early stop: validation AUC, or validation
+                                    # two-stage HR@10 (retrieve rerank_k, rerank; needs retrieval_checkpoint)
+    select_users: int = 500         # validation users for select_on: two_stage (a fixed sample)
 
 
 @dataclass

@@ -5,14 +5,17 @@ of the training part gives history = items before t, positive = items[t] (with i
 has ratings) and ``ranking.negatives`` sampled items, ``ranking.hard_negatives`` of them from the
 retrieval checkpoint's top ``rerank_k`` for that history (the ranker must learn to order what retrieval
 returns, not to tell it from random items) and the rest uniform; the target-aware model scores all of
-them in one pass. Loss: BCE on task 0 (engagement: positive 1, negatives 0) + ``rating_weight`` x MSE
-on task 1 (rating / 5, positives only).
+them in one pass. Loss on task 0 (engagement): BCE (positive 1, negatives 0), or with ``ranking.loss:
+listwise`` the softmax cross-entropy of the positive against its negatives (what reranking needs: the
+order within a candidate list, not calibrated probabilities); + ``rating_weight`` x MSE on task 1
+(rating / 5, positives only).
 
 Evaluation (valid for early stopping, test at the end): the held-out item against
 ``ranking.eval_negatives`` sampled items: AUC and logloss (normalised entropy's numerator). With
 ``ranking.retrieval_checkpoint``, also the two-stage pipeline: retrieve the top ``rerank_k`` (history
 excluded) with that checkpoint, rerank them by engagement with M-FALCON, and report HR@k / NDCG@k of
-retrieval alone vs retrieval + ranking.
+retrieval alone vs retrieval + ranking. ``ranking.select_on: two_stage`` picks the best epoch by that
+pipeline's validation HR@10 (on ``select_users`` users) instead of AUC.
 """
 
 from __future__ import annotations
@@ -99,9 +102,12 @@ def example_loss(model: RankingModel, ds: SequenceDataset, u: int, target: int, 
     easy = _negatives(rng, ds.num_items, cfg.ranking.negatives - len(hard), pos)
     cands = torch.tensor([pos, *hard, *easy])
     logits = model.score_full(hist, cands, ts, req)
-    labels = torch.zeros(len(cands))
-    labels[0] = 1.0
-    loss = F.binary_cross_entropy_with_logits(logits[:, 0], labels)
+    if cfg.ranking.loss == "listwise":
+        loss = torch.logsumexp(logits[:, 0], dim=0) - logits[0, 0]  # -log softmax of the positive (index 0)
+    else:
+        labels = torch.zeros(len(cands))
+        labels[0] = 1.0
+        loss = F.binary_cross_entropy_with_logits(logits[:, 0], labels)
     if ds.ratings is not None and cfg.ranking.rating_weight > 0:
         loss = loss + cfg.ranking.rating_weight * (logits[0, 1] - float(ds.ratings[target]) / 5.0) ** 2
     return loss
@@ -129,14 +135,16 @@ def evaluate_ranking(model: RankingModel, ds: SequenceDataset, split: Split, sta
 
 @torch.no_grad()
 def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, cfg: RunConfig,
-                       retriever: Retriever | None = None) -> dict[str, dict[str, float]]:
-    """Retrieval top-K by the retrieval checkpoint, then reranked by engagement: HR/NDCG for both."""
+                       retriever: Retriever | None = None, stage: str = "test",
+                       users: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Retrieval top-K by the retrieval checkpoint, then reranked by engagement: HR/NDCG for both, on the
+    test (last) or valid (second-to-last) item of ``users`` (default: every evaluation user)."""
     retriever = retriever or Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items)
     model.eval()
     k = cfg.ranking.rerank_k
     ranks_retrieval, ranks_reranked = [], []
-    for u in split.eval_users:
-        target = int(ds.offsets[u + 1]) - 1
+    for u in split.eval_users if users is None else users:
+        target = int(ds.offsets[u + 1]) - (2 if stage == "valid" else 1)
         top = retriever.top(ds, int(u), target, k)
         pos = int(ds.items[target])
         hit = (top == pos).nonzero()
@@ -184,8 +192,11 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
                  f" (not copied: {', '.join(skipped)})" if skipped else "")
     if cfg.ranking.hard_negatives and retriever is None:
         raise ValueError("ranking.hard_negatives needs ranking.retrieval_checkpoint")
+    if cfg.ranking.select_on == "two_stage" and retriever is None:
+        raise ValueError("ranking.select_on: two_stage needs ranking.retrieval_checkpoint")
+    select_users = np.random.default_rng(cfg.train.seed + 2).permutation(split.eval_users)[: cfg.ranking.select_users]
     history: list[dict] = []
-    best_epoch, best_auc, bad = 0, -1.0, 0
+    best_epoch, best_score, bad = 0, -1.0, 0
     for epoch in range(1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         rng.shuffle(users)
@@ -203,13 +214,18 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
             if cfg.train.max_steps_per_epoch and steps >= cfg.train.max_steps_per_epoch:
                 break
         val = evaluate_ranking(model, ds, split, "valid", cfg)
+        if cfg.ranking.select_on == "two_stage":
+            two = evaluate_two_stage(model, ds, split, cfg, retriever, "valid", select_users)
+            val["two_stage_hr@10"] = two["retrieval+ranking"]["hr@10"]
+            val["retrieval_hr@10"] = two["retrieval"]["hr@10"]
+        score = val["two_stage_hr@10"] if cfg.ranking.select_on == "two_stage" else val["auc"]
         seconds = time.perf_counter() - t0
         history.append({"epoch": epoch, "train_loss": total / max(steps, 1), "seconds": round(seconds, 2),
                         **{f"val_{k}": v for k, v in val.items()}})
-        log.info("epoch %d: loss %.4f, %.1fs, val AUC %.4f, logloss %.4f", epoch, history[-1]["train_loss"], seconds,
-                 val["auc"], val["logloss"])
-        if val["auc"] > best_auc:
-            best_auc, best_epoch, bad = val["auc"], epoch, 0
+        log.info("epoch %d: loss %.4f, %.1fs, val %s", epoch, history[-1]["train_loss"], seconds,
+                 ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+        if score > best_score:
+            best_score, best_epoch, bad = score, epoch, 0
             save_checkpoint(run_dir / "checkpoint_best.pt", model.encoder, cfg, ds.item_ids,
                             ranking_head=model.head.state_dict(), ranking_item_bias=model.item_bias.state_dict(),
                             ranking_retrieval_weight=model.retrieval_weight.detach(),
@@ -218,7 +234,7 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
             bad += 1
         atomic_write_csv(run_dir / "metrics.csv", history)
         if cfg.train.patience and bad >= cfg.train.patience:
-            log.info("early stop: no validation AUC gain for %d epochs (best epoch %d)", bad, best_epoch)
+            log.info("early stop: no validation %s gain for %d epochs (best epoch %d)", cfg.ranking.select_on, bad, best_epoch)
             break
     model = ranking_model_from_checkpoint(load_checkpoint(run_dir / "checkpoint_best.pt"))
     valid = evaluate_ranking(model, ds, split, "valid", cfg)

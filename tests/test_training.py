@@ -1,3 +1,5 @@
+import csv
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +180,12 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
     assert set(two) == {"retrieval", "retrieval+ranking"}
     assert two["retrieval"]["hr@50"] == pytest.approx(two["retrieval+ranking"]["hr@50"])
     assert (r.run_dir / "checkpoint_best.pt").is_file() and (r.run_dir / "results.json").is_file()
+
+    # listwise loss, best epoch by the pipeline's validation HR@10 on a fixed user sample
+    cfg.name, cfg.train.epochs = "rank-listwise", 2
+    cfg.ranking.loss, cfg.ranking.select_on, cfg.ranking.select_users = "listwise", "two_stage", 100
+    r = train_ranking(cfg, progress=False)
+    rows = list(csv.DictReader(open(r.run_dir / "metrics.csv")))
+    best = max(rows, key=lambda row: float(row["val_two_stage_hr@10"]))
+    assert r.best_epoch == int(best["epoch"]) and 0 <= float(best["val_retrieval_hr@10"]) <= 1
+    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"]) and r.test["auc"] > 0.5  # it learns
