@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -27,6 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from common import RESULTS  # noqa: E402
 
 from genrec.bench.report import provenance, write_table  # noqa: E402
+from genrec.bench.timing import best_seconds  # noqa: E402
 from genrec.encoders.jagged import complete_cumsum, jagged_to_padded  # noqa: E402
 from genrec.kernels.hstu_attention_reference import hstu_attention_reference  # noqa: E402
 
@@ -90,13 +90,7 @@ def measure(step, device, repeats: int) -> tuple[float, float | None]:
         step()
         sync()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3, peak
+    return best_seconds(lambda: (step(), sync()), repeats) * 1e3, peak
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -25,6 +24,7 @@ import torch  # noqa: E402
 from common import RESULTS  # noqa: E402
 
 from genrec.bench.report import provenance, write_table  # noqa: E402
+from genrec.bench.timing import best_seconds  # noqa: E402
 from genrec.kernels.dispatch import mol_candidate_scores, stage1_threshold_scan  # noqa: E402
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits  # noqa: E402
 
@@ -32,17 +32,9 @@ log = logging.getLogger("kernels_bench")
 
 
 def timed(fn, device, repeats: int) -> float:
-    """Best-of-``repeats`` milliseconds after one warm-up call."""
+    """Best-of-``repeats`` milliseconds after one warm-up call, the device synchronised inside the timing."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    return best_seconds(lambda: (fn(), sync()), repeats) * 1e3
 
 
 def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats: int, peak_gbs: float | None,

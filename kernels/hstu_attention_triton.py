@@ -37,6 +37,41 @@ def _mm(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _sequence(q_off, k_off, targets, b, HAS_TARGETS: tl.constexpr):
+    """Sequence b's query / key extents; hist = key rows before the targets; shift = key row of query 0."""
+    q_start = tl.load(q_off + b)
+    len_q = tl.load(q_off + b + 1) - q_start
+    k_start = tl.load(k_off + b)
+    len_k = tl.load(k_off + b + 1) - k_start
+    hist = len_k
+    if HAS_TARGETS:
+        hist -= tl.load(targets + b)
+    return q_start, len_q, k_start, len_k, hist, len_k - len_q
+
+
+@triton.jit
+def _rows(ptr, start, rows, ok, stride_m, h, stride_h, cols, n_cols):
+    """A (rows, cols) tile of head h from a jagged (L, H, d) tensor; rows outside ``ok`` read 0."""
+    return tl.load(ptr + (start + rows)[:, None] * stride_m + h * stride_h + cols[None, :],
+                   mask=ok[:, None] & (cols[None, :] < n_cols), other=0.0)
+
+
+@triton.jit
+def _pos_index(offs_i, offs_j, hist, n_max, n_pos):
+    """Position-table entry of (query row i, key row j): targets sit at position hist."""
+    p_i = tl.minimum(offs_i, hist)
+    p_j = tl.minimum(offs_j, hist)
+    return tl.minimum(tl.maximum(p_j[None, :] - p_i[:, None] + n_max - 1, 0), n_pos - 1)
+
+
+@triton.jit
+def _time_bucket(nts_i, ts_j, time_divisor, n_buckets):
+    """floor(log(max(|next_ts_i - ts_j|, 1)) / divisor) clamped to [0, n_buckets], as the reference."""
+    dt = tl.maximum(tl.abs(nts_i[:, None] - ts_j[None, :]), 1).to(tl.float32)
+    return tl.minimum(tl.maximum(tl.floor(tl.log(dt) / time_divisor), 0.0), n_buckets * 1.0).to(tl.int32)
+
+
+@triton.jit
 def _tile_logits(q, k, offs_i, offs_j, i_ok, j_ok, hist, nts_i, ts_base, pos_ptr, time_ptr,
                  alpha, n_max, n_pos, n_buckets, time_divisor,
                  HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, HAS_TARGETS: tl.constexpr,
@@ -48,14 +83,10 @@ def _tile_logits(q, k, offs_i, offs_j, i_ok, j_ok, hist, nts_i, ts_base, pos_ptr
     if HAS_TARGETS:
         visible = visible & ((offs_j[None, :] < hist) | (offs_j[None, :] == offs_i[:, None]))
     if HAS_POS:
-        p_i = tl.minimum(offs_i, hist)
-        p_j = tl.minimum(offs_j, hist)
-        idx = tl.minimum(tl.maximum(p_j[None, :] - p_i[:, None] + n_max - 1, 0), n_pos - 1)
+        idx = _pos_index(offs_i, offs_j, hist, n_max, n_pos)
         z += tl.load(pos_ptr + idx, mask=visible, other=0.0).to(tl.float32)
     if HAS_TIME:
-        ts_j = tl.load(ts_base + offs_j, mask=j_ok, other=0)
-        dt = tl.maximum(tl.abs(nts_i[:, None] - ts_j[None, :]), 1).to(tl.float32)
-        bucket = tl.minimum(tl.maximum(tl.floor(tl.log(dt) / time_divisor), 0.0), n_buckets * 1.0).to(tl.int32)
+        bucket = _time_bucket(nts_i, tl.load(ts_base + offs_j, mask=j_ok, other=0), time_divisor, n_buckets)
         z += tl.load(time_ptr + bucket, mask=visible, other=0.0).to(tl.float32)
     return z, visible
 
@@ -67,21 +98,13 @@ def _hstu_fwd_kernel(Q, K, V, OUT, q_off, k_off, targets, POS, TIME, q_nts, k_ts
                      HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, HAS_TARGETS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(q_off + b)
-    len_q = tl.load(q_off + b + 1) - q_start
-    k_start = tl.load(k_off + b)
-    len_k = tl.load(k_off + b + 1) - k_start
-    hist = len_k
-    if HAS_TARGETS:
-        hist -= tl.load(targets + b)
-    shift = len_k - len_q
+    q_start, len_q, k_start, len_k, hist, shift = _sequence(q_off, k_off, targets, b, HAS_TARGETS)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # query rows within the sequence
     row_ok = rows < len_q
     offs_i = shift + rows
     d_qk = tl.arange(0, BLOCK_DQK)
     d_v = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + (q_start + rows)[:, None] * stride_qm + h * stride_qh + d_qk[None, :],
-                mask=row_ok[:, None] & (d_qk[None, :] < dqk), other=0.0)
+    q = _rows(Q, q_start, rows, row_ok, stride_qm, h, stride_qh, d_qk, dqk)
     nts_i = tl.zeros((BLOCK_M,), dtype=tl.int64)
     if HAS_TIME:
         nts_i = tl.load(q_nts + q_start + rows, mask=row_ok, other=0)
@@ -90,10 +113,8 @@ def _hstu_fwd_kernel(Q, K, V, OUT, q_off, k_off, targets, POS, TIME, q_nts, k_ts
     for start_n in range(0, hi, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         j_ok = offs_j < len_k
-        k = tl.load(K + (k_start + offs_j)[:, None] * stride_km + h * stride_kh + d_qk[None, :],
-                    mask=j_ok[:, None] & (d_qk[None, :] < dqk), other=0.0)
-        v = tl.load(V + (k_start + offs_j)[:, None] * stride_vm + h * stride_vh + d_v[None, :],
-                    mask=j_ok[:, None] & (d_v[None, :] < dv), other=0.0)
+        k = _rows(K, k_start, offs_j, j_ok, stride_km, h, stride_kh, d_qk, dqk)
+        v = _rows(V, k_start, offs_j, j_ok, stride_vm, h, stride_vh, d_v, dv)
         z, visible = _tile_logits(q, k, offs_i, offs_j, row_ok, j_ok, hist, nts_i, k_ts + k_start, POS, TIME,
                                   alpha, n_max, n_pos, n_buckets, time_divisor, HAS_POS, HAS_TIME, HAS_TARGETS, IEEE, UPCAST)
         s = tl.where(visible, z * tl.sigmoid(z) * scale, 0.0)
@@ -110,23 +131,14 @@ def _hstu_bwd_dq_kernel(Q, K, V, DO, DQ, q_off, k_off, targets, POS, TIME, q_nts
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dQ for one block of query rows; DO/DQ share Q's and OUT's strides respectively."""
     pid_m, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(q_off + b)
-    len_q = tl.load(q_off + b + 1) - q_start
-    k_start = tl.load(k_off + b)
-    len_k = tl.load(k_off + b + 1) - k_start
-    hist = len_k
-    if HAS_TARGETS:
-        hist -= tl.load(targets + b)
-    shift = len_k - len_q
+    q_start, len_q, k_start, len_k, hist, shift = _sequence(q_off, k_off, targets, b, HAS_TARGETS)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < len_q
     offs_i = shift + rows
     d_qk = tl.arange(0, BLOCK_DQK)
     d_v = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + (q_start + rows)[:, None] * stride_qm + h * stride_qh + d_qk[None, :],
-                mask=row_ok[:, None] & (d_qk[None, :] < dqk), other=0.0)
-    do = tl.load(DO + (q_start + rows)[:, None] * stride_om + h * stride_oh + d_v[None, :],
-                 mask=row_ok[:, None] & (d_v[None, :] < dv), other=0.0)
+    q = _rows(Q, q_start, rows, row_ok, stride_qm, h, stride_qh, d_qk, dqk)
+    do = _rows(DO, q_start, rows, row_ok, stride_om, h, stride_oh, d_v, dv)
     nts_i = tl.zeros((BLOCK_M,), dtype=tl.int64)
     if HAS_TIME:
         nts_i = tl.load(q_nts + q_start + rows, mask=row_ok, other=0)
@@ -135,10 +147,8 @@ def _hstu_bwd_dq_kernel(Q, K, V, DO, DQ, q_off, k_off, targets, POS, TIME, q_nts
     for start_n in range(0, hi, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         j_ok = offs_j < len_k
-        k = tl.load(K + (k_start + offs_j)[:, None] * stride_km + h * stride_kh + d_qk[None, :],
-                    mask=j_ok[:, None] & (d_qk[None, :] < dqk), other=0.0)
-        v = tl.load(V + (k_start + offs_j)[:, None] * stride_vm + h * stride_vh + d_v[None, :],
-                    mask=j_ok[:, None] & (d_v[None, :] < dv), other=0.0)
+        k = _rows(K, k_start, offs_j, j_ok, stride_km, h, stride_kh, d_qk, dqk)
+        v = _rows(V, k_start, offs_j, j_ok, stride_vm, h, stride_vh, d_v, dv)
         z, visible = _tile_logits(q, k, offs_i, offs_j, row_ok, j_ok, hist, nts_i, k_ts + k_start, POS, TIME,
                                   alpha, n_max, n_pos, n_buckets, time_divisor, HAS_POS, HAS_TIME, HAS_TARGETS, IEEE, UPCAST)
         ds = _mm(do, tl.trans(v), IEEE, UPCAST)
@@ -158,22 +168,13 @@ def _hstu_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DPOS, DTIME, q_off, k_off, target
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
     """dK, dV for one block of key rows (DK/DV share K's/V's strides) and the tables' gradients."""
     pid_n, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(q_off + b)
-    len_q = tl.load(q_off + b + 1) - q_start
-    k_start = tl.load(k_off + b)
-    len_k = tl.load(k_off + b + 1) - k_start
-    hist = len_k
-    if HAS_TARGETS:
-        hist -= tl.load(targets + b)
-    shift = len_k - len_q
+    q_start, len_q, k_start, len_k, hist, shift = _sequence(q_off, k_off, targets, b, HAS_TARGETS)
     offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_ok = offs_j < len_k
     d_qk = tl.arange(0, BLOCK_DQK)
     d_v = tl.arange(0, BLOCK_DV)
-    k = tl.load(K + (k_start + offs_j)[:, None] * stride_km + h * stride_kh + d_qk[None, :],
-                mask=j_ok[:, None] & (d_qk[None, :] < dqk), other=0.0)
-    v = tl.load(V + (k_start + offs_j)[:, None] * stride_vm + h * stride_vh + d_v[None, :],
-                mask=j_ok[:, None] & (d_v[None, :] < dv), other=0.0)
+    k = _rows(K, k_start, offs_j, j_ok, stride_km, h, stride_kh, d_qk, dqk)
+    v = _rows(V, k_start, offs_j, j_ok, stride_vm, h, stride_vh, d_v, dv)
     dk = tl.zeros((BLOCK_N, BLOCK_DQK), dtype=tl.float32)
     dvacc = tl.zeros((BLOCK_N, BLOCK_DV), dtype=tl.float32)
     # causal: only query rows at or after this block's first key; start on a BLOCK_M boundary
@@ -183,10 +184,8 @@ def _hstu_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DPOS, DTIME, q_off, k_off, target
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < len_q
         offs_i = shift + rows
-        q = tl.load(Q + (q_start + rows)[:, None] * stride_qm + h * stride_qh + d_qk[None, :],
-                    mask=row_ok[:, None] & (d_qk[None, :] < dqk), other=0.0)
-        do = tl.load(DO + (q_start + rows)[:, None] * stride_om + h * stride_oh + d_v[None, :],
-                     mask=row_ok[:, None] & (d_v[None, :] < dv), other=0.0)
+        q = _rows(Q, q_start, rows, row_ok, stride_qm, h, stride_qh, d_qk, dqk)
+        do = _rows(DO, q_start, rows, row_ok, stride_om, h, stride_oh, d_v, dv)
         nts_i = tl.zeros((BLOCK_M,), dtype=tl.int64)
         if HAS_TIME:
             nts_i = tl.load(q_nts + q_start + rows, mask=row_ok, other=0)
@@ -199,14 +198,9 @@ def _hstu_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DPOS, DTIME, q_off, k_off, target
         dz = tl.where(visible, ds * scale * sig * (1.0 + z * (1.0 - sig)), 0.0)
         dk += _mm(tl.trans(dz.to(q.dtype)), q, IEEE, UPCAST)
         if POS_GRAD:
-            p_i = tl.minimum(offs_i, hist)
-            p_j = tl.minimum(offs_j, hist)
-            idx = tl.minimum(tl.maximum(p_j[None, :] - p_i[:, None] + n_max - 1, 0), n_pos - 1)
-            tl.atomic_add(DPOS + idx, dz, mask=visible)
+            tl.atomic_add(DPOS + _pos_index(offs_i, offs_j, hist, n_max, n_pos), dz, mask=visible)
         if TIME_GRAD:
-            ts_j = tl.load(k_ts + k_start + offs_j, mask=j_ok, other=0)
-            dt = tl.maximum(tl.abs(nts_i[:, None] - ts_j[None, :]), 1).to(tl.float32)
-            bucket = tl.minimum(tl.maximum(tl.floor(tl.log(dt) / time_divisor), 0.0), n_buckets * 1.0).to(tl.int32)
+            bucket = _time_bucket(nts_i, tl.load(k_ts + k_start + offs_j, mask=j_ok, other=0), time_divisor, n_buckets)
             tl.atomic_add(DTIME + bucket, dz, mask=visible)
     tl.store(DK + (k_start + offs_j)[:, None] * stride_km + h * stride_kh + d_qk[None, :], (dk * alpha).to(DK.dtype.element_ty),
              mask=j_ok[:, None] & (d_qk[None, :] < dqk))
