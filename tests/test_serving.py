@@ -1,6 +1,7 @@
 """gRPC serving on loopback: results, status codes, batching, limits, deadlines, hot swap, shutdown.
 Every loop here is bounded in count and time."""
 
+import json
 import threading
 import time
 import urllib.request
@@ -436,3 +437,19 @@ def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cf
         assert r.scores[1] == r.scores[2]  # a duplicated candidate scores the same wherever it sits
     finally:
         srv.stop(grace=1)
+
+
+def test_soak_harness_short_run_finds_no_errors_leaks_or_wrong_answers(tmp_path):
+    """A few seconds of the soak: mixed traffic while v1/v2 swap; every valid answer checked against the
+    exact top-k of the version it names; statuses outside the expected set would fail it."""
+    from genrec.bench import soak
+
+    rc = soak.main(["--minutes", "0.12", "--items", "3000", "--dim", "8", "--clients", "3", "--processes", "1",
+                    "--swap-seconds", "1", "--sample-seconds", "2", "--bad-every", "5", "--tight-every", "7",
+                    "--out-dir", str(tmp_path), "--stem", "s"])
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    verdict = rows[-1]
+    assert rc == 0 and verdict["measure"] == "verdict"
+    assert verdict["unexpected_status"] == 0 and verdict["wrong_answers"] == 0 and verdict["swaps"] >= 2
+    assert verdict["client_ok"] > 20 and verdict["client_invalid_argument"] > 0
+    assert any(r["measure"] == "sample" and r["rss_mib"] > 0 for r in rows) and (tmp_path / "s.png").stat().st_size
