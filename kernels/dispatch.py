@@ -11,7 +11,7 @@ import torch
 
 from genrec.kernels.hstu_attention_reference import hstu_attention_reference
 from genrec.kernels.mol_stage2_reference import mol_candidate_scores_reference
-from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference
+from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference, stage1_topk_reference
 
 Backend = Literal["auto", "reference", "triton"]
 
@@ -20,6 +20,12 @@ def _stage1_scan_triton(*args, **kwargs):
     from genrec.kernels.stage1_scan_triton import stage1_threshold_scan_triton  # imports triton lazily
 
     return stage1_threshold_scan_triton(*args, **kwargs)
+
+
+def _stage1_topk_triton(*args, **kwargs):
+    from genrec.kernels.stage1_scan_triton import stage1_topk_triton
+
+    return stage1_topk_triton(*args, **kwargs)
 
 
 def _hstu_attention_triton(*args, **kwargs):
@@ -36,6 +42,7 @@ def _mol_stage2_triton(*args, **kwargs):
 
 _TRITON_OPS: dict[str, object] = {  # op -> kernel entry point
     "stage1_threshold_scan": _stage1_scan_triton,
+    "stage1_topk": _stage1_topk_triton,
     "hstu_attention": _hstu_attention_triton,
     "mol_candidate_scores": _mol_stage2_triton,
 }
@@ -70,6 +77,15 @@ def stage1_threshold_scan(qv: torch.Tensor, codes: torch.Tensor, thr: torch.Tens
     if resolve_backend("stage1_threshold_scan", backend, qv.device) == "triton":
         return _TRITON_OPS["stage1_threshold_scan"](qv, codes, thr, capacity, id_offset)  # type: ignore[operator]
     return stage1_threshold_scan_reference(qv, codes, thr, capacity, id_offset)
+
+
+def stage1_topk(qv: torch.Tensor, codes: torch.Tensor, k: int, id_offset: int = 0, *, backend: Backend = "auto",
+                **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k (<= 1024 on the kernel) best items per query by stage-1 score, ties by smaller id; see
+    :func:`stage1_topk_reference`."""
+    if resolve_backend("stage1_topk", backend, qv.device) == "triton":
+        return _TRITON_OPS["stage1_topk"](qv, codes, k, id_offset, **kwargs)  # type: ignore[operator]
+    return stage1_topk_reference(qv, codes, k, id_offset)
 
 
 def mol_candidate_scores(mol, q, cache, cand: torch.Tensor | None, *, backend: Backend = "auto") -> torch.Tensor:

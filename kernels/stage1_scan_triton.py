@@ -63,3 +63,82 @@ def stage1_threshold_scan_triton(qv: torch.Tensor, codes: torch.Tensor, thr: tor
         width = int(counts.max()) if b else 0
         out_s, out_i = out_s[:, :width], out_i[:, :width]
     return out_s, out_i, counts
+
+
+# ---- running top-k (k <= 1024) ----
+
+@triton.jit
+def _ranking_keys(scores, ids):
+    """(score desc, id asc) as one int64 per item: the float's bits made order-preserving as a signed
+    int32 in the high half, 2^32 - 1 - id in the low half (so a smaller id is a larger key)."""
+    bits = tl.where(scores == 0.0, 0.0, scores).to(tl.int32, bitcast=True)  # -0.0 ties with +0.0
+    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return ordered.to(tl.int64) * 4294967296 + (4294967295 - ids.to(tl.int64))
+
+
+@triton.jit
+def _stage1_topk_kernel(q_ptr, codes_ptr, out_ptr, nq, n_items, dim, items_per_split,
+                        stride_q, stride_c, stride_ob, stride_os,
+                        K: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One (query block, item split): a running top-K in registers over tiles of K items; the K best
+    keys of the split are written to out[q, split, :]."""
+    pid_q, split = tl.program_id(0), tl.program_id(1)
+    offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = offs_q < nq
+    lowest = tl.full((BLOCK_Q, K), -9223372036854775807 - 1, tl.int64)
+    best = lowest
+    start = split * items_per_split
+    stop = tl.minimum(start + items_per_split, n_items)
+    cols = tl.arange(0, K)
+    for t0 in range(start, stop, K):
+        offs_n = t0 + cols
+        n_ok = offs_n < stop
+        acc = tl.zeros((BLOCK_Q, K), dtype=tl.float32)
+        for d0 in range(0, dim, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < dim
+            q = tl.load(q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+            c = tl.load(codes_ptr + offs_n[:, None] * stride_c + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
+            acc += tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
+        keys = tl.where(n_ok[None, :], _ranking_keys(acc, offs_n[None, :] + tl.zeros((BLOCK_Q, K), tl.int32)), lowest)
+        merged = tl.sort(tl.reshape(tl.join(best, keys), (BLOCK_Q, 2 * K)), dim=1, descending=True)
+        best, _ = tl.split(tl.permute(tl.reshape(merged, (BLOCK_Q, 2, K)), (0, 2, 1)))
+    tl.store(out_ptr + offs_q[:, None] * stride_ob + split * stride_os + cols[None, :], best, mask=q_ok[:, None])
+
+
+def decode_ranking_keys(keys: torch.Tensor, id_offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """int64 keys from the kernel -> (float32 scores, int64 ids); the lowest key (empty slot) -> -inf, -1."""
+    empty = keys == torch.iinfo(torch.int64).min
+    ordered = (keys >> 32).to(torch.int32)
+    bits = torch.where(ordered >= 0, ordered, ordered ^ 0x7FFFFFFF)
+    scores = bits.view(torch.float32).masked_fill(empty, float("-inf"))
+    ids = (4294967295 - (keys & 0xFFFFFFFF)).masked_fill(empty, -1)
+    return scores, torch.where(empty, ids, ids + id_offset)
+
+
+def stage1_topk_triton(qv: torch.Tensor, codes: torch.Tensor, k: int, id_offset: int = 0, splits: int | None = None,
+                       block_q: int = 16, block_d: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`stage1_topk_reference`. The corpus is cut into ``splits`` ranges scanned in
+    parallel (default: enough to fill a GPU); each writes its k best keys, and one topk over the
+    (B, splits * K) keys (a small fraction of N) gives the answer: keys sort as (score desc, id asc)."""
+    if not 0 < k <= 1024:
+        raise ValueError(f"the top-k scan keeps k <= 1024 in registers, got {k}; use the threshold scan")
+    if codes.shape[0] >= 2**31:
+        raise ValueError("one top-k scan call takes < 2^31 items; scan in slices with id_offset")
+    b, n = qv.shape[0], codes.shape[0]
+    kk = max(16, triton.next_power_of_2(k))
+    splits = splits or max(1, min(triton.cdiv(n, kk), 256))
+    per_split = max(1, triton.cdiv(triton.cdiv(n, splits), kk)) * kk
+    splits = max(1, triton.cdiv(n, per_split))
+    qv, codes = qv.float().contiguous(), codes.contiguous()
+    out = torch.empty(b, splits, kk, dtype=torch.int64, device=qv.device)
+    if b and n:
+        _stage1_topk_kernel[(triton.cdiv(b, block_q), splits)](qv, codes, out, b, n, qv.shape[1], per_split,
+                                                              qv.stride(0), codes.stride(0), out.stride(0), out.stride(1),
+                                                              K=kk, BLOCK_Q=block_q, BLOCK_D=block_d)
+        keys = torch.topk(out.view(b, -1), min(k, splits * kk), dim=1).values
+    else:
+        keys = torch.full((b, 0), torch.iinfo(torch.int64).min, dtype=torch.int64, device=qv.device)
+    if keys.shape[1] < k:
+        keys = torch.cat([keys, keys.new_full((b, k - keys.shape[1]), torch.iinfo(torch.int64).min)], dim=1)
+    return decode_ranking_keys(keys, id_offset)

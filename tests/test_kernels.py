@@ -221,3 +221,23 @@ def test_mol_stage2_kernel_matches_the_reference(b, c, n, pq, px, dp, hidden, ca
             assert torch.equal(torch.isneginf(got), torch.isneginf(want))
             finite = torch.isfinite(want)
             close(got[finite], want[finite], 1e-5)
+
+
+@settings(max_examples=8, deadline=None)  # the interpreter's tl.sort is slow: small corpora, many splits
+@given(b=st.integers(1, 8), n=st.integers(0, 90), d=st.integers(1, 20), dtype=st.sampled_from(sorted(DTYPES)),
+       k=st.sampled_from([1, 5, 16, 33]), splits=st.sampled_from([None, 1, 3]), offset=st.integers(0, 1000),
+       seed=st.integers(0, 999))
+def test_stage1_topk_kernel_matches_the_reference_including_ties(b, n, d, dtype, k, splits, offset, seed):
+    """Running top-k in registers (keys = order-preserving score bits + inverted id): the same (score desc,
+    id asc) answer as the reference; values on a 1/8 grid make ties (and -0.0 vs 0.0) common."""
+    from genrec.kernels.dispatch import stage1_topk
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-8, 9, (b, d), generator=g).float() / 8
+    raw = torch.randint(-2, 3, (n, d), generator=g)
+    codes = raw.to(torch.int8) if dtype == "int8" else (raw.float() / 8).to(DTYPES[dtype])
+    want = stage1_topk(q, codes, k, offset, backend="reference")
+    got = stage1_topk(q, codes, k, offset, backend="triton", splits=splits)
+    assert got[0].shape == got[1].shape == (b, k) and got[1].dtype == torch.int64
+    assert torch.equal(got[1], want[1])
+    assert torch.equal(got[0], want[0])
