@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import yaml  # noqa: E402
 from common import provenance, write_table  # noqa: E402
 
 
@@ -24,10 +25,12 @@ def main() -> None:
     rows = []
     for run in map(Path, args.runs):
         res = json.loads((run / "results.json").read_text())
-        cfg = (run / "config.yaml").read_text()
-        hard = next((line.split(":")[1].strip() for line in cfg.splitlines() if "hard_negatives" in line), "0")
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        rk = cfg.get("ranking", {})
         for system, m in res.get("two_stage_test", {}).items():
-            rows.append({"run": run.name, "hard_negatives": hard, "system": system, "test_auc": res["test"]["auc"],
+            rows.append({"run": run.name, "hard_negatives": rk.get("hard_negatives", 0), "loss": rk.get("loss", "bce"),
+                         "select_on": rk.get("select_on", "auc"), "lr": cfg.get("train", {}).get("lr", ""),
+                         "best_epoch": res.get("best_epoch", ""), "system": system, "test_auc": res["test"]["auc"],
                          "test_logloss": res["test"]["logloss"], "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"],
                          "hr@50": m.get("hr@50", ""), "mrr": m["mrr"]})
     print(write_table(rows, args.stem, {**provenance(), "runs": [str(r) for r in args.runs]}).read_text())

@@ -73,6 +73,8 @@ class RankingModel(nn.Module):
         self.encoder = encoder
         d = encoder.cfg.item_emb_dim
         self.head = nn.Sequential(nn.Linear(2 * d, head_hidden), nn.SiLU(), nn.Linear(head_hidden, num_tasks))
+        nn.init.zeros_(self.head[-1].weight)  # the head starts as no correction: an untrained ranker is exactly
+        nn.init.zeros_(self.head[-1].bias)    # the retrieval prior below (+ zero item bias)
         self.item_bias = nn.Embedding(encoder.num_items + 1, num_tasks)  # per-item prior (popularity) per task
         nn.init.zeros_(self.item_bias.weight)
         # engagement starts from the retrieval logit cos(user, item) / tau (tau 0.05 as in training), so a

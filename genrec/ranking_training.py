@@ -197,6 +197,19 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
     select_users = np.random.default_rng(cfg.train.seed + 2).permutation(split.eval_users)[: cfg.ranking.select_users]
     history: list[dict] = []
     best_epoch, best_score, bad = 0, -1.0, 0
+
+    def save_best(epoch: int) -> None:
+        save_checkpoint(run_dir / "checkpoint_best.pt", model.encoder, cfg, ds.item_ids,
+                        ranking_head=model.head.state_dict(), ranking_item_bias=model.item_bias.state_dict(),
+                        ranking_retrieval_weight=model.retrieval_weight.detach(), epoch=epoch)
+
+    if cfg.ranking.select_on == "two_stage":  # epoch 0: the untrained ranker (~ retrieval's order when warm-started)
+        two = evaluate_two_stage(model, ds, split, cfg, retriever, "valid", select_users)
+        best_score = two["retrieval+ranking"]["hr@10"]
+        history.append({"epoch": 0, "train_loss": "", "seconds": 0.0, "val_two_stage_hr@10": best_score,
+                        "val_retrieval_hr@10": two["retrieval"]["hr@10"]})
+        log.info("epoch 0 (untrained): val two_stage_hr@10 %.4f, retrieval_hr@10 %.4f", best_score, two["retrieval"]["hr@10"])
+        save_best(0)
     for epoch in range(1, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         rng.shuffle(users)
@@ -226,10 +239,7 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
                  ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
         if score > best_score:
             best_score, best_epoch, bad = score, epoch, 0
-            save_checkpoint(run_dir / "checkpoint_best.pt", model.encoder, cfg, ds.item_ids,
-                            ranking_head=model.head.state_dict(), ranking_item_bias=model.item_bias.state_dict(),
-                            ranking_retrieval_weight=model.retrieval_weight.detach(),
-                            epoch=epoch)
+            save_best(epoch)
         else:
             bad += 1
         atomic_write_csv(run_dir / "metrics.csv", history)

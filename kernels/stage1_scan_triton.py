@@ -13,6 +13,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _score_tile(q_ptr, codes_ptr, offs_q, offs_n, q_ok, n_ok, dim, stride_q, stride_c,
+                BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """(BLOCK_Q, BLOCK_N) fp32 stage-1 scores of queries offs_q x items offs_n (codes widened in registers)."""
+    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
+    for d0 in range(0, dim, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < dim
+        q = tl.load(q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
+        c = tl.load(codes_ptr + offs_n[:, None] * stride_c + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
+        acc += tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
+    return acc
+
+
+@triton.jit
 def _stage1_scan_kernel(q_ptr, codes_ptr, thr_ptr, out_s_ptr, out_i_ptr, count_ptr,
                         nq, n_items, dim, capacity, id_offset,
                         stride_q, stride_c, stride_o,
@@ -23,13 +37,7 @@ def _stage1_scan_kernel(q_ptr, codes_ptr, thr_ptr, out_s_ptr, out_i_ptr, count_p
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     q_ok = offs_q < nq
     n_ok = offs_n < n_items
-    acc = tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.float32)
-    for d0 in range(0, dim, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_ok = offs_d < dim
-        q = tl.load(q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-        c = tl.load(codes_ptr + offs_n[:, None] * stride_c + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
-        acc += tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
+    acc = _score_tile(q_ptr, codes_ptr, offs_q, offs_n, q_ok, n_ok, dim, stride_q, stride_c, BLOCK_Q, BLOCK_N, BLOCK_D)
     thr = tl.load(thr_ptr + offs_q, mask=q_ok, other=float("inf"))
     keep = (acc >= thr[:, None]) & q_ok[:, None] & n_ok[None, :]
     counters = count_ptr + offs_q[:, None] + tl.zeros((BLOCK_Q, BLOCK_N), dtype=tl.int32)
@@ -93,13 +101,7 @@ def _stage1_topk_kernel(q_ptr, codes_ptr, out_ptr, nq, n_items, dim, items_per_s
     for t0 in range(start, stop, K):
         offs_n = t0 + cols
         n_ok = offs_n < stop
-        acc = tl.zeros((BLOCK_Q, K), dtype=tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < dim
-            q = tl.load(q_ptr + offs_q[:, None] * stride_q + offs_d[None, :], mask=q_ok[:, None] & d_ok[None, :], other=0.0)
-            c = tl.load(codes_ptr + offs_n[:, None] * stride_c + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0)
-            acc += tl.dot(q, tl.trans(c.to(tl.float32)), input_precision="ieee")
+        acc = _score_tile(q_ptr, codes_ptr, offs_q, offs_n, q_ok, n_ok, dim, stride_q, stride_c, BLOCK_Q, K, BLOCK_D)
         keys = tl.where(n_ok[None, :], _ranking_keys(acc, offs_n[None, :] + tl.zeros((BLOCK_Q, K), tl.int32)), lowest)
         merged = tl.sort(tl.reshape(tl.join(best, keys), (BLOCK_Q, 2 * K)), dim=1, descending=True)
         best, _ = tl.split(tl.permute(tl.reshape(merged, (BLOCK_Q, 2, K)), (0, 2, 1)))

@@ -186,6 +186,7 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
     cfg.ranking.loss, cfg.ranking.select_on, cfg.ranking.select_users = "listwise", "two_stage", 100
     r = train_ranking(cfg, progress=False)
     rows = list(csv.DictReader(open(r.run_dir / "metrics.csv")))
+    assert [int(row["epoch"]) for row in rows] == [0, 1, 2]  # epoch 0: the untrained ranker (~ retrieval's order)
     best = max(rows, key=lambda row: float(row["val_two_stage_hr@10"]))
-    assert r.best_epoch == int(best["epoch"]) and 0 <= float(best["val_retrieval_hr@10"]) <= 1
-    assert float(rows[1]["train_loss"]) < float(rows[0]["train_loss"]) and r.test["auc"] > 0.5  # it learns
+    assert r.best_epoch == int(best["epoch"])
+    assert float(rows[2]["train_loss"]) < float(rows[1]["train_loss"]) and r.test["auc"] > 0.5  # it learns
