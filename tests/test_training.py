@@ -170,7 +170,7 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
     cfg.out_dir, cfg.name = str(tmp_path), "retr"
     retrieval = train(cfg, progress=False)
     cfg.name, cfg.task = "rank", "ranking"
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 3, 16, 1e-2
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 4, 16, 1e-2
     cfg.ranking.retrieval_checkpoint = str(retrieval.run_dir / "checkpoint_best.pt")
     cfg.ranking.rerank_k = 50
     cfg.ranking.hard_negatives = 4  # of 16: retrieval-aware negatives
