@@ -21,8 +21,7 @@ from tqdm import tqdm
 
 from genrec.index.base import Index, IndexState
 from genrec.index.distill import fit_learned_stage1
-from genrec.index.stage1 import (Stage1Table, encode, fit_stage1, from_numpy, is_learned, item_base_vectors, parse_method,
-                                 to_numpy)
+from genrec.index.stage1 import Stage1Table, encode, fit_stage1, from_numpy, item_base_vectors, parse_method, to_numpy
 from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits
 from genrec.retrieval.search import SearchResult, rescore_candidates, validate_queries
@@ -107,9 +106,10 @@ class MoLHIndexer(Index):
         t = time.perf_counter()
         cache = item_cache(mol, items, start, end, getattr(torch, cache_dtype), progress=progress)
         sample = sample_rows(n, sample_size, seed)
+        kind, dim = parse_method(stage1)
         learned, fit = None, None
-        if is_learned(stage1):
-            learned, fit = fit_learned_stage1(mol, items, sample, parse_method(stage1)[1], train_queries, distill_steps, seed)
+        if kind == "learned":
+            learned, fit = fit_learned_stage1(mol, items, sample, dim, train_queries, distill_steps, seed)
         vectors = stage1_inputs_from_items(mol, items, flat=learned is not None)
         table = fit_stage1(vectors, n, stage1, stage1_dtype, sample, learned=learned)
         bar = tqdm(total=end - start, desc="stage-1 codes", unit="item", unit_scale=True, disable=not progress)

@@ -37,11 +37,6 @@ def parse_method(method: str) -> tuple[str, int | None]:
     return m.group(1), int(m.group(2))
 
 
-def is_learned(method: str) -> bool:
-    """Learned tables read flattened components (P * d_P) rather than the TopKAvg base vectors."""
-    return method.startswith("learned")
-
-
 def item_base_vectors(components: torch.Tensor) -> torch.Tensor:
     """(N, P_X, d_P) item components -> (N, d_P) float32 mean component (TopKAvg's item side)."""
     return topk_avg_vectors(components, query=False)
