@@ -27,15 +27,20 @@ from genrec.bench.timing import latencies_ms
 log = logging.getLogger("genrec.bench")
 
 
+def client_shares(clients: int, processes: int) -> list[int]:
+    """Split ``clients`` closed-loop clients over at most ``processes`` processes, as evenly as possible."""
+    procs = max(1, min(processes, clients))
+    return [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+
+
 def closed_loop(port: int, queries: np.ndarray, k: int, concurrency: int, seconds: float,
                 processes: int = 4) -> tuple[int, int]:
     """``concurrency`` clients, each sending one request at a time for ``seconds``, spread over
     ``processes`` client processes so the clients do not share the server's GIL: (completed, failed)."""
     import multiprocessing as mp
 
-    procs = max(1, min(processes, concurrency))
-    shares = [concurrency // procs + (1 if i < concurrency % procs else 0) for i in range(procs)]
-    with mp.get_context("spawn").Pool(procs) as pool:
+    shares = client_shares(concurrency, processes)
+    with mp.get_context("spawn").Pool(len(shares)) as pool:
         parts = pool.starmap(_client_threads, [(port, queries, k, c, seconds, i) for i, c in enumerate(shares)])
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 

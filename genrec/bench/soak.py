@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from genrec.bench.report import provenance, random_unit, write_table
+from genrec.bench.serving import client_shares
 
 log = logging.getLogger("genrec.bench")
 EXPECTED = ("OK", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         def counter(code: str) -> int:
             return int(srv.metrics.registry.get_sample_value("genrec_requests_total", {"method": "Search", "code": code}) or 0)
 
-        procs = max(1, min(args.processes, args.clients))
-        shares = [args.clients // procs + (1 if i < args.clients % procs else 0) for i in range(procs)]
+        shares = client_shares(args.clients, args.processes)
+        procs = len(shares)
         try:
             with mp.get_context("spawn").Pool(procs) as pool:
                 jobs = [pool.apply_async(_client, (srv.port, args.items, args.dim, args.k, c, seconds, args.bad_every,
