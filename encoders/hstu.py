@@ -29,7 +29,12 @@ class HSTULayer(nn.Module):
         self.max_len = max_len
         self.heads, self.dqk, self.dv = h, cfg.dqk, cfg.dv
         self.uvqk = nn.Parameter(torch.empty(d, 2 * h * cfg.dv + 2 * h * cfg.dqk))
-        nn.init.xavier_uniform_(self.uvqk)
+        if cfg.uvqk_init == "normal":
+            nn.init.normal_(self.uvqk, std=0.02)
+        elif cfg.uvqk_init == "xavier":
+            nn.init.xavier_uniform_(self.uvqk)
+        else:
+            raise ValueError(f"unknown model.uvqk_init {cfg.uvqk_init!r}; use 'normal' or 'xavier'")
         out_in = h * cfg.dv * (3 if cfg.output_mode == "concat" else 1)
         self.out = nn.Linear(out_in, d)
         nn.init.xavier_uniform_(self.out.weight)

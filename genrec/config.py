@@ -67,6 +67,8 @@ class ModelConfig:
     dropout: float = 0.2  # linear/output dropout inside blocks
     input_dropout: float = 0.2
     attn_dropout: float = 0.0
+    # HSTU fused U/V/Q/K weight init: "normal" = N(0, 0.02) as in the research code; "xavier" = Xavier-uniform.
+    uvqk_init: Literal["normal", "xavier"] = "normal"
     # HSTU relative attention bias (rab): switch each table independently.
     relative_position_bias: bool = True
     relative_time_bias: bool = True

@@ -125,7 +125,7 @@ def build(spec: IndexSpec, inputs: ItemInputs, mol=None, rows: tuple[int, int] |
         return MoLHIndexer.build(mol, inputs.items, inputs.ids, stage1=spec.stage1, stage1_dtype=spec.stage1_dtype,
                                  kprime=spec.kprime, cache_dtype=spec.cache_dtype, sample_size=spec.sample_size,
                                  seed=spec.seed, rows=rows, progress=progress, train_queries=train_queries,
-                                 distill_steps=spec.distill_steps)
+                                 distill_steps=spec.distill_steps, stage1_select=spec.stage1_select)
     items, ids = np.asarray(inputs.items[start:end], dtype=np.float32), inputs.ids[start:end]
     if spec.factory == "Flat":
         return FlatMIPS(torch.from_numpy(np.ascontiguousarray(items)), ids)

@@ -1,6 +1,8 @@
 """The h-indexer: a quantized stage-1 scan keeps K' candidates per query, exact MoL ranks them.
 
-Stage 1 (``stage1.py`` codes, ``threshold.py`` selection) touches every item with d bytes-ish of work;
+Stage 1 (``stage1.py`` codes) touches every item with d bytes-ish of work and keeps K' rows either by
+the threshold selection (``threshold.py``, any K') or, for K' <= 1024 on a GPU, by one running top-k
+pass of the fused kernel (``stage1_select``);
 stage 2 gathers the K' candidates' cached MoL components and gating partials (rows sorted ascending so
 the gather walks memory in order) and runs the exact MoL, then the top-k. With K' >= N the answer is
 the exact MoL top-k and is flagged exact; otherwise stage 1 is a heuristic (no bound: the mean-component
@@ -28,6 +30,9 @@ from genrec.retrieval.search import SearchResult, rescore_candidates, validate_q
 from genrec.retrieval.topk import unique_rows
 
 log = logging.getLogger(__name__)
+
+STAGE1_SELECT = ("auto", "threshold", "topk")
+TOPK_SCAN_MAX = 1024  # the running top-k kernel keeps K' in registers
 
 
 def _as_tensor(a) -> torch.Tensor:
@@ -68,8 +73,10 @@ class MoLHIndexer(Index):
 
     def __init__(self, mol: MixtureOfLogits, cache: ItemCache, stage1: Stage1Table, ids=None, kprime: int = 10000,
                  sample_size: int = 16384, chunk_size: int = 65536, rescore_chunk: int = 2048,
-                 stage1_fit: dict | None = None):
+                 stage1_fit: dict | None = None, stage1_select: str = "auto"):
         super().__init__(ids, len(cache))
+        if stage1_select not in STAGE1_SELECT:
+            raise ValueError(f"unknown stage1_select {stage1_select!r}; use one of {', '.join(STAGE1_SELECT)}")
         if len(stage1) != len(cache):
             raise ValueError(f"stage-1 table has {len(stage1)} items, MoL cache {len(cache)}")
         self.mol, self.cache, self.stage1 = mol.eval(), cache, stage1
@@ -77,6 +84,18 @@ class MoLHIndexer(Index):
         self._score_sample = stage1.sample_scorer(sample_rows(len(cache), sample_size))
         self.last_stats = SelectionStats()
         self.stage1_fit = stage1_fit or {}  # the distillation report of a learned stage 1
+        self.stage1_select = stage1_select
+
+    def uses_topk_scan(self, kprime: int) -> bool:
+        """Whether stage 1 keeps K' with one running top-k pass instead of the threshold selection.
+
+        ``auto``: the top-k pass when K' fits the kernel's registers and the kernel runs (CUDA); on CPU the
+        threshold selection's sample-based pruning is cheaper than a sorting merge per chunk."""
+        if self.stage1_select != "auto":
+            return self.stage1_select == "topk"
+        from genrec.kernels.dispatch import resolve_backend
+
+        return kprime <= TOPK_SCAN_MAX and resolve_backend("stage1_topk", "auto", self.stage1.codes.device) == "triton"
 
     @property
     def dim(self) -> int:
@@ -92,7 +111,7 @@ class MoLHIndexer(Index):
     def build(cls, mol: MixtureOfLogits, items, ids=None, stage1: str = "avg", stage1_dtype: str = "int8",
               kprime: int = 10000, cache_dtype: str = "float32", sample_size: int = 16384, seed: int = 0,
               rows: tuple[int, int] | None = None, progress: bool = False, train_queries: np.ndarray | None = None,
-              distill_steps: int = 300) -> "MoLHIndexer":
+              distill_steps: int = 300, stage1_select: str = "auto") -> "MoLHIndexer":
         """items (N, D_x) float32 (tensor or memmap); ids (N,) int64 or None (0..N-1).
 
         rows=(start, end) builds a shard over items[start:end] whose stage-1 projection and scales are
@@ -118,7 +137,8 @@ class MoLHIndexer(Index):
         log.info("h-indexer built over %d items in %.1fs (%.0f items/s)", end - start, time.perf_counter() - t,
                  (end - start) / max(time.perf_counter() - t, 1e-9))
         shard_ids = (np.arange(n) if ids is None else np.asarray(ids))[start:end]
-        return cls(mol, cache, table, shard_ids, kprime=kprime, sample_size=sample_size, stage1_fit=fit)
+        return cls(mol, cache, table, shard_ids, kprime=kprime, sample_size=sample_size, stage1_fit=fit,
+                   stage1_select=stage1_select)
 
     @torch.no_grad()
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
@@ -131,8 +151,11 @@ class MoLHIndexer(Index):
         q = self.mol.encode_queries(u)
         qv = self.stage1.query_vectors(q)
         self.last_stats = SelectionStats()
-        _, cand = threshold_topk(qv, self.stage1.scan_range, self._score_sample, self.ntotal, kp,
-                                 chunk_size=self.chunk_size, stats=self.last_stats)
+        if self.uses_topk_scan(kp):
+            _, cand = self.stage1.topk(qv, kp)
+        else:
+            _, cand = threshold_topk(qv, self.stage1.scan_range, self._score_sample, self.ntotal, kp,
+                                     chunk_size=self.chunk_size, stats=self.last_stats)
         cand = unique_rows(cand)  # ascending rows, -1 last: an in-order gather (rows are already unique)
         scores, rows = rescore_candidates(self.mol, q, self.cache, cand, k, excl, self.rescore_chunk)
         exact = kp >= self.ntotal
@@ -153,7 +176,7 @@ class MoLHIndexer(Index):
             arrays["stage1_query_projection"] = self.stage1.query_projection.numpy()
         params: dict[str, Any] = {
             "stage1": self.stage1.method, "stage1_dtype": self.stage1.dtype, "kprime": self.kprime,
-            "sample_size": self.sample_size, "chunk_size": self.chunk_size,
+            "sample_size": self.sample_size, "chunk_size": self.chunk_size, "stage1_select": self.stage1_select,
             "cache_dtype": str(self.cache.components.dtype).removeprefix("torch."),
             "mol": {k: v for k, v in self.mol.init_kwargs.items()},
         }
@@ -173,4 +196,4 @@ class MoLHIndexer(Index):
                             from_numpy(a["stage1_query_projection"], "float32") if "stage1_query_projection" in a else None)
         cache = ItemCache(from_numpy(a["mol_components"], p["cache_dtype"]), from_numpy(a["mol_gate"], p["cache_dtype"]))
         return cls(mol, cache, table, a["ids"], kprime=p["kprime"], sample_size=p["sample_size"], chunk_size=p["chunk_size"],
-                   stage1_fit=p.get("stage1_fit"))
+                   stage1_fit=p.get("stage1_fit"), stage1_select=p.get("stage1_select", "auto"))

@@ -31,6 +31,8 @@ class IndexSpec:
     sample_size: int = 16384
     cache_dtype: str = "float32"
     distill_steps: int = 300
+    # how stage 1 keeps K': auto (running top-k kernel for K' <= 1024 on a GPU, else threshold) | threshold | topk
+    stage1_select: str = "auto"
     # mips: faiss index_factory string ("Flat" = exact torch scan) and its search parameters
     factory: str = "Flat"
     nprobe: int = 0
@@ -47,7 +49,11 @@ class IndexSpec:
         if self.type == "mol-hindexer":
             from genrec.index.stage1 import DTYPES, parse_method
 
+            from genrec.index.hindexer import STAGE1_SELECT
+
             parse_method(self.stage1)
+            if self.stage1_select not in STAGE1_SELECT:
+                raise ValueError(f"stage1_select {self.stage1_select!r}: use one of {', '.join(STAGE1_SELECT)}")
             if self.stage1_dtype not in DTYPES:
                 raise ValueError(f"stage1_dtype {self.stage1_dtype!r}: use one of {', '.join(DTYPES)}")
 
@@ -59,7 +65,7 @@ class IndexSpec:
             extra = "".join(f",{k}={v}" for k, v in (("nprobe", self.nprobe), ("ef_search", self.ef_search)) if v)
             return f"mips:factory={self.factory}{extra}"
         return (f"mol-hindexer:stage1={self.stage1},stage1_dtype={self.stage1_dtype},kprime={self.kprime},"
-                f"cache_dtype={self.cache_dtype}")
+                f"cache_dtype={self.cache_dtype},stage1_select={self.stage1_select}")
 
 
 def from_mapping(d: dict[str, Any]) -> IndexSpec:

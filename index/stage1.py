@@ -109,6 +109,13 @@ class Stage1Table:
 
         return stage1_threshold_scan(qv, self.codes[start:end], thr, capacity, id_offset=start)
 
+    def topk(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, d) query vectors -> the k best rows by stage-1 score: (B, k) float32, (B, k) int64 (ties by
+        smaller row; -inf / -1 padded), one running top-k pass over the codes (``kernels.dispatch.stage1_topk``)."""
+        from genrec.kernels.dispatch import stage1_topk
+
+        return stage1_topk(qv, self.codes, k)
+
     def sample_scorer(self, rows: torch.Tensor):
         """A scorer of a fixed row sample whose codes are gathered (and widened) once: qv -> (B, m)."""
         sample = self.codes[rows].float().T.contiguous()

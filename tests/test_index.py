@@ -112,6 +112,32 @@ def test_hindexer_with_full_kprime_equals_exact_mol_and_says_so(stage1, dtype):
     assert part.scores.shape == (6, 20) and np.all(np.diff(part.scores, axis=1) <= 0)
 
 
+@pytest.mark.parametrize("stage1,dtype,kprime", [("avg", "int8", 37), ("pca6", "bfloat16", 200), ("learned4", "int8", 1)])
+def test_hindexer_topk_and_threshold_stage1_keep_the_same_candidates(stage1, dtype, kprime, tmp_path):
+    """Both selections are the exact top-K' of stage-1 scores (ties by smaller row), so the h-indexer
+    answers identically whichever keeps K'; the choice is saved with the index."""
+    mol, items, q = small_setup()
+    h = MoLHIndexer.build(mol, items, stage1=stage1, stage1_dtype=dtype, kprime=kprime, sample_size=64,
+                          stage1_select="threshold")
+    assert not h.uses_topk_scan(kprime)
+    with torch.no_grad():
+        qv = h.stage1.query_vectors(mol.encode_queries(torch.as_tensor(q)))
+    by_topk = h.stage1.topk(qv, kprime)[1].sort(1).values
+    by_threshold = threshold_topk(qv, h.stage1.scan_range, h._score_sample, h.ntotal, kprime)[1].sort(1).values
+    torch.testing.assert_close(by_topk, by_threshold, rtol=0, atol=0)
+    want = h.search(q, 10)
+    h.stage1_select = "topk"
+    assert h.uses_topk_scan(kprime)
+    got = h.search(q, 10)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    loaded, _ = load_index(save_index(h, tmp_path, "idx"))
+    assert loaded.stage1_select == "topk"
+    np.testing.assert_array_equal(loaded.search(q, 10)[1], want[1])
+    with pytest.raises(ValueError, match="unknown stage1_select 'fast'"):
+        MoLHIndexer(mol, h.cache, h.stage1, stage1_select="fast")
+
+
 def test_hindexer_honours_k_with_faiss_padding_and_rejects_bad_queries():
     mol, items, q = small_setup(n=30)
     h = MoLHIndexer.build(mol, items, stage1="avg", stage1_dtype="int8", kprime=12)

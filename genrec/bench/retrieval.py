@@ -20,6 +20,7 @@ vs exact MoL. Latency at batch 1 (p50/p95/p99 over --latency-queries), QPS at ba
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -101,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="h-indexer stage-1 variants method:dtype (a learned stage 1 is distilled on the query "
                          "states not used for recall)")
     ap.add_argument("--kprimes", type=int, nargs="+", default=[1024, 4096, 16384], help="h-indexer K' sweep")
+    ap.add_argument("--stage1-select", nargs="+", default=["auto"], choices=["auto", "threshold", "topk"],
+                    help="how stage 1 keeps K' (topk rows only for K' <= 1024, the kernel's limit)")
     ap.add_argument("--nprobes", type=int, nargs="+", default=[1, 4, 16, 64])
     ap.add_argument("--ef-searches", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--skip-qps", nargs="*", default=[],
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import faiss
 
-    from genrec.index.hindexer import MoLHIndexer
+    from genrec.index.hindexer import TOPK_SCAN_MAX, MoLHIndexer
     from genrec.retrieval.search import MoLSearcher
 
     faiss.omp_set_num_threads(args.threads)
@@ -183,9 +186,13 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("stage-1 %s fitted on %s queries (%d): %s", method, h.stage1_fit["query_source"],
                          h.stage1_fit["queries"], h.stage1_fit)
             build = time.perf_counter() - t
-            for kp in args.kprimes:
+            for select, kp in itertools.product(args.stage1_select, args.kprimes):
+                if select == "topk" and kp > TOPK_SCAN_MAX:
+                    continue
+                h.stage1_select = select
                 fn = lambda q, kp=kp: h.search(q, k, kprime=kp)  # noqa: E731
-                record("mol-hindexer", f"stage1={method},{dtype},kprime={kp}", fn, fn(rq)[1], build, h.bytes_per_item)
+                label = f"stage1={method},{dtype},kprime={kp}" + (f",select={select}" if select != "auto" else "")
+                record("mol-hindexer", label, fn, fn(rq)[1], build, h.bytes_per_item)
             del h
     items_t = torch.from_numpy(np.ascontiguousarray(corpus))
     if "mips-torch" in args.systems:
