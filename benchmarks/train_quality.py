@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--out-dir", default="runs/bench")
     ap.add_argument("--mol", action="store_true", help="compare HSTU+dot vs HSTU+MoL (writes mol_quality.*)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed values (default: the config's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run (train.num_threads)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every run, e.g. model.uvqk_init=xavier (repeatable)")
     ap.add_argument("--stem", default=None, help="results file stem (default train_quality / mol_quality)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -90,6 +93,9 @@ def main() -> None:
                     overrides.append(f"train.epochs={args.epochs}")
                 if seed is not None:
                     overrides.append(f"train.seed={seed}")
+                if args.threads:
+                    overrides.append(f"train.num_threads={args.threads}")
+                overrides += args.set
                 cfg = load_config(ROOT / cfg_path, overrides)
                 result = train(cfg, progress=False)
                 epochs_run = len((result.run_dir / "metrics.csv").read_text().strip().splitlines()) - 1

@@ -44,20 +44,23 @@ class HistoryCache:
     states: torch.Tensor  # (n, D) normalised history outputs
 
 
-def _attend(layer: HSTULayer, q, k, v, n_keys: int, n_queries: int, n_targets: int, key_ts, query_next_ts):
-    """One request through the dispatch op: k, v (n_keys, H, d) hold the history then the target rows;
-    q (n_queries, H, dqk) are the last n_queries key rows; n_targets of the keys are targets (position id
-    = history length, each sees the history and itself). Returns (n_queries, H, dv)."""
+def _attend(layer: HSTULayer, q, k, v, n_keys, n_queries, n_targets, key_ts, query_next_ts):
+    """Requests through the dispatch op. One request: ints; k, v (n_keys, H, d) hold the history then the
+    target rows, q (n_queries, H, dqk) the last n_queries key rows, n_targets of the keys are targets
+    (position id = history length, each sees the history and itself). Several requests: n_keys,
+    n_queries, n_targets are (B,) int64 lengths and the rows are concatenated request by request.
+    Returns (sum n_queries, H, dv)."""
     dev = q.device
+    n_keys, n_queries, n_targets = (torch.as_tensor(x, device=dev).reshape(-1) for x in (n_keys, n_queries, n_targets))
     use_time = layer.time_table is not None and key_ts is not None
     return hstu_attention(
-        q, k, v, torch.tensor([0, n_keys], device=dev), n_keys,
+        q, k, v, F.pad(torch.cumsum(n_keys, 0), (1, 0)), int(n_keys.max()),
         backend=layer.cfg.attention_backend, alpha=layer.alpha, scale=1.0 / layer.max_len,
         pos_table=layer.pos_table, time_table=layer.time_table if use_time else None,
         timestamps=key_ts if use_time else None, next_timestamps=query_next_ts if use_time else None,
         time_divisor=layer.cfg.time_bucket_divisor,
-        q_offsets=torch.tensor([0, n_queries], device=dev), max_q_len=n_queries,
-        num_targets=torch.tensor([n_targets], device=dev),
+        q_offsets=F.pad(torch.cumsum(n_queries, 0), (1, 0)), max_q_len=int(n_queries.max()),
+        num_targets=n_targets,
     )
 
 
@@ -108,7 +111,8 @@ class RankingModel(nn.Module):
         return n
 
     def _head(self, states: torch.Tensor, user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
-        """states (m, D) candidate rows, user (D,) the last history row (the retrieval query state)."""
+        """states (m, D) candidate rows, user (D,) or (m, D) the last history row of each candidate's
+        request (the retrieval query state)."""
         emb = self.encoder.item_embeddings(candidates) * self.encoder.cfg.item_emb_dim
         # unit vectors: entries of a product are ~1/D, hence the factor D (each half then sums to D x cosine)
         features = torch.cat([states * emb, user.expand_as(states) * emb], dim=-1)
@@ -119,17 +123,42 @@ class RankingModel(nn.Module):
     # ---- the three scoring paths ----
     def score_full(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,
                    request_time: int | None = None, return_history: bool = False):
-        """One pass over [history; candidates] with the target-aware mask -> (m, T) logits."""
-        n, m, dev = self._check(history), len(candidates), history.device
-        pos = torch.cat([torch.arange(n, device=dev), torch.full((m,), n, device=dev)])
-        ts, next_ts = self._times(history_ts, request_time, n, m, dev)
-        x = self._inputs(torch.cat([history, candidates]), pos, ts, next_ts)
+        """One pass over [history; candidates] with the target-aware mask -> (m, T) logits
+        (+ the (n, D) history states with ``return_history``)."""
+        logits, states = self.score_full_batch([history], [candidates], None if history_ts is None else [history_ts],
+                                               [request_time], return_history=True)
+        return (logits[0], states[0]) if return_history else logits[0]
+
+    def score_full_batch(self, histories: list[torch.Tensor], candidates: list[torch.Tensor],
+                         history_ts: list[torch.Tensor] | None = None, request_times: list[int | None] | None = None,
+                         return_history: bool = False):
+        """B requests in ONE jagged pass (training batches): request b is [histories[b]; candidates[b]]
+        with the target-aware mask, so each request's logits equal its own ``score_full``.
+
+        histories[b] (n_b,) int64, candidates[b] (m_b,) int64, history_ts[b] (n_b,) int64 or None,
+        request_times[b] int or None. Returns a list of (m_b, T) logits (+ a list of (n_b, D) history states)."""
+        dev = histories[0].device
+        ns = [self._check(h) for h in histories]
+        ms = [len(c) for c in candidates]
+        request_times = request_times or [None] * len(histories)
+        pos = torch.cat([torch.cat([torch.arange(n, device=dev), torch.full((m,), n, device=dev)]) for n, m in zip(ns, ms)])
+        ts = next_ts = None
+        if history_ts is not None:
+            times = [self._times(t, r, n, m, dev) for t, r, n, m in zip(history_ts, request_times, ns, ms)]
+            ts, next_ts = torch.cat([t for t, _ in times]), torch.cat([t for _, t in times])
+        x = self._inputs(torch.cat([torch.cat([h, c]) for h, c in zip(histories, candidates)]), pos, ts, next_ts)
+        lens = torch.tensor(ns) + torch.tensor(ms)
         for layer in self.encoder.blocks:
             u, v, q, k = layer.project(x)
-            x = layer.finish(x, u, _attend(layer, q, k, v, n + m, n + m, m, ts, next_ts))
+            x = layer.finish(x, u, _attend(layer, q, k, v, lens, lens, torch.tensor(ms), ts, next_ts))
         states = F.normalize(x, dim=-1, eps=1e-6)
-        logits = self._head(states[n:], states[n - 1], candidates)
-        return (logits, states[:n]) if return_history else logits
+        starts = torch.cumsum(lens, 0) - lens
+        is_candidate = torch.cat([torch.arange(n + m) >= n for n, m in zip(ns, ms)])
+        users = states[torch.repeat_interleave(starts + torch.tensor(ns) - 1, torch.tensor(ms)).to(dev)]
+        logits = self._head(states[is_candidate.to(dev)], users, torch.cat(candidates)).split(ms)
+        if not return_history:
+            return list(logits)
+        return list(logits), list(states[~is_candidate.to(dev)].split(ns))
 
     def score_per_candidate(self, history: torch.Tensor, candidates: torch.Tensor, history_ts=None, request_time=None):
         """The naive baseline: one full pass per candidate."""

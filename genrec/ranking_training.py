@@ -4,8 +4,8 @@ Examples come from the same leave-one-out split as retrieval. Training: for each
 of the training part gives history = items before t, positive = items[t] (with its rating where the data
 has ratings) and ``ranking.negatives`` sampled items, ``ranking.hard_negatives`` of them from the
 retrieval checkpoint's top ``rerank_k`` for that history (the ranker must learn to order what retrieval
-returns, not to tell it from random items) and the rest uniform; the target-aware model scores all of
-them in one pass. Loss on task 0 (engagement): BCE (positive 1, negatives 0), or with ``ranking.loss:
+returns, not to tell it from random items) and the rest uniform; the target-aware model scores a whole
+batch of such examples in one jagged pass (``RankingModel.score_full_batch``). Loss on task 0 (engagement): BCE (positive 1, negatives 0), or with ``ranking.loss:
 listwise`` the softmax cross-entropy of the positive against its negatives (what reranking needs: the
 order within a candidate list, not calibrated probabilities); + ``rating_weight`` x MSE on task 1
 (rating / 5, positives only).
@@ -40,6 +40,7 @@ from genrec.io import atomic_write_csv, atomic_write_json
 from genrec.retrieval.metrics import metrics_from_ranks
 
 log = logging.getLogger(__name__)
+EVAL_CHUNK = 64  # users per retrieval forward pass in the two-stage evaluation
 
 
 @dataclass
@@ -78,39 +79,55 @@ class Retriever:
             self.items = self.model.item_embeddings().float()
 
     @torch.no_grad()
-    def top(self, ds: SequenceDataset, u: int, target: int, k: int) -> torch.Tensor:
-        """(k,) item ids ranked for position ``target`` of user u (items before it are the history)."""
-        start = max(int(ds.offsets[u]), target - self.model.max_len)
-        h = torch.from_numpy(ds.items[start:target])
-        hts = torch.from_numpy(ds.timestamps[start:target]) if ds.timestamps is not None else None
-        nts = torch.cat([hts[1:], torch.from_numpy(ds.timestamps[target : target + 1])]) if hts is not None else None
-        state_u = self.model(h, torch.tensor([0, len(h)]), len(h), hts, nts)[-1:]
-        scores = self.similarity.pairwise(state_u, self.items)[0]
-        scores[0] = float("-inf")
-        scores[torch.from_numpy(ds.items[int(ds.offsets[u]) : target])] = float("-inf")
-        return torch.topk(scores, k).indices
+    def top(self, ds: SequenceDataset, users, targets, k: int) -> torch.Tensor:
+        """(B, k) item ids ranked for position targets[b] of user users[b] (the items before it are the
+        history, excluded from the answer), all B histories in one jagged forward pass."""
+        spans = [(max(int(ds.offsets[u]), t - self.model.max_len), t) for u, t in zip(users, targets)]
+        items = torch.from_numpy(np.concatenate([ds.items[a:b] for a, b in spans]))
+        lens = torch.tensor([b - a for a, b in spans])
+        offsets = F.pad(torch.cumsum(lens, 0), (1, 0))
+        ts = nts = None
+        if ds.timestamps is not None:  # next_ts: each row predicts the following event; the last, the target's
+            ts = torch.from_numpy(np.concatenate([ds.timestamps[a:b] for a, b in spans]))
+            nts = torch.from_numpy(np.concatenate([ds.timestamps[a + 1 : b + 1] for a, b in spans]))
+        states = self.model(items, offsets, int(lens.max()), ts, nts)[offsets[1:] - 1]
+        scores = self.similarity.pairwise(states, self.items)
+        scores[:, 0] = float("-inf")
+        for row, (u, t) in enumerate(zip(users, targets)):
+            scores[row, torch.from_numpy(ds.items[int(ds.offsets[u]) : t])] = float("-inf")
+        return torch.topk(scores, k, dim=1).indices
 
 
-def example_loss(model: RankingModel, ds: SequenceDataset, u: int, target: int, cfg: RunConfig,
-                 rng: np.random.Generator, retriever: Retriever | None = None) -> torch.Tensor:
-    hist, ts, pos, req = _example(ds, u, target, cfg.data.max_len)
-    hard = []
+def batch_loss(model: RankingModel, ds: SequenceDataset, users, targets, cfg: RunConfig,
+               rng: np.random.Generator, retriever: Retriever | None = None) -> torch.Tensor:
+    """Mean loss of one example per (user, target index), all scored in one jagged pass."""
+    examples = [_example(ds, int(u), int(t), cfg.data.max_len) for u, t in zip(users, targets)]
+    tops = None
     if retriever is not None and cfg.ranking.hard_negatives:
-        top = retriever.top(ds, u, target, cfg.ranking.rerank_k)
-        top = top[top != pos]
-        hard = top[torch.from_numpy(rng.choice(len(top), min(cfg.ranking.hard_negatives, len(top)), replace=False))].tolist()
-    easy = _negatives(rng, ds.num_items, cfg.ranking.negatives - len(hard), pos)
-    cands = torch.tensor([pos, *hard, *easy])
-    logits = model.score_full(hist, cands, ts, req)
-    if cfg.ranking.loss == "listwise":
-        loss = torch.logsumexp(logits[:, 0], dim=0) - logits[0, 0]  # -log softmax of the positive (index 0)
-    else:
-        labels = torch.zeros(len(cands))
-        labels[0] = 1.0
-        loss = F.binary_cross_entropy_with_logits(logits[:, 0], labels)
-    if ds.ratings is not None and cfg.ranking.rating_weight > 0:
-        loss = loss + cfg.ranking.rating_weight * (logits[0, 1] - float(ds.ratings[target]) / 5.0) ** 2
-    return loss
+        tops = retriever.top(ds, users, targets, cfg.ranking.rerank_k)
+    cands = []
+    for row, (_, _, pos, _) in enumerate(examples):
+        hard = []
+        if tops is not None:
+            top = tops[row][tops[row] != pos]
+            hard = top[torch.from_numpy(rng.choice(len(top), min(cfg.ranking.hard_negatives, len(top)), replace=False))].tolist()
+        easy = _negatives(rng, ds.num_items, cfg.ranking.negatives - len(hard), pos)
+        cands.append(torch.tensor([pos, *hard, *easy]))
+    has_ts = ds.timestamps is not None
+    logits = model.score_full_batch([e[0] for e in examples], cands, [e[1] for e in examples] if has_ts else None,
+                                    [e[3] for e in examples])
+    losses = []
+    for lg, t in zip(logits, targets):
+        if cfg.ranking.loss == "listwise":
+            loss = torch.logsumexp(lg[:, 0], dim=0) - lg[0, 0]  # -log softmax of the positive (index 0)
+        else:
+            labels = torch.zeros(len(lg))
+            labels[0] = 1.0
+            loss = F.binary_cross_entropy_with_logits(lg[:, 0], labels)
+        if ds.ratings is not None and cfg.ranking.rating_weight > 0:
+            loss = loss + cfg.ranking.rating_weight * (lg[0, 1] - float(ds.ratings[t]) / 5.0) ** 2
+        losses.append(loss)
+    return torch.stack(losses).mean()
 
 
 @torch.no_grad()
@@ -143,17 +160,20 @@ def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, c
     model.eval()
     k = cfg.ranking.rerank_k
     ranks_retrieval, ranks_reranked = [], []
-    for u in split.eval_users if users is None else users:
-        target = int(ds.offsets[u + 1]) - (2 if stage == "valid" else 1)
-        top = retriever.top(ds, int(u), target, k)
-        pos = int(ds.items[target])
-        hit = (top == pos).nonzero()
-        ranks_retrieval.append(int(hit[0]) if len(hit) else k + 10**6)
-        hist, ts, _, req = _example(ds, u, target, cfg.data.max_len)
-        engage = model.score(hist, top, ts, req)[:, 0]
-        order = top[torch.argsort(-engage, stable=True)]
-        hit = (order == pos).nonzero()
-        ranks_reranked.append(int(hit[0]) if len(hit) else k + 10**6)
+    users = split.eval_users if users is None else users
+    for lo in range(0, len(users), EVAL_CHUNK):
+        chunk = [int(u) for u in users[lo : lo + EVAL_CHUNK]]
+        targets = [int(ds.offsets[u + 1]) - (2 if stage == "valid" else 1) for u in chunk]
+        tops = retriever.top(ds, chunk, targets, k)
+        for u, target, top in zip(chunk, targets, tops):
+            pos = int(ds.items[target])
+            hit = (top == pos).nonzero()
+            ranks_retrieval.append(int(hit[0]) if len(hit) else k + 10**6)
+            hist, ts, _, req = _example(ds, u, target, cfg.data.max_len)
+            engage = model.score(hist, top, ts, req)[:, 0]  # the serving path: prefill + M-FALCON
+            order = top[torch.argsort(-engage, stable=True)]
+            hit = (order == pos).nonzero()
+            ranks_reranked.append(int(hit[0]) if len(hit) else k + 10**6)
     model.train()
     ks = tuple(x for x in cfg.eval.ks if x <= k)
     return {"retrieval": metrics_from_ranks(torch.tensor(ranks_retrieval), ks),
@@ -218,8 +238,7 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
         for lo in bar:
             batch = users[lo : lo + cfg.train.batch_size]
             targets = [int(rng.integers(ds.offsets[u] + 1, split.train_end[u])) for u in batch]
-            loss = torch.stack([example_loss(model, ds, int(u), t, cfg, rng, retriever)
-                                for u, t in zip(batch, targets)]).mean()
+            loss = batch_loss(model, ds, batch, targets, cfg, rng, retriever)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

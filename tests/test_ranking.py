@@ -53,6 +53,24 @@ def test_cached_microbatched_equals_full_pass_and_naive_per_candidate(n, m, micr
     torch.testing.assert_close(cached, full, **TOL)
 
 
+@settings(max_examples=10, deadline=None)
+@given(sizes=st.lists(st.tuples(st.integers(1, 25), st.integers(1, 9)), min_size=1, max_size=5), time=st.booleans(),
+       seed=st.integers(0, 99))
+@torch.no_grad()
+def test_a_jagged_batch_of_requests_scores_each_like_its_own_pass(sizes, time, seed):
+    """The training path: ragged requests packed into one pass give every request its own scores."""
+    model = ranker(time=time, seed=seed % 3)
+    reqs = [request(n, m, seed + i) for i, (n, m) in enumerate(sizes)]
+    times = [int(ts[-1]) + 60 * i for i, (_, ts, _) in enumerate(reqs)]
+    batch, states = model.score_full_batch([h for h, _, _ in reqs], [c for _, _, c in reqs],
+                                           [ts for _, ts, _ in reqs] if time else None, times if time else None,
+                                           return_history=True)
+    for (hist, ts, cands), got, got_states, t in zip(reqs, batch, states, times):
+        want, want_states = model.score_full(hist, cands, ts if time else None, t if time else None, return_history=True)
+        torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(got_states, want_states, **TOL)
+
+
 @torch.no_grad()
 def test_permutation_and_subset_invariance_and_untouched_history():
     model = ranker()
