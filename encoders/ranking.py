@@ -13,6 +13,10 @@ Three ways to score, equal up to float rounding (tested):
                 compute only their own rows against [cache; themselves] (delta-q): O(n^2 d + m (n + b) d).
 All three go through the one attention op (kernels.dispatch.hstu_attention: target-aware and delta-q
 modes), so on GPU they run the Triton kernel.
+With ``rating_input``, each history row also carries the user's rating of that item (a learned
+embedding of round(2 x rating), zero at start so a warm-started ranker is unchanged; candidate rows and
+unknown ratings use the empty level 0): the ranker sees how the user judged what they watched, which an
+id-only retrieval model does not.
 The head is an MLP over D x [candidate state ⊙ item embedding ; user state ⊙ item embedding] (the user
 state is the last history row, the retrieval query) plus a per-item bias -> one logit per task.
 """
@@ -30,6 +34,14 @@ from genrec.encoders.hstu import HSTULayer
 from genrec.encoders.model import SequentialEncoder
 from genrec.kernels import hstu_attention
 from genrec.kernels.hstu_attention_reference import time_bucket
+
+
+RATING_LEVELS = 10  # round(2 x rating) clamped to 1..10 covers 1-5 stars and half stars; 0 = no rating
+
+
+def rating_ids(ratings: torch.Tensor) -> torch.Tensor:
+    """ratings (n,) float (e.g. 1..5 stars) -> (n,) int64 embedding rows 1..RATING_LEVELS."""
+    return torch.round(ratings.float() * 2).clamp(1, RATING_LEVELS).to(torch.int64)
 
 
 @dataclass
@@ -69,7 +81,7 @@ class RankingModel(nn.Module):
 
     The encoder's max_len must exceed the longest history (candidates sit at position n)."""
 
-    def __init__(self, encoder: SequentialEncoder, num_tasks: int = 2, head_hidden: int = 64):
+    def __init__(self, encoder: SequentialEncoder, num_tasks: int = 2, head_hidden: int = 64, rating_input: bool = False):
         super().__init__()
         if encoder.cfg.encoder != "hstu":
             raise ValueError("the ranking model needs an HSTU encoder")
@@ -83,11 +95,18 @@ class RankingModel(nn.Module):
         # engagement starts from the retrieval logit cos(user, item) / tau (tau 0.05 as in training), so a
         # warm-started ranker ranks like retrieval before it learns anything; the head adds a correction
         self.retrieval_weight = nn.Parameter(torch.tensor(20.0))
+        self.rating_emb = nn.Embedding(RATING_LEVELS + 1, d, padding_idx=0) if rating_input else None
+        if self.rating_emb is not None:
+            nn.init.zeros_(self.rating_emb.weight)
 
     # ---- inputs ----
-    def _inputs(self, items: torch.Tensor, pos: torch.Tensor, ts: torch.Tensor | None, next_ts: torch.Tensor | None):
+    def _inputs(self, items: torch.Tensor, pos: torch.Tensor, ts: torch.Tensor | None, next_ts: torch.Tensor | None,
+                ratings: torch.Tensor | None = None):
+        """ratings: (L,) int64 rating rows (0 = none) or None."""
         enc = self.encoder
         x = enc.item_emb(items) * math.sqrt(enc.cfg.item_emb_dim) + enc.pos_emb(pos)
+        if self.rating_emb is not None and ratings is not None:
+            x = x + self.rating_emb(ratings)
         if enc.time_emb is not None and ts is not None:
             x = x + enc.time_emb(time_bucket(next_ts - ts, enc.cfg.time_bucket_divisor, enc.cfg.num_time_buckets))
         return F.dropout(x, p=enc.cfg.input_dropout, training=self.training)
@@ -101,6 +120,14 @@ class RankingModel(nn.Module):
         req_t = torch.full((m,), req, dtype=torch.int64, device=device)
         nxt = torch.cat([history_ts[1:], torch.tensor([req], device=device)]) if n else history_ts
         return torch.cat([history_ts, req_t]), torch.cat([nxt, req_t])
+
+    def _rating_rows(self, history_ratings: torch.Tensor | None, n: int, m: int, device) -> torch.Tensor | None:
+        """(n + m,) int64 rating rows for n history rows (from (n,) float ratings) then m candidates (0)."""
+        if self.rating_emb is None or history_ratings is None:
+            return None
+        if len(history_ratings) != n:
+            raise ValueError(f"{len(history_ratings)} ratings for a history of {n} items")
+        return torch.cat([rating_ids(history_ratings.to(device)), torch.zeros(m, dtype=torch.int64, device=device)])
 
     def _check(self, history: torch.Tensor) -> int:
         n = len(history)
@@ -122,21 +149,23 @@ class RankingModel(nn.Module):
 
     # ---- the three scoring paths ----
     def score_full(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,
-                   request_time: int | None = None, return_history: bool = False):
+                   request_time: int | None = None, return_history: bool = False,
+                   history_ratings: torch.Tensor | None = None):
         """One pass over [history; candidates] with the target-aware mask -> (m, T) logits
-        (+ the (n, D) history states with ``return_history``)."""
+        (+ the (n, D) history states with ``return_history``). history_ratings: (n,) float or None."""
         logits, states = self.score_full_batch([history], [candidates], None if history_ts is None else [history_ts],
-                                               [request_time], return_history=True)
+                                               [request_time], return_history=True,
+                                               history_ratings=None if history_ratings is None else [history_ratings])
         return (logits[0], states[0]) if return_history else logits[0]
 
     def score_full_batch(self, histories: list[torch.Tensor], candidates: list[torch.Tensor],
                          history_ts: list[torch.Tensor] | None = None, request_times: list[int | None] | None = None,
-                         return_history: bool = False):
+                         return_history: bool = False, history_ratings: list[torch.Tensor] | None = None):
         """B requests in ONE jagged pass (training batches): request b is [histories[b]; candidates[b]]
         with the target-aware mask, so each request's logits equal its own ``score_full``.
 
         histories[b] (n_b,) int64, candidates[b] (m_b,) int64, history_ts[b] (n_b,) int64 or None,
-        request_times[b] int or None. Returns a list of (m_b, T) logits (+ a list of (n_b, D) history states)."""
+        request_times[b] int or None, history_ratings[b] (n_b,) float or None. Returns a list of (m_b, T) logits (+ a list of (n_b, D) history states)."""
         dev = histories[0].device
         ns = [self._check(h) for h in histories]
         ms = [len(c) for c in candidates]
@@ -146,7 +175,10 @@ class RankingModel(nn.Module):
         if history_ts is not None:
             times = [self._times(t, r, n, m, dev) for t, r, n, m in zip(history_ts, request_times, ns, ms)]
             ts, next_ts = torch.cat([t for t, _ in times]), torch.cat([t for _, t in times])
-        x = self._inputs(torch.cat([torch.cat([h, c]) for h, c in zip(histories, candidates)]), pos, ts, next_ts)
+        ratings = None
+        if self.rating_emb is not None and history_ratings is not None:
+            ratings = torch.cat([self._rating_rows(r, n, m, dev) for r, n, m in zip(history_ratings, ns, ms)])
+        x = self._inputs(torch.cat([torch.cat([h, c]) for h, c in zip(histories, candidates)]), pos, ts, next_ts, ratings)
         lens = torch.tensor(ns) + torch.tensor(ms)
         for layer in self.encoder.blocks:
             u, v, q, k = layer.project(x)
@@ -160,17 +192,19 @@ class RankingModel(nn.Module):
             return list(logits)
         return list(logits), list(states[~is_candidate.to(dev)].split(ns))
 
-    def score_per_candidate(self, history: torch.Tensor, candidates: torch.Tensor, history_ts=None, request_time=None):
+    def score_per_candidate(self, history: torch.Tensor, candidates: torch.Tensor, history_ts=None, request_time=None,
+                            history_ratings=None):
         """The naive baseline: one full pass per candidate."""
-        return torch.cat([self.score_full(history, c[None], history_ts, request_time) for c in candidates])
+        return torch.cat([self.score_full(history, c[None], history_ts, request_time, history_ratings=history_ratings)
+                          for c in candidates])
 
     def prefill(self, history: torch.Tensor, history_ts: torch.Tensor | None = None,
-                request_time: int | None = None) -> HistoryCache:
+                request_time: int | None = None, history_ratings: torch.Tensor | None = None) -> HistoryCache:
         """Run the history alone (causal) and keep each layer's K/V for the candidates to attend to."""
         n, dev = self._check(history), history.device
         pos = torch.arange(n, device=dev)
         ts, next_ts = self._times(history_ts, request_time, n, 0, dev)
-        x = self._inputs(history, pos, ts, next_ts)
+        x = self._inputs(history, pos, ts, next_ts, self._rating_rows(history_ratings, n, 0, dev))
         keys, values = [], []
         for layer in self.encoder.blocks:
             u, v, q, k = layer.project(x)
@@ -200,9 +234,11 @@ class RankingModel(nn.Module):
         return torch.cat(out) if out else torch.empty(0, self.head[-1].out_features, device=dev)
 
     def score(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,
-              request_time: int | None = None, microbatch: int = 256) -> torch.Tensor:
+              request_time: int | None = None, microbatch: int = 256,
+              history_ratings: torch.Tensor | None = None) -> torch.Tensor:
         """Production path: prefill once, then M-FALCON microbatches. (m, T) logits."""
-        return self.score_cached(self.prefill(history, history_ts, request_time), candidates, request_time, microbatch)
+        return self.score_cached(self.prefill(history, history_ts, request_time, history_ratings), candidates,
+                                 request_time, microbatch)
 
 
 def warm_start(encoder: SequentialEncoder, state_dict: dict) -> list[str]:

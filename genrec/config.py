@@ -141,6 +141,8 @@ class RankingConfig:
 
     negatives: int = 16             # sampled negatives per positive in training
     hard_negatives: int = 0         # of those, drawn from the retrieval checkpoint's top rerank_k (needs it)
+    cuts_per_user: int = 1          # training examples per user per epoch (random cut points of its sequence)
+    rating_input: bool = False      # history rows carry the user's rating of each item (needs rated data)
     head_hidden: int = 64
     rating_weight: float = 0.1      # MSE on rating / 5 (task 1) where the data has ratings
     eval_negatives: int = 100       # AUC / logloss: held-out item vs this many sampled items

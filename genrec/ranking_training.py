@@ -1,14 +1,15 @@
 """Training and evaluating the ranking stage (``task: ranking`` in a run config).
 
-Examples come from the same leave-one-out split as retrieval. Training: for each user, a random cut t
-of the training part gives history = items before t, positive = items[t] (with its rating where the data
+Examples come from the same leave-one-out split as retrieval. Training: for each user
+(``ranking.cuts_per_user`` times per epoch), a random cut t of the training part gives history = items before t, positive = items[t] (with its rating where the data
 has ratings) and ``ranking.negatives`` sampled items, ``ranking.hard_negatives`` of them from the
 retrieval checkpoint's top ``rerank_k`` for that history (the ranker must learn to order what retrieval
 returns, not to tell it from random items) and the rest uniform; the target-aware model scores a whole
 batch of such examples in one jagged pass (``RankingModel.score_full_batch``). Loss on task 0 (engagement): BCE (positive 1, negatives 0), or with ``ranking.loss:
 listwise`` the softmax cross-entropy of the positive against its negatives (what reranking needs: the
 order within a candidate list, not calibrated probabilities); + ``rating_weight`` x MSE on task 1
-(rating / 5, positives only).
+(rating / 5, positives only). With ``ranking.rating_input`` the history rows also carry the user's
+rating of each history item (rated data only).
 
 Evaluation (valid for early stopping, test at the end): the held-out item against
 ``ranking.eval_negatives`` sampled items: AUC and logloss (normalised entropy's numerator). With
@@ -52,13 +53,29 @@ class RankingResult:
     two_stage: dict[str, dict[str, float]]
 
 
-def _example(ds: SequenceDataset, u: int, target: int, max_len: int):
-    """(history items, history timestamps or None, target item, request time or None) for target index."""
+@dataclass
+class Example:
+    """One ranking request cut from a user's sequence at ``target`` (an absolute event index)."""
+
+    history: torch.Tensor              # (n,) int64 internal item ids
+    timestamps: torch.Tensor | None    # (n,) int64
+    ratings: torch.Tensor | None       # (n,) float32, the user's ratings of the history items
+    positive: int                      # the item at target
+    request_time: int | None           # its timestamp
+
+
+def _example(ds: SequenceDataset, u: int, target: int, max_len: int) -> Example:
     start = max(int(ds.offsets[u]), target - max_len)
-    hist = torch.from_numpy(ds.items[start:target])
-    ts = torch.from_numpy(ds.timestamps[start:target]) if ds.timestamps is not None else None
-    req = int(ds.timestamps[target]) if ds.timestamps is not None else None
-    return hist, ts, int(ds.items[target]), req
+    return Example(torch.from_numpy(ds.items[start:target]),
+                   torch.from_numpy(ds.timestamps[start:target]) if ds.timestamps is not None else None,
+                   torch.from_numpy(ds.ratings[start:target]) if ds.ratings is not None else None,
+                   int(ds.items[target]),
+                   int(ds.timestamps[target]) if ds.timestamps is not None else None)
+
+
+def _score(model: RankingModel, ex: Example, candidates: torch.Tensor) -> torch.Tensor:
+    """The serving path (prefill + M-FALCON) for one example -> (m, T) logits."""
+    return model.score(ex.history, candidates, ex.timestamps, ex.request_time, history_ratings=ex.ratings)
 
 
 def _negatives(rng: np.random.Generator, num_items: int, count: int, positive: int) -> list[int]:
@@ -106,16 +123,17 @@ def batch_loss(model: RankingModel, ds: SequenceDataset, users, targets, cfg: Ru
     if retriever is not None and cfg.ranking.hard_negatives:
         tops = retriever.top(ds, users, targets, cfg.ranking.rerank_k)
     cands = []
-    for row, (_, _, pos, _) in enumerate(examples):
-        hard = []
+    for row, ex in enumerate(examples):
+        pos, hard = ex.positive, []
         if tops is not None:
             top = tops[row][tops[row] != pos]
             hard = top[torch.from_numpy(rng.choice(len(top), min(cfg.ranking.hard_negatives, len(top)), replace=False))].tolist()
         easy = _negatives(rng, ds.num_items, cfg.ranking.negatives - len(hard), pos)
         cands.append(torch.tensor([pos, *hard, *easy]))
-    has_ts = ds.timestamps is not None
-    logits = model.score_full_batch([e[0] for e in examples], cands, [e[1] for e in examples] if has_ts else None,
-                                    [e[3] for e in examples])
+    logits = model.score_full_batch([e.history for e in examples], cands,
+                                    [e.timestamps for e in examples] if ds.timestamps is not None else None,
+                                    [e.request_time for e in examples],
+                                    history_ratings=[e.ratings for e in examples] if ds.ratings is not None else None)
     losses = []
     for lg, t in zip(logits, targets):
         if cfg.ranking.loss == "listwise":
@@ -139,9 +157,9 @@ def evaluate_ranking(model: RankingModel, ds: SequenceDataset, split: Split, sta
     aucs, losses = [], []
     for u in split.eval_users:
         target = int(ds.offsets[u + 1]) - (2 if stage == "valid" else 1)
-        hist, ts, pos, req = _example(ds, u, target, cfg.data.max_len)
-        cands = torch.tensor([pos, *_negatives(rng, ds.num_items, cfg.ranking.eval_negatives, pos)])
-        s = model.score(hist, cands, ts, req)[:, 0]
+        ex = _example(ds, u, target, cfg.data.max_len)
+        cands = torch.tensor([ex.positive, *_negatives(rng, ds.num_items, cfg.ranking.eval_negatives, ex.positive)])
+        s = _score(model, ex, cands)[:, 0]
         aucs.append(float(((s[1:] < s[0]).float() + 0.5 * (s[1:] == s[0]).float()).mean()))
         labels = torch.zeros(len(cands))
         labels[0] = 1.0
@@ -169,8 +187,7 @@ def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, c
             pos = int(ds.items[target])
             hit = (top == pos).nonzero()
             ranks_retrieval.append(int(hit[0]) if len(hit) else k + 10**6)
-            hist, ts, _, req = _example(ds, u, target, cfg.data.max_len)
-            engage = model.score(hist, top, ts, req)[:, 0]  # the serving path: prefill + M-FALCON
+            engage = _score(model, _example(ds, u, target, cfg.data.max_len), top)[:, 0]
             order = top[torch.argsort(-engage, stable=True)]
             hit = (order == pos).nonzero()
             ranks_reranked.append(int(hit[0]) if len(hit) else k + 10**6)
@@ -182,8 +199,10 @@ def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, c
 
 def ranking_model_from_checkpoint(state: dict) -> RankingModel:
     encoder, cfg = model_from_checkpoint(state)
-    model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden)
+    model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden, rating_input=cfg.ranking.rating_input)
     model.head.load_state_dict(state["ranking_head"])
+    if model.rating_emb is not None:
+        model.rating_emb.load_state_dict(state["ranking_rating_emb"])
     model.item_bias.load_state_dict(state["ranking_item_bias"])
     with torch.no_grad():
         model.retrieval_weight.copy_(state["ranking_retrieval_weight"])
@@ -197,13 +216,18 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
     ds = load_dataset(cfg.data)
     split = leave_one_out(ds)
     # candidates sit at position n, one past the longest history
-    model = RankingModel(SequentialEncoder(cfg.model, ds.num_items, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden)
+    if cfg.ranking.rating_input and ds.ratings is None:
+        raise ValueError(f"ranking.rating_input needs ratings, and {cfg.data.path or cfg.data.format} has none")
+    model = RankingModel(SequentialEncoder(cfg.model, ds.num_items, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden,
+                         rating_input=cfg.ranking.rating_input)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng(cfg.train.seed)
     run_dir = make_run_dir(cfg)
     (run_dir / "config.yaml").write_text(dump_config(cfg))
-    users = np.flatnonzero(split.train_end - ds.offsets[:-1] >= 2)
+    if cfg.ranking.cuts_per_user < 1:
+        raise ValueError(f"ranking.cuts_per_user must be >= 1, got {cfg.ranking.cuts_per_user}")
+    users = np.repeat(np.flatnonzero(split.train_end - ds.offsets[:-1] >= 2), cfg.ranking.cuts_per_user)
     retriever = Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items) if cfg.ranking.retrieval_checkpoint else None
     if retriever is not None and cfg.ranking.warm_start:
         with torch.no_grad():
@@ -221,7 +245,8 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
     def save_best(epoch: int) -> None:
         save_checkpoint(run_dir / "checkpoint_best.pt", model.encoder, cfg, ds.item_ids,
                         ranking_head=model.head.state_dict(), ranking_item_bias=model.item_bias.state_dict(),
-                        ranking_retrieval_weight=model.retrieval_weight.detach(), epoch=epoch)
+                        ranking_retrieval_weight=model.retrieval_weight.detach(), epoch=epoch,
+                        **({"ranking_rating_emb": model.rating_emb.state_dict()} if model.rating_emb is not None else {}))
 
     if cfg.ranking.select_on == "two_stage":  # epoch 0: the untrained ranker (~ retrieval's order when warm-started)
         two = evaluate_two_stage(model, ds, split, cfg, retriever, "valid", select_users)

@@ -70,10 +70,12 @@ class GenrecClient:
         return to_reply(self.stub.SearchByUser(req, timeout=timeout))
 
     def rank(self, history: Sequence[int], candidates: Sequence[int], timestamps: Sequence[int] | None = None,
-             request_time: int = 0, microbatch: int = 0, timeout: float | None = None) -> pb.RankResponse:
-        """Engagement logits (and predicted ratings) of each candidate after the history."""
+             request_time: int = 0, microbatch: int = 0, timeout: float | None = None,
+             ratings: Sequence[float] | None = None) -> pb.RankResponse:
+        """Engagement logits (and predicted ratings) of each candidate after the history; ``ratings``: the
+        user's rating of each history item, for a ranker trained with ranking.rating_input."""
         req = pb.RankRequest(history=list(history), candidates=list(candidates), timestamps=list(timestamps or []),
-                             request_time=request_time, microbatch=microbatch)
+                             request_time=request_time, microbatch=microbatch, ratings=list(ratings or []))
         return self.stub.Rank(req, timeout=timeout)
 
     def info(self, index: str = "") -> pb.IndexInfo:

@@ -23,7 +23,7 @@ class Ranker:
 
     @torch.no_grad()
     def rank(self, history: list[int], candidates: list[int], timestamps: list[int] | None = None,
-             request_time: int | None = None, microbatch: int = 256):
+             request_time: int | None = None, microbatch: int = 256, ratings: list[float] | None = None):
         """-> (engagement logits (m,), ratings (m,), unknown raw ids). Unknown candidates score -inf."""
         h_rows = self.items.lookup(history)
         keep = h_rows >= 0
@@ -33,12 +33,15 @@ class Ranker:
         ts = None
         if timestamps is not None:
             ts = torch.as_tensor(timestamps, dtype=torch.int64)[keep][-self.max_history :]
+        hist_ratings = None
+        if ratings is not None:
+            hist_ratings = torch.as_tensor(ratings, dtype=torch.float32)[keep][-self.max_history :]
         c_rows = self.items.lookup(candidates)
         known = c_rows >= 0
         scores = torch.full((len(candidates),), float("-inf"))
         ratings = torch.full((len(candidates),), float("nan"))
         if bool(known.any()):
-            out = self.model.score(hist, c_rows[known] + 1, ts, request_time, microbatch)
+            out = self.model.score(hist, c_rows[known] + 1, ts, request_time, microbatch, history_ratings=hist_ratings)
             scores[known], ratings[known] = out[:, 0], out[:, 1] * 5.0
         unknown = [int(x) for x, ok in zip(history, keep.tolist()) if not ok]
         unknown += [int(x) for x, ok in zip(candidates, known.tolist()) if not ok]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -289,10 +290,16 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if len(request.candidates) > self.cfg.max_candidates:
                 raise invalid(f"{len(request.candidates)} candidates exceed max_candidates {self.cfg.max_candidates}")
             ts = history_times(request, self.cfg.limits.max_history)
+            history_ratings = list(request.ratings) or None
+            if history_ratings is not None and len(history_ratings) != len(request.history):
+                raise invalid(f"{len(history_ratings)} ratings for {len(request.history)} history items")
+            if history_ratings is not None and not all(math.isfinite(r) for r in history_ratings):
+                raise invalid("ratings must be finite numbers")
             try:
                 scores, ratings, unknown = self.ranker.rank(list(request.history), list(request.candidates), ts,
                                                             request.request_time or None,
-                                                            request.microbatch or self.cfg.rank_microbatch)
+                                                            request.microbatch or self.cfg.rank_microbatch,
+                                                            ratings=history_ratings)
             except KeyError as e:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
             resp = pb.RankResponse(scores=scores.tolist(), ratings=ratings.tolist(), unknown_ids=unknown)

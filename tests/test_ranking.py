@@ -72,6 +72,27 @@ def test_a_jagged_batch_of_requests_scores_each_like_its_own_pass(sizes, time, s
 
 
 @torch.no_grad()
+def test_history_ratings_reach_every_scoring_path_alike():
+    """A rating-aware ranker: full pass, batch, M-FALCON and per-candidate agree with ratings; a fresh
+    (zero) rating embedding changes nothing, a trained one does."""
+    model = ranker(seed=2)
+    rated = RankingModel(model.encoder, rating_input=True).eval()
+    rated.load_state_dict(model.state_dict(), strict=False)
+    hist, ts, cands = request(17, 7, seed=5)
+    stars = torch.tensor([1.0, 5.0, 3.5, 4.0, 2.0, 5.0, 4.5, 3.0, 1.0, 2.5, 4.0, 4.0, 5.0, 3.0, 2.0, 1.5, 4.0])
+    torch.testing.assert_close(rated.score_full(hist, cands, ts, history_ratings=stars), model.score_full(hist, cands, ts))
+    rated.rating_emb.weight[1:].normal_(generator=torch.Generator().manual_seed(0))
+    full = rated.score_full(hist, cands, ts, history_ratings=stars)
+    assert not torch.allclose(full, rated.score_full(hist, cands, ts))
+    torch.testing.assert_close(rated.score(hist, cands, ts, microbatch=3, history_ratings=stars), full, **TOL)
+    torch.testing.assert_close(rated.score_per_candidate(hist, cands, ts, history_ratings=stars), full, **TOL)
+    batch = rated.score_full_batch([hist[:5], hist], [cands[:2], cands], [ts[:5], ts], history_ratings=[stars[:5], stars])
+    torch.testing.assert_close(batch[1], full, **TOL)
+    with pytest.raises(ValueError, match="3 ratings for a history of 17 items"):
+        rated.score(hist, cands, ts, history_ratings=stars[:3])
+
+
+@torch.no_grad()
 def test_permutation_and_subset_invariance_and_untouched_history():
     model = ranker()
     hist, ts, cands = request(20, 9, seed=4)

@@ -405,33 +405,49 @@ def test_tls_server_answers_a_tls_client_and_refuses_plaintext(tmp_path, index_r
         srv.stop(grace=1)
 
 
-def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cfg):
+@pytest.mark.parametrize("rating_input", [False, True])
+def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cfg, rating_input):
     from genrec.checkpoint import save_checkpoint
     from genrec.encoders.model import SequentialEncoder
     from genrec.encoders.ranking import RankingModel
 
     cfg = tiny_synthetic_cfg
-    cfg.task = "ranking"
+    cfg.task, cfg.ranking.rating_input = "ranking", rating_input
     torch.manual_seed(0)
-    model = RankingModel(SequentialEncoder(cfg.model, 60, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden).eval()
+    model = RankingModel(SequentialEncoder(cfg.model, 60, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden,
+                         rating_input=rating_input).eval()
+    extra = {}
     with torch.no_grad():
         model.item_bias.weight.normal_()
+        if rating_input:
+            model.rating_emb.weight[1:].normal_()
+            extra["ranking_rating_emb"] = model.rating_emb.state_dict()
     raw = np.arange(60) * 10 + 7  # raw ids of model items 1..60
     ckpt = save_checkpoint(tmp_path / "rank.pt", model.encoder, cfg, raw, ranking_head=model.head.state_dict(),
                            ranking_item_bias=model.item_bias.state_dict(),
-                           ranking_retrieval_weight=model.retrieval_weight.detach())
+                           ranking_retrieval_weight=model.retrieval_weight.detach(), **extra)
     srv = start(ServeConfig(port=0, ranking_checkpoint=str(ckpt), rank_microbatch=4))
     try:
         hist_rows, cand_rows = [3, 9, 27, 41], [5, 12, 12, 60, 33, 2, 8, 19, 44]
-        ts = [1000, 2000, 2600, 9000]
+        ts, stars = [1000, 2000, 2600, 9000], [5.0, 1.0, 3.5, 4.0]
+        history = [int(raw[i - 1]) for i in hist_rows] + [99999]
         with client_for(srv) as c:
-            r = c.rank([int(raw[i - 1]) for i in hist_rows] + [99999], [int(raw[i - 1]) for i in cand_rows] + [88888],
-                       timestamps=ts + [9500], request_time=10_000, timeout=10)
+            r = c.rank(history, [int(raw[i - 1]) for i in cand_rows] + [88888],
+                       timestamps=ts + [9500], request_time=10_000, timeout=10, ratings=stars + [2.0])
+            unrated = c.rank(history, [int(raw[i - 1]) for i in cand_rows], timestamps=ts + [9500], request_time=10_000,
+                             timeout=10)
             with pytest.raises(grpc.RpcError) as err:
                 c.rank([99999], [7], timeout=10)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            for bad in ([4.0], [1.0, float("nan"), 2.0, 3.0, 4.0]):
+                with pytest.raises(grpc.RpcError) as err:
+                    c.rank(history, [7], ratings=bad, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "ratings" in err.value.details()
         with torch.no_grad():
-            want = model.score(torch.tensor(hist_rows), torch.tensor(cand_rows), torch.tensor(ts), 10_000)
+            want = model.score(torch.tensor(hist_rows), torch.tensor(cand_rows), torch.tensor(ts), 10_000,
+                               history_ratings=torch.tensor(stars))
+        # the ratings reach a rating-aware ranker and only it
+        assert np.allclose(unrated.scores, r.scores[:-1]) != rating_input
         np.testing.assert_allclose(np.asarray(r.scores[:-1]), want[:, 0].numpy(), rtol=1e-5, atol=1e-6)
         assert np.isneginf(r.scores[-1]) and list(r.unknown_ids) == [99999, 88888]
         assert r.scores[1] == r.scores[2]  # a duplicated candidate scores the same wherever it sits

@@ -190,3 +190,28 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
     best = max(rows, key=lambda row: float(row["val_two_stage_hr@10"]))
     assert r.best_epoch == int(best["epoch"])
     assert float(rows[2]["train_loss"]) < float(rows[1]["train_loss"]) and r.test["auc"] > 0.5  # it learns
+
+
+def test_rating_aware_ranking_trains_on_rated_csv_and_round_trips(tmp_path, tiny_synthetic_cfg):
+    """ranking.rating_input on a rated interactions CSV: the rating embedding learns, is saved with the
+    checkpoint and restored; on data without ratings it is refused with a clear error."""
+    from genrec.ranking_training import ranking_model_from_checkpoint, train_ranking
+
+    rng = np.random.default_rng(0)
+    rows = ["user_id,item_id,timestamp,rating"]
+    for u in range(60):
+        for t, item in enumerate(rng.choice(40, 12, replace=False)):
+            rows.append(f"{u},{item},{1000 * t + u},{1 + (item + u) % 5}")
+    (tmp_path / "rated.csv").write_text("\n".join(rows) + "\n")
+    cfg = tiny_synthetic_cfg
+    cfg.out_dir, cfg.name, cfg.task = str(tmp_path), "rated", "ranking"
+    cfg.data.format, cfg.data.path, cfg.data.rating_col = "csv", str(tmp_path / "rated.csv"), "rating"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 2, 16, 1e-2
+    cfg.ranking.rating_input, cfg.ranking.cuts_per_user = True, 3
+    r = train_ranking(cfg, progress=False)
+    model = ranking_model_from_checkpoint(torch.load(r.run_dir / "checkpoint_best.pt", weights_only=False))
+    emb = model.rating_emb.weight
+    assert emb[0].abs().sum() == 0 and emb[1:].abs().sum() > 0  # level 0 (no rating) stays empty
+    cfg.data.format, cfg.data.path, cfg.data.rating_col = "synthetic", None, None
+    with pytest.raises(ValueError, match="rating_input needs ratings"):
+        train_ranking(cfg, progress=False)
