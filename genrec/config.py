@@ -143,6 +143,8 @@ class RankingConfig:
     hard_negatives: int = 0         # of those, drawn from the retrieval checkpoint's top rerank_k (needs it)
     cuts_per_user: int = 1          # training examples per user per epoch (random cut points of its sequence)
     rating_input: bool = False      # history rows carry the user's rating of each item (needs rated data)
+    encoder_lr: float | None = None  # learning rate of the warm-started encoder (None = train.lr, 0 = frozen);
+                                    # the head, biases and rating embedding always train at train.lr
     head_hidden: int = 64
     rating_weight: float = 0.1      # MSE on rating / 5 (task 1) where the data has ratings
     eval_negatives: int = 100       # AUC / logloss: held-out item vs this many sampled items

@@ -209,6 +209,22 @@ def ranking_model_from_checkpoint(state: dict) -> RankingModel:
     return model.eval()
 
 
+def parameter_groups(model: RankingModel, cfg: RunConfig) -> list[dict]:
+    """The encoder at ``ranking.encoder_lr`` (frozen at 0), everything ranking-specific at train.lr."""
+    encoder_lr = cfg.train.lr if cfg.ranking.encoder_lr is None else cfg.ranking.encoder_lr
+    if encoder_lr < 0:
+        raise ValueError(f"ranking.encoder_lr must be >= 0, got {encoder_lr}")
+    encoder = list(model.encoder.parameters())
+    mine = {id(p) for p in encoder}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in mine]}]
+    if encoder_lr > 0:
+        groups.append({"params": encoder, "lr": encoder_lr})
+    else:
+        for p in encoder:
+            p.requires_grad_(False)
+    return groups
+
+
 def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
     from genrec.training import make_run_dir, seed_everything
 
@@ -220,7 +236,7 @@ def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
         raise ValueError(f"ranking.rating_input needs ratings, and {cfg.data.path or cfg.data.format} has none")
     model = RankingModel(SequentialEncoder(cfg.model, ds.num_items, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden,
                          rating_input=cfg.ranking.rating_input)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
+    optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay)
     rng = np.random.default_rng(cfg.train.seed)
     run_dir = make_run_dir(cfg)

@@ -124,3 +124,30 @@ def test_ranking_paths_on_the_triton_kernel_match_the_reference():
         layer.cfg.attention_backend = "triton"
     torch.testing.assert_close(model.score_full(hist, cands, ts), want_full, **TOL)
     torch.testing.assert_close(model.score(hist, cands, ts, microbatch=4), want_cached, **TOL)
+
+
+def test_encoder_learning_rate_groups_and_freezing():
+    from genrec.config import RunConfig
+    from genrec.ranking_training import parameter_groups
+
+    cfg = RunConfig()
+    cfg.train.lr = 1e-3
+    model = ranker()
+    n_encoder = len(list(model.encoder.parameters()))
+    cfg.ranking.encoder_lr = 1e-5
+    groups = parameter_groups(model, cfg)
+    assert len(groups[1]["params"]) == n_encoder and groups[1]["lr"] == 1e-5 and "lr" not in groups[0]
+    assert len(groups[0]["params"]) == len(list(model.parameters())) - n_encoder
+    cfg.ranking.encoder_lr = 0.0
+    opt = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.train.lr)
+    before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    hist, ts, cands = request(9, 4)
+    model.train()
+    loss = model.score_full(hist, cands, ts).square().sum() + model.retrieval_weight
+    loss.backward()
+    opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.encoder.state_dict().items())  # frozen
+    assert model.retrieval_weight.item() != 20.0  # the ranking parameters moved
+    cfg.ranking.encoder_lr = -1.0
+    with pytest.raises(ValueError, match="encoder_lr must be >= 0"):
+        parameter_groups(ranker(), cfg)
