@@ -30,6 +30,8 @@ def main() -> None:
         for system, m in res.get("two_stage_test", {}).items():
             rows.append({"run": run.name, "hard_negatives": rk.get("hard_negatives", 0), "loss": rk.get("loss", "bce"),
                          "select_on": rk.get("select_on", "auc"), "lr": cfg.get("train", {}).get("lr", ""),
+                         "encoder_lr": rk.get("encoder_lr", ""), "rating_input": rk.get("rating_input", False),
+                         "cuts_per_user": rk.get("cuts_per_user", 1),
                          "best_epoch": res.get("best_epoch", ""), "system": system, "test_auc": res["test"]["auc"],
                          "test_logloss": res["test"]["logloss"], "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"],
                          "hr@50": m.get("hr@50", ""), "mrr": m["mrr"]})
