@@ -21,6 +21,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--stem", required=True)
+    ap.add_argument("--note", default="", help="how the runs were trained (kept with the figures)")
     args = ap.parse_args()
     rows = []
     for run in map(Path, args.runs):
@@ -35,7 +36,8 @@ def main() -> None:
                          "best_epoch": res.get("best_epoch", ""), "system": system, "test_auc": res["test"]["auc"],
                          "test_logloss": res["test"]["logloss"], "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"],
                          "hr@50": m.get("hr@50", ""), "mrr": m["mrr"]})
-    print(write_table(rows, args.stem, {**provenance(), "runs": [str(r) for r in args.runs]}).read_text())
+    print(write_table(rows, args.stem, {**provenance(), "runs": [str(r) for r in args.runs],
+                                       **({"note": args.note} if args.note else {})}).read_text())
 
 
 if __name__ == "__main__":
