@@ -28,8 +28,9 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python benchmarks/train_quality.py
+	$(BIN)/python benchmarks/train_quality.py --datasets synthetic
 	$(BIN)/python benchmarks/train_quality.py --mol --datasets synthetic
+	$(BIN)/python benchmarks/train_quality.py --mol --datasets ml100k --epochs 60 --threads 1 --stem mol_quality_ml100k
 	$(BIN)/python benchmarks/epoch_speed.py
 	$(BIN)/python benchmarks/train_quality.py --datasets ml100k --seeds 42 43 44 --stem hstu_vs_sasrec_ml100k_3seeds
 	$(BIN)/genrec bench retrieval --items 100000
