@@ -89,8 +89,8 @@ class MoLHIndexer(Index):
     def uses_topk_scan(self, kprime: int) -> bool:
         """Whether stage 1 keeps K' with one running top-k pass instead of the threshold selection.
 
-        ``auto``: the top-k pass when K' fits the kernel's registers and the kernel runs (CUDA); on CPU the
-        threshold selection's sample-based pruning is cheaper than a sorting merge per chunk."""
+        ``auto``: the top-k pass when K' fits the kernel's registers and the kernel runs (CUDA); otherwise
+        the threshold selection, the CPU path every committed benchmark measured."""
         if self.stage1_select != "auto":
             return self.stage1_select == "topk"
         from genrec.kernels.dispatch import resolve_backend
