@@ -90,7 +90,8 @@ class MoLHIndexer(Index):
         """Whether stage 1 keeps K' with one running top-k pass instead of the threshold selection.
 
         ``auto``: the top-k pass when K' fits the kernel's registers and the kernel runs (CUDA); otherwise
-        the threshold selection, the CPU path every committed benchmark measured."""
+        the threshold selection, which on CPU beats the reference top-k scan at equal recall
+        (benchmarks/results/stage1_select_200k_cpu.md)."""
         if self.stage1_select != "auto":
             return self.stage1_select == "topk"
         from genrec.kernels.dispatch import resolve_backend
