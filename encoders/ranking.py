@@ -165,7 +165,8 @@ class RankingModel(nn.Module):
         with the target-aware mask, so each request's logits equal its own ``score_full``.
 
         histories[b] (n_b,) int64, candidates[b] (m_b,) int64, history_ts[b] (n_b,) int64 or None,
-        request_times[b] int or None, history_ratings[b] (n_b,) float or None. Returns a list of (m_b, T) logits (+ a list of (n_b, D) history states)."""
+        request_times[b] int or None, history_ratings[b] (n_b,) float or None. Returns a list of (m_b, T)
+        logits (+ a list of (n_b, D) history states)."""
         dev = histories[0].device
         ns = [self._check(h) for h in histories]
         ms = [len(c) for c in candidates]
@@ -185,12 +186,12 @@ class RankingModel(nn.Module):
             x = layer.finish(x, u, _attend(layer, q, k, v, lens, lens, torch.tensor(ms), ts, next_ts))
         states = F.normalize(x, dim=-1, eps=1e-6)
         starts = torch.cumsum(lens, 0) - lens
-        is_candidate = torch.cat([torch.arange(n + m) >= n for n, m in zip(ns, ms)])
+        is_candidate = torch.cat([torch.arange(n + m) >= n for n, m in zip(ns, ms)]).to(dev)
         users = states[torch.repeat_interleave(starts + torch.tensor(ns) - 1, torch.tensor(ms)).to(dev)]
-        logits = self._head(states[is_candidate.to(dev)], users, torch.cat(candidates)).split(ms)
+        logits = self._head(states[is_candidate], users, torch.cat(candidates)).split(ms)
         if not return_history:
             return list(logits)
-        return list(logits), list(states[~is_candidate.to(dev)].split(ns))
+        return list(logits), list(states[~is_candidate].split(ns))
 
     def score_per_candidate(self, history: torch.Tensor, candidates: torch.Tensor, history_ts=None, request_time=None,
                             history_ratings=None):

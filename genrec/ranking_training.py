@@ -1,15 +1,16 @@
 """Training and evaluating the ranking stage (``task: ranking`` in a run config).
 
 Examples come from the same leave-one-out split as retrieval. Training: for each user
-(``ranking.cuts_per_user`` times per epoch), a random cut t of the training part gives history = items before t, positive = items[t] (with its rating where the data
-has ratings) and ``ranking.negatives`` sampled items, ``ranking.hard_negatives`` of them from the
-retrieval checkpoint's top ``rerank_k`` for that history (the ranker must learn to order what retrieval
-returns, not to tell it from random items) and the rest uniform; the target-aware model scores a whole
-batch of such examples in one jagged pass (``RankingModel.score_full_batch``). Loss on task 0 (engagement): BCE (positive 1, negatives 0), or with ``ranking.loss:
-listwise`` the softmax cross-entropy of the positive against its negatives (what reranking needs: the
-order within a candidate list, not calibrated probabilities); + ``rating_weight`` x MSE on task 1
-(rating / 5, positives only). With ``ranking.rating_input`` the history rows also carry the user's
-rating of each history item (rated data only).
+(``ranking.cuts_per_user`` times per epoch), a random cut t of the training part gives history = items
+before t, positive = items[t] (with its rating where the data has ratings) and ``ranking.negatives``
+sampled items, ``ranking.hard_negatives`` of them from the retrieval checkpoint's top ``rerank_k`` for
+that history (the ranker must learn to order what retrieval returns, not to tell it from random items)
+and the rest uniform; the target-aware model scores a whole batch of such examples in one jagged pass
+(``RankingModel.score_full_batch``). Loss on task 0 (engagement): BCE (positive 1, negatives 0), or with
+``ranking.loss: listwise`` the softmax cross-entropy of the positive against its negatives (what
+reranking needs: the order within a candidate list, not calibrated probabilities); + ``rating_weight`` x
+MSE on task 1 (rating / 5, positives only). With ``ranking.rating_input`` the history rows also carry
+the user's rating of each history item (rated data only).
 
 Evaluation (valid for early stopping, test at the end): the held-out item against
 ``ranking.eval_negatives`` sampled items: AUC and logloss (normalised entropy's numerator). With
@@ -74,8 +75,8 @@ def _example(ds: SequenceDataset, u: int, target: int, max_len: int) -> Example:
 
 
 def _score_examples(model: RankingModel, examples: list[Example], candidates: list[torch.Tensor]) -> list[torch.Tensor]:
-    """(m_b, T) logits per example from packed target-aware passes (equal to the serving path's
-    prefill + M-FALCON, tested; packing many short requests is far cheaper on CPU)."""
+    """(m_b, T) logits per example from packed target-aware passes of up to EVAL_CHUNK examples (equal to
+    the serving path's prefill + M-FALCON, tested; packing many short requests is far cheaper on CPU)."""
     out = []
     for lo in range(0, len(examples), EVAL_CHUNK):
         exs = examples[lo : lo + EVAL_CHUNK]
@@ -138,12 +139,8 @@ def batch_loss(model: RankingModel, ds: SequenceDataset, users, targets, cfg: Ru
             hard = top[torch.from_numpy(rng.choice(len(top), min(cfg.ranking.hard_negatives, len(top)), replace=False))].tolist()
         easy = _negatives(rng, ds.num_items, cfg.ranking.negatives - len(hard), pos)
         cands.append(torch.tensor([pos, *hard, *easy]))
-    logits = model.score_full_batch([e.history for e in examples], cands,
-                                    [e.timestamps for e in examples] if ds.timestamps is not None else None,
-                                    [e.request_time for e in examples],
-                                    history_ratings=[e.ratings for e in examples] if ds.ratings is not None else None)
     losses = []
-    for lg, t in zip(logits, targets):
+    for lg, t in zip(_score_examples(model, examples, cands), targets):
         if cfg.ranking.loss == "listwise":
             loss = torch.logsumexp(lg[:, 0], dim=0) - lg[0, 0]  # -log softmax of the positive (index 0)
         else:
