@@ -7,11 +7,21 @@ history excluded), best epoch, epochs run, seconds per epoch.
 
 With several seeds, per-seed rows go to <stem>_seeds.{csv,md,json} and the main table holds the mean,
 the sample standard deviation and the seed count per (dataset, system).
+
+A hyper-parameter sweep selected on validation, the same for every system:
+
+    python benchmarks/train_quality.py --datasets ml100k --grid model.dropout+model.input_dropout=0.2,0.5 \
+        --grid train.lr=0.001,0.002 --seeds 42 43 44
+
+runs every grid point at the first seed (rows with validation and test metrics in <stem>_grid.*), picks
+per system the point with the best validation HR@10, runs that point at the remaining seeds, and tables
+the chosen point's test metrics over all seeds. ``a+b=v1,v2`` sets both keys to each value.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import sys
 from pathlib import Path
@@ -73,7 +83,13 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra config override for every run, e.g. model.uvqk_init=xavier (repeatable)")
     ap.add_argument("--stem", default=None, help="results file stem (default train_quality / mol_quality)")
+    ap.add_argument("--grid", action="append", default=[], metavar="KEY[+KEY]=V1,V2",
+                    help="sweep axis (repeatable): every system runs every point at the first seed, "
+                         "the best point on validation HR@10 goes on to the other seeds")
+    ap.add_argument("--systems", nargs="+", default=None, help="only these systems (default: all of the dataset's)")
     args = ap.parse_args()
+    if args.grid:
+        return sweep(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     stem = args.stem or ("mol_quality" if args.mol else "train_quality")
     seeds = args.seeds or [None]
@@ -86,23 +102,8 @@ def main() -> None:
         for seed in seeds:
             popularity = None
             for encoder, (cfg_path, extra) in systems.items():
-                overrides = [f"out_dir={args.out_dir}", f"name={ds}-{encoder}" + (f"-s{seed}" if seed is not None else ""), *extra]
-                if ds == "ml100k":
-                    overrides.append(f"data.path={ROOT / 'benchmarks/.data/ml-100k/ml-100k.inter'}")
-                if args.epochs:
-                    overrides.append(f"train.epochs={args.epochs}")
-                if seed is not None:
-                    overrides.append(f"train.seed={seed}")
-                if args.threads:
-                    overrides.append(f"train.num_threads={args.threads}")
-                overrides += args.set
-                cfg = load_config(ROOT / cfg_path, overrides)
-                result = train(cfg, progress=False)
-                epochs_run = len((result.run_dir / "metrics.csv").read_text().strip().splitlines()) - 1
-                rows.append({"dataset": ds, "system": encoder, "seed": cfg.train.seed, **{m: result.test[m] for m in METRICS},
-                             "best_epoch": result.best_epoch, "epochs_run": epochs_run,
-                             "sec_per_epoch": round(result.seconds_per_epoch, 2)})
-                popularity = result.popularity_test
+                row, popularity = run_one(args, ds, encoder, cfg_path, extra, seed)
+                rows.append(row)
             rows.append({"dataset": ds, "system": "popularity", "seed": "", **{m: popularity[m] for m in METRICS},
                          "best_epoch": "", "epochs_run": "", "sec_per_epoch": ""})
         if len(seeds) > 1:
@@ -112,6 +113,80 @@ def main() -> None:
             table = rows
         write_table(table, stem, provenance())
         plot(table, RESULTS / f"{stem}.png")
+    print((RESULTS / f"{stem}.md").read_text())
+
+
+def run_one(args, ds: str, encoder: str, cfg_path: str, extra: list[str], seed: int | None,
+            point: list[str] = (), tag: str = "") -> tuple[dict, dict]:
+    """Train one system once; returns its row (test metrics, validation HR@10, epochs) and the popularity baseline."""
+    overrides = [f"out_dir={args.out_dir}", f"name={ds}-{encoder}{tag}" + (f"-s{seed}" if seed is not None else ""), *extra]
+    if ds == "ml100k":
+        overrides.append(f"data.path={ROOT / 'benchmarks/.data/ml-100k/ml-100k.inter'}")
+    if args.epochs:
+        overrides.append(f"train.epochs={args.epochs}")
+    if seed is not None:
+        overrides.append(f"train.seed={seed}")
+    if args.threads:
+        overrides.append(f"train.num_threads={args.threads}")
+    overrides += [*args.set, *point]
+    cfg = load_config(ROOT / cfg_path, overrides)
+    result = train(cfg, progress=False)
+    epochs_run = len((result.run_dir / "metrics.csv").read_text().strip().splitlines()) - 1
+    row = {"dataset": ds, "system": encoder, "seed": cfg.train.seed, **{m: result.test[m] for m in METRICS},
+           "val_hr@10": result.valid["hr@10"], "best_epoch": result.best_epoch, "epochs_run": epochs_run,
+           "sec_per_epoch": round(result.seconds_per_epoch, 2)}
+    return row, result.popularity_test
+
+
+def grid_points(axes: list[str]) -> list[list[str]]:
+    """["a+b=1,2", "c=3,4"] -> every combination as override lists (a and b take the same value)."""
+    parsed = []
+    for axis in axes:
+        keys, _, values = axis.partition("=")
+        if not values:
+            raise SystemExit(f"--grid {axis!r}: expected KEY[+KEY]=V1,V2")
+        parsed.append([[f"{k}={v}" for k in keys.split("+")] for v in values.split(",")])
+    return [[o for part in combo for o in part] for combo in itertools.product(*parsed)]
+
+
+def point_label(point: list[str]) -> str:
+    return " ".join(point)
+
+
+def sweep(args) -> None:
+    """Grid at the first seed, selection on validation HR@10 per system, the chosen point at every seed."""
+    stem = args.stem or "train_quality_sweep"
+    seeds = args.seeds or [42]
+    points = grid_points(args.grid)
+    grid_rows, chosen_rows = [], []
+    for ds in args.datasets:
+        if ds == "ml100k":
+            ensure_ml100k()
+        for encoder, cfg_path in CONFIGS[ds].items():
+            if args.systems and encoder not in args.systems:
+                continue
+            extra = [f"model.encoder={encoder}"]
+            results = []
+            for i, point in enumerate(points):
+                row, _ = run_one(args, ds, encoder, cfg_path, extra, seeds[0], point, tag=f"-g{i}")
+                row = {"point": point_label(point), **row}
+                results.append((row, point, i))
+                grid_rows.append(row)
+                write_table(grid_rows, f"{stem}_grid", provenance())
+            best_row, best_point, i = max(results, key=lambda t: t[0]["val_hr@10"])
+            logging.info("%s %s: chose %s (val HR@10 %.4f)", ds, encoder, point_label(best_point), best_row["val_hr@10"])
+            chosen_rows.append(best_row)
+            for seed in seeds[1:]:
+                row, _ = run_one(args, ds, encoder, cfg_path, extra, seed, best_point, tag=f"-g{i}")
+                chosen_rows.append({"point": point_label(best_point), **row})
+                write_table(chosen_rows, f"{stem}_seeds", provenance())
+    table = summarise(chosen_rows)
+    for row in table:
+        row["point"] = next(r["point"] for r in chosen_rows if (r["dataset"], r["system"]) == (row["dataset"], row["system"]))
+    write_table(chosen_rows, f"{stem}_seeds", provenance())
+    write_table(table, stem, provenance())
+    plot(table, RESULTS / f"{stem}.png")
+    print((RESULTS / f"{stem}_grid.md").read_text())
     print((RESULTS / f"{stem}.md").read_text())
 
 

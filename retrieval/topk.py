@@ -33,18 +33,17 @@ def _sort_by_key(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch
 def select_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k per row by (score desc, id asc): scores (B, M) float, ids (B, M) int64 -> (B, min(k, M)) each.
 
-    A plain float ``torch.topk`` picks the set; only rows where the k-th score is tied beyond the cut
-    (where the set depends on ids) are redone on the packed int64 key. The k winners are then ordered
-    by the key. Cost: one top-k plus one comparison pass, not a sort.
+    A plain float ``torch.topk`` of k + 1 picks the set and shows whether it is ambiguous: only where the
+    (k+1)-th score equals the k-th (a tie across the cut, so the set depends on ids) is the row redone on
+    the packed int64 key. The k winners are then ordered by the key. Cost: one top-k over the row, no
+    further pass over it.
     """
     k = min(k, scores.shape[1])
     if k == scores.shape[1]:
         return _sort_by_key(scores, ids, k)
-    idx = torch.topk(scores, k, dim=1, sorted=False).indices
-    top_s = scores.gather(1, idx)
-    kth = top_s.min(1, keepdim=True).values
-    top_i = ids.gather(1, idx)
-    tied = ((scores >= kth).sum(1) > k).nonzero().squeeze(1)
+    top_s, idx = torch.topk(scores, k + 1, dim=1, sorted=True)
+    tied = (top_s[:, k] == top_s[:, k - 1]).nonzero().squeeze(1)
+    top_s, top_i = top_s[:, :k].contiguous(), ids.gather(1, idx[:, :k])
     if tied.numel():
         top_s[tied], top_i[tied] = _sort_by_key(scores[tied], ids[tied], k)
     return _sort_by_key(top_s, top_i, k)
@@ -77,15 +76,26 @@ def chunked_topk(score_chunk: Callable[[int, int], torch.Tensor], num_items: int
                  chunk_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over items 0..num_items-1 scored chunk by chunk: ``score_chunk(start, end)`` -> (B, end-start).
 
-    Memory stays O(B * (k + chunk_size)); the full (B, N) score matrix is never built.
+    Each chunk is cut to its own top-k at once (while its scores are still in cache); the survivors are
+    merged only when they outgrow ``max(chunk_size, 4k)`` columns. ``score_chunk`` may return a view of
+    one buffer it reuses for every chunk. Memory stays O(B * (k + chunk_size));
+    the full (B, N) score matrix is never built.
     """
-    best_s, best_i = empty_topk(batch, k, device)
+    pad_s, pad_i = empty_topk(batch, k, device)  # guarantees k columns when num_items < k
+    kept_s, kept_i = [pad_s], [pad_i]
+    width, limit = k, max(chunk_size, 4 * k)
     for start in range(0, num_items, chunk_size):
         end = min(start + chunk_size, num_items)
         s = score_chunk(start, end)
         ids = torch.arange(start, end, device=s.device).expand(batch, -1)
-        best_s, best_i = merge_topk(best_s, best_i, s, ids, k)
-    return pad_invalid(best_s, best_i)
+        s, ids = select_topk(s, ids, k) if s.shape[1] > k else (s.clone(), ids)  # s may be a reused buffer
+        kept_s.append(s)
+        kept_i.append(ids)
+        width += s.shape[1]
+        if width > limit:
+            merged_s, merged_i = select_topk(torch.cat(kept_s, 1), torch.cat(kept_i, 1), k)
+            kept_s, kept_i, width = [merged_s], [merged_i], k
+    return pad_invalid(*select_topk(torch.cat(kept_s, 1), torch.cat(kept_i, 1), k))
 
 
 def mask_excluded(scores: torch.Tensor, start: int, exclude: list[torch.Tensor] | None) -> torch.Tensor:

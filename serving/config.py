@@ -10,6 +10,7 @@ class IndexEntry:
     name: str = "default"
     path: str = ""            # an index version directory, or <root>/<name> to take its latest version
     verify: str = "full"      # full | size: checks run before the index is served
+    mmap: bool = False        # False: read into RAM (faster scans); True: map from disk (indexes beyond RAM)
 
 
 @dataclass

@@ -51,10 +51,14 @@ class IndexRegistry:
         self._served: dict[str, Served] = {}
         self.warmup_queries = warmup_queries
 
-    def load(self, name: str, path: str | Path, verify: str = "full") -> Served:
-        """Verify, load and warm a version, then swap it in. Any failure leaves the old one serving."""
+    def load(self, name: str, path: str | Path, verify: str = "full", mmap: bool = False) -> Served:
+        """Verify, load and warm a version, then swap it in. Any failure leaves the old one serving.
+
+        mmap=False reads the arrays into RAM: a flat scan over them measured ~20% faster than over the
+        same arrays memory-mapped (200K x 64 float32, batch 1, this project's CPU box). True maps them
+        from disk, for indexes larger than the RAM to spare."""
         p = resolve_path(path)
-        index, manifest = load_index(p, verify=verify)
+        index, manifest = load_index(p, verify=verify, mmap=mmap)
         warm_up(index, self.warmup_queries)
         served = Served(name, manifest.get("version", p.name), str(p), index, manifest)
         with self._lock:

@@ -59,7 +59,7 @@ def decode_queries(request: pb.SearchRequest, index_dim: int, max_nq: int) -> np
     if request.queries:
         if len(request.queries) % (4 * dim):
             raise invalid(f"queries: {len(request.queries)} bytes is not a multiple of 4*dim = {4 * dim}")
-        q = np.frombuffer(request.queries, dtype="<f4").reshape(-1, dim)
+        q = np.frombuffer(request.queries, dtype="<f4").reshape(-1, dim).copy()  # writable, as torch wants
     else:
         if len(request.query_values) % dim:
             raise invalid(f"query_values: {len(request.query_values)} values is not a multiple of dim = {dim}")
@@ -324,7 +324,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if verify not in ("full", "size"):
                 raise invalid(f"verify must be full or size, got {verify!r}")
             try:
-                served = self.registry.load(request.index, request.path, verify)
+                mmap = next((e.mmap for e in self.cfg.indexes if e.name == request.index), False)
+                served = self.registry.load(request.index, request.path, verify, mmap)
             except Exception as e:  # noqa: BLE001 - the old version keeps serving
                 self.metrics.index_swaps.labels(request.index, "refused").inc()
                 log.warning("LoadIndex %s from %s refused: %s", request.index, request.path, e)

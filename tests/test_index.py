@@ -221,6 +221,30 @@ def test_flat_and_faiss_mips_round_trip(tmp_path):
         assert 100 not in loaded.search(q, 7, exclude=[[100], [], [], []])[1][0]
 
 
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 3000), nq=st.integers(1, 40), k=st.integers(1, 50), block=st.sampled_from([64, 1 << 20]),
+       chunk_size=st.sampled_from([7, 262144]), seed=st.integers(0, 99))
+def test_flat_mips_batch_sized_chunks_equal_a_full_sort(n, nq, k, block, chunk_size, seed):
+    """Whatever chunk the batch size picks, the answer is the full sort (score desc, id asc) with ties,
+    exclusions and -1 padding."""
+    import genrec.index.mips as mips
+
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(-2, 3, (n, 4), generator=g).float()  # integer scores: many ties
+    q = torch.randint(-2, 3, (nq, 4), generator=g).float()
+    exclude = [list(range(r % 3)) for r in range(nq)]
+    saved, mips.SCORE_BLOCK_FLOATS = mips.SCORE_BLOCK_FLOATS, block
+    try:
+        D, I = FlatMIPS(items, chunk_size=chunk_size).search(q.numpy(), k, exclude=exclude)
+    finally:
+        mips.SCORE_BLOCK_FLOATS = saved
+    scores = q @ items.T
+    for r in range(nq):
+        order = sorted((j for j in range(n) if j not in exclude[r]), key=lambda j: (-scores[r, j].item(), j))[:k]
+        assert I[r, : len(order)].tolist() == order
+        assert (I[r, len(order):] == -1).all() and np.isneginf(D[r, len(order):]).all()
+
+
 def _flip_byte(path, offset=-5):
     data = bytearray(path.read_bytes())
     data[offset] ^= 0xFF

@@ -469,3 +469,29 @@ def test_soak_harness_short_run_finds_no_errors_leaks_or_wrong_answers(tmp_path)
     assert verdict["unexpected_status"] == 0 and verdict["wrong_answers"] == 0 and verdict["swaps"] >= 2
     assert verdict["client_ok"] > 20 and verdict["client_invalid_argument"] > 0
     assert any(r["measure"] == "sample" and r["rss_mib"] > 0 for r in rows) and (tmp_path / "s.png").stat().st_size
+
+
+def test_load_generator_processes_drive_a_server_and_report_its_compute(server):
+    """The benchmark's client processes (asyncio closed loop, remote latency probe) complete real searches."""
+    from genrec.bench.load import client_shares, closed_loop, remote_latencies_ms
+
+    assert client_shares(5, 2) == [3, 2] and client_shares(1, 4) == [1]
+    q = unit(16, 9)
+    done, failed = closed_loop(server.port, q, 5, concurrency=3, seconds=0.5, processes=2)
+    assert done > 0 and failed == 0
+    total, compute = remote_latencies_ms(server.port, q, 5, n=7)
+    assert total.shape == compute.shape == (7,)
+    assert (compute > 0).all() and (compute < total).all()
+    floor, zero = remote_latencies_ms(server.port, q, 5, n=3, method="health")
+    assert (floor > 0).all() and (zero == 0).all()
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
+@pytest.mark.parametrize("mmap", [False, True])
+def test_indexes_are_read_into_ram_unless_mmap_is_asked_for(index_root, mmap):
+    from genrec.serving.registry import IndexRegistry
+
+    served = IndexRegistry(warmup_queries=1).load("items", index_root / "items" / "v1", "size", mmap=mmap)
+    mapped = str(index_root / "items" / "v1" / "items.npy") in open("/proc/self/maps").read()
+    assert mapped == mmap
+    assert served.index.search(unit(2, 4), 3)[1].shape == (2, 3)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from genrec.bench.report import provenance, random_unit, write_table
-from genrec.bench.serving import closed_loop
+from genrec.bench.load import closed_loop
 from genrec.bench.timing import latencies_ms
 
 log = logging.getLogger("genrec.bench")

@@ -1,10 +1,15 @@
 """gRPC serving overhead and dynamic-batching throughput, side by side in one run.
 
-One index (exact flat MIPS over --items random unit vectors, dim --dim) is served by two in-process
-servers on loopback, one with dynamic batching and one without. Measured:
-  latency at batch 1: in-process ``index.search`` vs gRPC Search (batching off and on), p50/p99;
+One index (exact flat MIPS over --items random unit vectors, dim --dim) is served by two servers on
+loopback, one with dynamic batching and one without. Measured:
+  latency at batch 1: in-process ``index.search`` vs gRPC Search from a client process (batching off
+  and on), p50/p99. overhead_p50_ms is the gRPC p50 minus the in-process p50; rpc_overhead_p50_ms the
+  p50 over requests of (round trip - the server's own compute time of that request), which does not
+  move with the search's run-to-run noise. grpc.health.v1 Check from the same client: the transport's
+  floor on this machine;
   throughput: closed-loop clients at concurrency 1/16/64 for --seconds each, QPS with batching on vs off.
-Clients and servers share the machine's cores, as a sidecar deployment would.
+Clients (genrec.bench.load: separate processes, asyncio, no torch) and servers share the machine's
+cores, as a sidecar deployment would.
 
     genrec bench serving [--items 200000] [--dim 64] [--seconds 5]
 """
@@ -14,62 +19,16 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from genrec.bench.load import closed_loop, remote_latencies_ms
 from genrec.bench.report import provenance, random_unit, write_table
 from genrec.bench.timing import latencies_ms
 
 log = logging.getLogger("genrec.bench")
-
-
-def client_shares(clients: int, processes: int) -> list[int]:
-    """Split ``clients`` closed-loop clients over at most ``processes`` processes, as evenly as possible."""
-    procs = max(1, min(processes, clients))
-    return [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
-
-
-def closed_loop(port: int, queries: np.ndarray, k: int, concurrency: int, seconds: float,
-                processes: int = 4) -> tuple[int, int]:
-    """``concurrency`` clients, each sending one request at a time for ``seconds``, spread over
-    ``processes`` client processes so the clients do not share the server's GIL: (completed, failed)."""
-    import multiprocessing as mp
-
-    shares = client_shares(concurrency, processes)
-    with mp.get_context("spawn").Pool(len(shares)) as pool:
-        parts = pool.starmap(_client_threads, [(port, queries, k, c, seconds, i) for i, c in enumerate(shares)])
-    return sum(p[0] for p in parts), sum(p[1] for p in parts)
-
-
-def _client_threads(port: int, queries: np.ndarray, k: int, concurrency: int, seconds: float,
-                    first: int) -> tuple[int, int]:
-    import grpc
-
-    from genrec.serving.client import GenrecClient
-
-    done, failed, stop = [0] * concurrency, [0] * concurrency, time.monotonic() + seconds
-
-    def worker(w: int) -> None:
-        with GenrecClient(f"127.0.0.1:{port}") as c:
-            i = first * 1000 + w
-            while time.monotonic() < stop:
-                try:
-                    c.search(queries[i % len(queries) : i % len(queries) + 1], k, timeout=30)
-                    done[w] += 1
-                except grpc.RpcError:
-                    failed[w] += 1
-                i += concurrency
-
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(done), sum(failed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from genrec.index.mips import FlatMIPS
     from genrec.index.storage import save_index
-    from genrec.serving.client import GenrecClient
     from genrec.serving.config import BatchingConfig, IndexEntry, LimitsConfig, ServeConfig
     from genrec.serving.server import RetrievalServer
 
@@ -112,15 +70,22 @@ def main(argv: list[str] | None = None) -> int:
             servers[batching] = RetrievalServer(cfg).start()
         try:
             lat = {"in-process": latencies_ms(lambda q: index.search(q, args.k), queries, args.latency_queries, warmup=5)}
+            server_compute = {}
             for batching, srv in servers.items():
-                with GenrecClient(f"127.0.0.1:{srv.port}") as c:
-                    lat[f"grpc batching={'on' if batching else 'off'}"] = latencies_ms(
-                        lambda q: c.search(q, args.k, timeout=30), queries, args.latency_queries, warmup=5)
+                name = f"grpc batching={'on' if batching else 'off'}"
+                lat[name], server_compute[name] = remote_latencies_ms(srv.port, queries, args.k, args.latency_queries)
+            lat["grpc health check (transport floor)"], _ = remote_latencies_ms(
+                servers[False].port, queries, args.k, args.latency_queries, method="health")
             base = float(np.percentile(lat["in-process"], 50))
             for name, v in lat.items():
                 p50 = float(np.percentile(v, 50))
-                rows.append({"measure": "latency_b1", "system": name, "concurrency": 1, "p50_ms": round(p50, 3),
-                             "p99_ms": round(float(np.percentile(v, 99)), 3), "overhead_p50_ms": round(p50 - base, 3)})
+                row = {"measure": "latency_b1", "system": name, "concurrency": 1, "p50_ms": round(p50, 3),
+                       "p99_ms": round(float(np.percentile(v, 99)), 3)}
+                if name in server_compute:  # vs in-process; and per request, minus the server's own compute
+                    row["overhead_p50_ms"] = round(p50 - base, 3)
+                    row["server_compute_p50_ms"] = round(float(np.percentile(server_compute[name], 50)), 3)
+                    row["rpc_overhead_p50_ms"] = round(float(np.percentile(v - server_compute[name], 50)), 3)
+                rows.append(row)
                 log.info("%s: p50 %.3f ms", name, p50)
             for conc in args.concurrency:
                 qps = {}

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from genrec.bench.report import provenance, random_unit, write_table
-from genrec.bench.serving import client_shares
+from genrec.bench.load import client_shares
 
 log = logging.getLogger("genrec.bench")
 EXPECTED = ("OK", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")

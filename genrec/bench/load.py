@@ -1,0 +1,109 @@
+"""Load generation for the serving benchmarks: client processes that import grpc and numpy only.
+
+Clients share the machine with the server under test, so they must cost it as little as possible: they
+run in spawned processes (no GIL shared with the server) that never import torch, every process waits
+at one barrier until all are connected before its clock starts, and each process drives its callers as
+asyncio tasks on one ``grpc.aio`` channel rather than as threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import time
+
+import grpc
+import numpy as np
+
+from genrec.serving import genrec_pb2 as pb
+from genrec.serving import genrec_pb2_grpc as pb_grpc
+
+
+def client_shares(clients: int, processes: int) -> list[int]:
+    """Split ``clients`` closed-loop clients over at most ``processes`` processes, as evenly as possible."""
+    procs = max(1, min(processes, clients))
+    return [clients // procs + (1 if i < clients % procs else 0) for i in range(procs)]
+
+
+def search_request(query: np.ndarray, k: int) -> pb.SearchRequest:
+    """One query vector (dim,) float32 -> a SearchRequest for the default index."""
+    return pb.SearchRequest(k=k, dim=query.shape[0], queries=np.ascontiguousarray(query, dtype="<f4").tobytes())
+
+
+def closed_loop(port: int, queries: np.ndarray, k: int, concurrency: int, seconds: float,
+                processes: int = 4) -> tuple[int, int]:
+    """``concurrency`` closed-loop callers (each sends its next Search when the last one returns) for
+    ``seconds``, spread over ``processes`` client processes: (completed, failed)."""
+    ctx = mp.get_context("spawn")
+    shares = client_shares(concurrency, processes)
+    barrier, results = ctx.Barrier(len(shares)), ctx.Queue()
+    procs = [ctx.Process(target=_closed_loop_process, args=(port, queries, k, c, seconds, i, barrier, results))
+             for i, c in enumerate(shares)]
+    for p in procs:
+        p.start()
+    parts = [results.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def _closed_loop_process(port: int, queries: np.ndarray, k: int, concurrency: int, seconds: float, first: int,
+                         barrier, results) -> None:
+    async def run() -> tuple[int, int]:
+        done = failed = 0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await channel.channel_ready()
+            stub = pb_grpc.RetrievalStub(channel)
+            await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
+            stop = time.monotonic() + seconds
+
+            async def caller(w: int) -> None:
+                nonlocal done, failed
+                i = first * 1000 + w
+                while time.monotonic() < stop:
+                    try:
+                        await stub.Search(search_request(queries[i % len(queries)], k), timeout=30)
+                        done += 1
+                    except grpc.RpcError:
+                        failed += 1
+                    i += concurrency
+
+            await asyncio.gather(*(caller(w) for w in range(concurrency)))
+        return done, failed
+
+    results.put(asyncio.run(run()))
+
+
+def remote_latencies_ms(port: int, queries: np.ndarray, k: int, n: int, warmup: int = 5,
+                        method: str = "search") -> tuple[np.ndarray, np.ndarray]:
+    """n sequential calls from a separate client process (as a remote client sees them): batch-1 Search
+    cycling through ``queries``, or (method="health") grpc.health.v1 Check, the cheapest round trip
+    the server answers: the floor of the transport on this machine. Returns (round-trip ms, the
+    server's own compute_ms of each reply; zeros for health), each (n,) float64."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    p = ctx.Process(target=_latency_process, args=(port, queries, k, n, warmup, method, results))
+    p.start()
+    out = results.get(timeout=600)
+    p.join()
+    return out
+
+
+def _latency_process(port: int, queries: np.ndarray, k: int, n: int, warmup: int, method: str, results) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    grpc.channel_ready_future(channel).result(timeout=30)
+    if method == "health":
+        call, make = health_pb2_grpc.HealthStub(channel).Check, lambda i: health_pb2.HealthCheckRequest()
+    else:
+        call, make = pb_grpc.RetrievalStub(channel).Search, lambda i: search_request(queries[i % len(queries)], k)
+    total, compute = [], []
+    for i in range(warmup + n):
+        request = make(i)
+        t = time.perf_counter()
+        reply = call(request, timeout=30)
+        total.append((time.perf_counter() - t) * 1e3)
+        compute.append(reply.timing.compute_ms if method == "search" else 0.0)
+    channel.close()
+    results.put((np.array(total[warmup:]), np.array(compute[warmup:])))
