@@ -85,11 +85,15 @@ def run_group(jobs: list[Job]) -> None:
 
 class DynamicBatcher:
     def __init__(self, max_batch: int = 64, max_delay_s: float = 0.001, queue_size: int = 256,
-                 on_batch: Callable[[int], None] | None = None, on_expired: Callable[[], None] | None = None):
+                 on_batch: Callable[[int], None] | None = None, on_expired: Callable[[], None] | None = None,
+                 on_busy: Callable[[float], None] | None = None):
+        """on_batch(queries) per coalesced search; on_expired() per request dropped unserved;
+        on_busy(seconds) per batch, the time the worker spent searching (its saturation)."""
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._on_batch = on_batch or (lambda n: None)
         self._on_expired = on_expired or (lambda: None)
+        self._on_busy = on_busy or (lambda s: None)
         self._thread = threading.Thread(target=self._loop, name="genrec-batcher", daemon=True)
         self._thread.start()
 
@@ -142,6 +146,9 @@ class DynamicBatcher:
             groups: dict[tuple, list[Job]] = {}
             for j in live:
                 groups.setdefault(j.key, []).append(j)
+            start = time.monotonic()
             for group in groups.values():
                 self._on_batch(sum(len(j.queries) for j in group))
                 run_group(group)
+            if groups:
+                self._on_busy(time.monotonic() - start)

@@ -15,6 +15,8 @@ class ServerMetrics:
         self.requests = Counter("genrec_requests", "RPCs by method and status code", ["method", "code"], registry=r)
         self.latency = Histogram("genrec_latency_seconds", "RPC latency by stage (queue, compute, total)",
                                  ["method", "stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batcher_busy = Counter("genrec_batcher_busy_seconds", "seconds the batcher spent searching "
+                                    "(its rate is the batcher's utilisation)", registry=r)
         self.batch_size = Histogram("genrec_batch_queries", "queries per coalesced search", buckets=BATCH_BUCKETS, registry=r)
         self.expired = Counter("genrec_expired_skipped", "requests dropped unserved because their deadline passed", registry=r)
         self.searched_queries = Counter("genrec_searched_queries", "queries actually computed", registry=r)

@@ -135,7 +135,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self.closing = False
         b = cfg.batching
         self.batcher = (DynamicBatcher(b.max_batch, b.max_delay_ms / 1000, b.queue_size,
-                                       on_batch=metrics.batch_size.observe, on_expired=metrics.expired.inc)
+                                       on_batch=metrics.batch_size.observe, on_expired=metrics.expired.inc,
+                                       on_busy=metrics.batcher_busy.inc)
                         if b.enabled else None)
 
     # ---- plumbing ----

@@ -165,6 +165,8 @@ def test_health_reflection_and_metrics_answer_generic_clients(server):
     assert 'genrec_requests_total{code="OK",method="Search"}' in text
     assert 'genrec_index_items{index="items",version="v1"} 300.0' in text
     assert "genrec_latency_seconds_bucket" in text and "genrec_batch_queries_count" in text
+    busy = server.metrics.registry.get_sample_value("genrec_batcher_busy_seconds_total")
+    assert busy is not None and busy > 0 and "genrec_batcher_busy_seconds_total" in text
 
 
 def test_admin_methods_need_the_token(server, index_root):

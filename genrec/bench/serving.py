@@ -7,7 +7,9 @@ loopback, one with dynamic batching and one without. Measured:
   p50 over requests of (round trip - the server's own compute time of that request), which does not
   move with the search's run-to-run noise. grpc.health.v1 Check from the same client: the transport's
   floor on this machine;
-  throughput: closed-loop clients at concurrency 1/16/64 for --seconds each, QPS with batching on vs off.
+  throughput: closed-loop clients at concurrency 1/16/64 for --seconds each, QPS with batching on vs off;
+  with batching, the mean batch (queries per search) and batcher_busy, the fraction of the run its one
+  search worker spent searching (near 1: compute-bound; well below: starved by per-request costs).
 Clients (genrec.bench.load: separate processes, asyncio, no torch) and servers share the machine's
 cores, as a sidecar deployment would.
 
@@ -90,10 +92,16 @@ def main(argv: list[str] | None = None) -> int:
             for conc in args.concurrency:
                 qps = {}
                 for batching, srv in servers.items():
+                    before = batcher_counters(srv)
                     done, failed = closed_loop(srv.port, queries, args.k, conc, args.seconds)
                     qps[batching] = done / args.seconds
-                    rows.append({"measure": "throughput", "system": f"grpc batching={'on' if batching else 'off'}",
-                                 "concurrency": conc, "qps": round(qps[batching], 1), "failed": failed})
+                    row = {"measure": "throughput", "system": f"grpc batching={'on' if batching else 'off'}",
+                           "concurrency": conc, "qps": round(qps[batching], 1), "failed": failed}
+                    if batching:  # how full the batches were and how busy the one search worker was
+                        (b0, n0, t0), (b1, n1, t1) = before, batcher_counters(srv)
+                        row["mean_batch"] = round((b1 - b0) / max(n1 - n0, 1), 1)
+                        row["batcher_busy"] = round((t1 - t0) / args.seconds, 2)
+                    rows.append(row)
                     log.info("concurrency %d batching %s: %.1f QPS (%d failed)", conc, batching, qps[batching], failed)
                 rows.append({"measure": "throughput_ratio", "system": "batching on / off", "concurrency": conc,
                              "qps": round(qps[True] / max(qps[False], 1e-9), 2)})
@@ -107,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     plot(rows, Path(args.out_dir) / f"{args.stem}.png", meta)
     print(md.read_text())
     return 0
+
+
+def batcher_counters(srv) -> tuple[float, float, float]:
+    """(queries batched, batches, seconds spent searching) so far, from the server's own metrics."""
+    value = srv.metrics.registry.get_sample_value
+    return (value("genrec_batch_queries_sum") or 0.0, value("genrec_batch_queries_count") or 0.0,
+            value("genrec_batcher_busy_seconds_total") or 0.0)
 
 
 def plot(rows: list[dict], path: Path, meta: dict) -> None:
