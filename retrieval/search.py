@@ -131,13 +131,12 @@ class MoLSearcher:
         """Union over (i, j) of the top-``budget`` items by l_ij; the certificate bound in logit units."""
         b, p = len(q), self.mol.num_logits
         budget = min(budget, self.ntotal)
-        best_s, best_i = empty_topk(b * p, budget)
-        for start in range(0, self.ntotal, self.chunk_size):
-            end = min(start + self.chunk_size, self.ntotal)
+
+        def score(start: int, end: int) -> torch.Tensor:  # one row per (query, logit): (B * P, c)
             logits = self.mol.logits(q, self.cache.slice(start, end)).float()  # (B, c, P)
-            s = logits.permute(0, 2, 1).reshape(b * p, -1)
-            ids = torch.arange(start, end).expand(b * p, -1)
-            best_s, best_i = merge_topk(best_s, best_i, s, ids, budget)
+            return logits.permute(0, 2, 1).reshape(b * p, -1)
+
+        best_s, best_i = chunked_topk(score, self.ntotal, b * p, budget, self.chunk_size)
         # An item outside every per-(i,j) list has l_ij <= that list's last score for all (i,j), and
         # phi <= max_ij l_ij, so it cannot score above the largest of those last scores. A full list
         # (budget = N) misses nothing.
