@@ -38,14 +38,47 @@ def timed(fn, device, repeats: int) -> float:
     return best_seconds(lambda: (fn(), sync()), repeats) * 1e3
 
 
-def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats: int, peak_gbs: float | None,
-              backend: str) -> list[dict]:
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    chunk = 1 << 22  # build the codes in pieces: a 100M x 64 fp32 intermediate would not fit
+def device_codes(n: int, d: int, dtype: str, device, seed: int = 0, chunk: int = 1 << 22) -> torch.Tensor:
+    """(n, d) synthetic codes made on the device in pieces (a 100M x 64 fp32 intermediate would not fit):
+    int8 = round(30 z) clipped to +-127, bf16 = z, z ~ N(0, 1)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     codes = torch.empty(n, d, dtype=torch.int8 if dtype == "int8" else torch.bfloat16, device=device)
     for s in range(0, n, chunk):
-        x = torch.randn(min(chunk, n - s), d, generator=gen)
+        x = torch.randn(min(chunk, n - s), d, generator=gen, device=device)
         codes[s : s + len(x)] = (x * 30).round().clamp(-127, 127).to(codes.dtype) if dtype == "int8" else x.to(codes.dtype)
+    return codes
+
+
+def copy_gbs(device, nbytes: int = 4 << 30, repeats: int = 5) -> float | None:
+    """Device-to-device copy rate, bytes read + written per second / 1e9: the practical HBM ceiling."""
+    if device.type != "cuda":
+        return None
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    ms = timed(lambda: b.copy_(a), device, repeats)
+    return nbytes / (ms / 1e3) / 1e9
+
+
+def parse_config(text: str) -> dict:
+    """Threshold-scan kernel knobs, ':'-separated: '256x4' (block_n x num_warps), 'q64' (block_q), 't4' (item
+    tiles per program), 'ieee' / 'bf16x2' (precision); e.g. '128x8:q64:t4'."""
+    out: dict = {}
+    for part in text.split(":"):
+        if "x" in part and part != "bf16x2":
+            bn, nw = part.split("x")
+            out.update(block_n=int(bn), num_warps=int(nw))
+        elif part[:1] in ("q", "t") and part[1:].isdigit():
+            out["block_q" if part[0] == "q" else "tiles"] = int(part[1:])
+        elif part:
+            out["precision"] = part
+    return out
+
+
+def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats: int, peak_gbs: float | None,
+              backend: str, configs: list[str], topk_batches, topk_max_items: int, copy_rate: float | None) -> list[dict]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    chunk = 1 << 22
+    codes = device_codes(n, d, dtype, device)
     rows = []
     nbytes = codes.numel() * codes.element_size()
     for b in batches:
@@ -53,8 +86,6 @@ def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats:
         sample = codes[torch.randint(0, n, (65536,), generator=gen).to(device)].float()
         thr = torch.quantile(q @ sample.T, 1 - kprime / n, dim=1).contiguous()  # ~K' hits per query
         cap = 2 * kprime
-        scan_ms = timed(lambda: stage1_threshold_scan(q, codes, thr, cap, backend=backend), device, repeats)
-        hits = stage1_threshold_scan(q, codes, thr, cap, backend=backend)[2].float().mean().item()
         mm_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
         def mm_topk():
@@ -65,16 +96,34 @@ def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats:
             return out
 
         mm_ms = timed(mm_topk, device, repeats)
-        topk_ms = timed(lambda: stage1_topk(q, codes, 1000, backend=backend), device, repeats)
-        for name, ms, kp, extra in (("stage1 scan", scan_ms, kprime, {"mean_hits": round(hits, 1)}),
-                                    ("stage1 topk", topk_ms, 1000, {})):
+        timings = []
+        for cfg in (configs if backend == "triton" else ["reference"]):
+            kw = parse_config(cfg) if backend == "triton" and cfg != "default" else {}
+            fn = (lambda kw=kw: stage1_threshold_scan(q, codes, thr, cap, backend=backend, **kw)) if backend == "reference" else \
+                (lambda kw=kw: _scan_triton(q, codes, thr, cap, **kw))
+            ms = timed(fn, device, repeats)
+            hits = fn()[2].float().mean().item()
+            timings.append(("stage1 scan", cfg, ms, kprime, {"mean_hits": round(hits, 1)}))
+        if b in topk_batches and n <= topk_max_items:
+            timings.append(("stage1 topk", "default", timed(lambda: stage1_topk(q, codes, 1000, backend=backend), device, repeats),
+                            1000, {}))
+        best_scan = min(ms for name, _, ms, _, _ in timings if name == "stage1 scan")
+        for name, cfg, ms, kp, extra in timings:
             gbs = nbytes / (ms / 1e3) / 1e9
-            rows.append({"kernel": name, "backend": backend, "items": n, "dim": d, "dtype": dtype, "batch": b,
+            rows.append({"kernel": name, "backend": backend, "config": cfg, "items": n, "dim": d, "dtype": dtype, "batch": b,
                          "kprime": kp, **extra, "ms": round(ms, 3), "GB_per_s": round(gbs, 1),
                          "pct_peak_hbm": round(100 * gbs / peak_gbs, 1) if peak_gbs else "",
+                         "pct_copy_bw": round(100 * gbs / copy_rate, 1) if copy_rate else "",
+                         "best_config": name == "stage1 scan" and ms == best_scan,
                          "baseline": f"mm+topk({kprime})", "baseline_ms": round(mm_ms, 3), "speedup": round(mm_ms / ms, 2)})
             log.info("%s", rows[-1])
     return rows
+
+
+def _scan_triton(q, codes, thr, cap, **kw):
+    from genrec.kernels.stage1_scan_triton import stage1_threshold_scan_triton
+
+    return stage1_threshold_scan_triton(q, codes, thr, cap, **kw)
 
 
 def mol_rows(kprimes, batches, device, repeats: int, n_items: int = 1_000_000) -> list[dict]:
@@ -108,6 +157,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
+    rows = [r for r in rows if r.get("best_config", True) or r["kernel"] != "stage1 scan"]  # the best scan variant per point
     labels = [f"{r['kernel']} {r['backend']}\n{r['items'] // 10**6}M {r['dtype']} b{r['batch']} K'{r['kprime']}" for r in rows]
     x = range(len(rows))
     ax.bar([i - 0.2 for i in x], [r["ms"] for r in rows], 0.4, label="kernel / reference")
@@ -128,29 +178,43 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["int8", "bfloat16"])
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 32, 128])
     ap.add_argument("--kprimes", type=int, nargs="+", default=[10_000, 100_000])
-    ap.add_argument("--peak-gbs", type=float, default=None, help="device peak HBM GB/s (H100 SXM ~3350)")
+    ap.add_argument("--peak-gbs", type=float, default=None, help="device peak HBM GB/s (H100 SXM 3350, H200 4800)")
+    ap.add_argument("--scan-configs", nargs="+", default=["default"],
+                    help="threshold-scan kernel variants on GPU: BLOCKNxWARPS[:precision], e.g. 128x4 256x8 512x8 256x4:ieee")
+    ap.add_argument("--topk-batches", type=int, nargs="*", default=[1, 32, 128], help="batches the top-k scan is timed at")
+    ap.add_argument("--topk-max-items", type=int, default=10**9, help="skip the top-k scan above this many items")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip", nargs="*", default=[], choices=["scan", "mol"])
+    ap.add_argument("--backend", choices=["auto", "reference", "triton"], default="auto",
+                    help="auto: triton on GPU, reference on CPU (triton on CPU needs TRITON_INTERPRET=1: smoke runs only)")
     ap.add_argument("--stem", default=None)
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
-    backend = "triton" if gpu else "reference"
+    backend = args.backend if args.backend != "auto" else ("triton" if gpu else "reference")
     rows: list[dict] = []
+    copy_rate = copy_gbs(device)
+    if copy_rate:
+        log.info("device-to-device copy: %.0f GB/s (read + write)", copy_rate)
+    stem = args.stem or ("kernels_gpu" if gpu else "kernels_cpu")
+    meta = {**provenance(), "copy_GB_per_s": round(copy_rate, 1) if copy_rate else None,
+            "note": "CPU rows time the PyTorch references (the Triton kernels need a GPU); speedup = baseline_ms / ms; "
+                    "GB_per_s = code bytes read / time; pct_copy_bw = vs a device-to-device copy (read + write) "
+                    "measured in the run"}
     if "scan" not in args.skip:
         for n in args.items or ([10_000_000, 100_000_000] if gpu else [1_000_000]):
             for dtype in args.dtypes:
                 rows += scan_rows(n, args.dim, dtype, args.batches, min(args.kprimes), device, args.repeats,
-                                  args.peak_gbs, backend)
+                                  args.peak_gbs, backend, args.scan_configs, args.topk_batches, args.topk_max_items,
+                                  copy_rate)
+                write_table(rows, args.out_dir, stem, meta)  # partial tables survive a time limit
                 if gpu:
                     torch.cuda.empty_cache()
     if "mol" not in args.skip:
         rows += mol_rows(args.kprimes, [b for b in args.batches if b <= 32], device, args.repeats)
-    stem = args.stem or ("kernels_gpu" if gpu else "kernels_cpu")
-    write_table(rows, args.out_dir, stem, {**provenance(), "note": "CPU rows time the PyTorch references (the "
-                                           "Triton kernels need a GPU); speedup = baseline_ms / ms"})
+    write_table(rows, args.out_dir, stem, meta)
     plot(rows, Path(args.out_dir) / f"{stem}.png")
     print((Path(args.out_dir) / f"{stem}.md").read_text())
 

@@ -244,10 +244,10 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from genrec.bench import broker, ranking, retrieval, serving, soak
+    from genrec.bench import broker, ranking, retrieval, retrieval_scale, serving, soak
 
-    harnesses = {"retrieval": retrieval.main, "serving": serving.main, "broker": broker.main, "ranking": ranking.main,
-                 "soak": soak.main}
+    harnesses = {"retrieval": retrieval.main, "retrieval-scale": retrieval_scale.main, "serving": serving.main,
+                 "broker": broker.main, "ranking": ranking.main, "soak": soak.main}
     return harnesses[args.harness](args.bench_args)
 
 
@@ -366,8 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--json", action="store_true")
     qu.set_defaults(func=cmd_query)
 
-    be = sub.add_parser("bench", help="benchmarks (CSV/Markdown/JSON/PNG): `genrec bench retrieval|serving|broker|ranking|soak --help`")
-    be.add_argument("harness", choices=["retrieval", "serving", "broker", "ranking", "soak"])
+    be = sub.add_parser("bench", help="benchmarks (CSV/Markdown/JSON/PNG): `genrec bench retrieval|retrieval-scale|serving|broker|ranking|soak --help`")
+    be.add_argument("harness", choices=["retrieval", "retrieval-scale", "serving", "broker", "ranking", "soak"])
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the harness")
     be.set_defaults(func=cmd_bench)
     return parser

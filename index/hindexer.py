@@ -11,6 +11,7 @@ score does not bound max_ij l_ij), so ``bound`` is +inf.
 
 from __future__ import annotations
 
+import copy
 import io
 import logging
 import time
@@ -33,26 +34,36 @@ log = logging.getLogger(__name__)
 
 STAGE1_SELECT = ("auto", "threshold", "topk")
 TOPK_SCAN_MAX = 1024  # the running top-k kernel keeps K' in registers
+GPU_SCAN_CHUNK = 1 << 24  # items per fused-scan launch on a GPU (its fixed hit buffer is per launch)
+GPU_RESCORE_CHUNK = 1 << 15  # candidates per stage-2 call on a GPU (bounds the reference's (B, C, P) temporaries)
 
 
 def _as_tensor(a) -> torch.Tensor:
-    return a if isinstance(a, torch.Tensor) else from_numpy(np.asarray(a), "float32").float()
+    """A float32 tensor (on its own device) of an array or tensor slice (bf16 corpora are widened)."""
+    return a.float() if isinstance(a, torch.Tensor) else from_numpy(np.asarray(a), "float32").float()
 
 
 def item_cache(mol: MixtureOfLogits, items, start: int, end: int, dtype: torch.dtype, chunk_size: int = 65536,
                progress: bool = False) -> ItemCache:
-    """MoL item-side cache of items[start:end] (a tensor or a memory-mapped array), chunked."""
-    comps, gates = [], []
+    """MoL item-side cache of items[start:end] (a tensor on any device, or a memory-mapped array), chunked
+    into arrays allocated once (no concatenation: at 100M items the cache alone is tens of GB)."""
+    comps = gates = None
     bar = tqdm(total=end - start, desc="MoL item cache", unit="item", unit_scale=True, disable=not progress)
     with torch.no_grad():
         for s in range(start, end, chunk_size):
             e = min(s + chunk_size, end)
             c = mol.encode_items(_as_tensor(items[s:e]))
-            comps.append(c.components.to(dtype))
-            gates.append(c.gate.to(dtype))
+            if comps is None:
+                comps = torch.empty((end - start, *c.components.shape[1:]), dtype=dtype, device=c.components.device)
+                gates = torch.empty((end - start, c.gate.shape[1]), dtype=dtype, device=c.gate.device)
+            comps[s - start : e - start] = c.components
+            gates[s - start : e - start] = c.gate
             bar.update(e - s)
     bar.close()
-    return ItemCache(torch.cat(comps), torch.cat(gates))
+    if comps is None:  # no items: shapes from an empty batch
+        c = mol.encode_items(torch.zeros(0, mol.init_kwargs["item_dim"], device=next(mol.parameters()).device))
+        comps, gates = c.components.to(dtype), c.gate.to(dtype)
+    return ItemCache(comps, gates)
 
 
 def stage1_inputs_from_items(mol: MixtureOfLogits, items, flat: bool):
@@ -60,7 +71,7 @@ def stage1_inputs_from_items(mol: MixtureOfLogits, items, flat: bool):
     TopKAvg base (m, d_P), or with ``flat`` the flattened components (m, P_X * d_P)."""
     def fn(rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            x = _as_tensor(items[rows.numpy()] if not isinstance(items, torch.Tensor) else items[rows])
+            x = _as_tensor(items[rows.numpy()] if not isinstance(items, torch.Tensor) else items[rows.to(items.device)])
             comps = F.normalize(mol.item_proj(x).view(len(rows), mol.px, mol.dp), dim=-1, eps=1e-6)
             return comps.flatten(1) if flat else item_base_vectors(comps)
     return fn
@@ -103,6 +114,20 @@ class MoLHIndexer(Index):
         return self.mol.init_kwargs["query_dim"]
 
     @property
+    def device(self) -> torch.device:
+        return self.cache.components.device
+
+    def to(self, device: torch.device | str) -> "MoLHIndexer":
+        """Moves the MoL, its item cache and the stage-1 table to ``device``; searches then run there (on
+        CUDA through the fused kernels: one scan launch per ``GPU_SCAN_CHUNK`` items into a fixed hit
+        buffer, stage 2 in ``GPU_RESCORE_CHUNK`` candidates per launch). Results come back on the CPU."""
+        self.mol = self.mol.to(device)
+        self.cache = ItemCache(self.cache.components.to(device), self.cache.gate.to(device))
+        self.stage1 = self.stage1.to(device)
+        self._score_sample = self.stage1.sample_scorer(sample_rows(len(self.cache), self.sample_size))
+        return self
+
+    @property
     def bytes_per_item(self) -> float:
         c = self.cache
         return (self.stage1.bytes_per_item + c.components[0].numel() * c.components.element_size()
@@ -129,7 +154,14 @@ class MoLHIndexer(Index):
         kind, dim = parse_method(stage1)
         learned, fit = None, None
         if kind == "learned":
-            learned, fit = fit_learned_stage1(mol, items, sample, dim, train_queries, distill_steps, seed)
+            device = items.device if isinstance(items, torch.Tensor) else torch.device("cpu")
+            if device.type == "cpu":
+                learned, fit = fit_learned_stage1(mol, items, sample, dim, train_queries, distill_steps, seed)
+            else:  # the distillation is small host work: on the sample rows, with a host copy of the MoL
+                host = items[sample.to(device)].float().cpu()  # (proxy queries, if any, come from these rows)
+                learned, fit = fit_learned_stage1(copy.deepcopy(mol).cpu(), host, torch.arange(len(host)), dim,
+                                                  train_queries, distill_steps, seed)
+                learned = tuple(t.to(device) for t in learned)
         vectors = stage1_inputs_from_items(mol, items, flat=learned is not None)
         table = fit_stage1(vectors, n, stage1, stage1_dtype, sample, learned=learned)
         bar = tqdm(total=end - start, desc="stage-1 codes", unit="item", unit_scale=True, disable=not progress)
@@ -144,11 +176,15 @@ class MoLHIndexer(Index):
     @torch.no_grad()
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
                                 kprime: int | None = None) -> SearchResult:
-        u = validate_queries(queries, self.dim, k)
+        dev = self.device
+        u = validate_queries(queries, self.dim, k).to(dev)
         kp = min(kprime or self.kprime, self.ntotal)
         if kp <= 0:
             raise ValueError(f"kprime must be positive, got {kprime}")
         excl = self.idmap.exclude_rows(exclude, len(u))
+        if excl is not None:
+            excl = [e.to(dev) for e in excl]
+        gpu = dev.type == "cuda"
         q = self.mol.encode_queries(u)
         qv = self.stage1.query_vectors(q)
         self.last_stats = SelectionStats()
@@ -156,9 +192,13 @@ class MoLHIndexer(Index):
             _, cand = self.stage1.topk(qv, kp)
         else:
             _, cand = threshold_topk(qv, self.stage1.scan_range, self._score_sample, self.ntotal, kp,
-                                     chunk_size=self.chunk_size, stats=self.last_stats)
+                                     chunk_size=max(self.chunk_size, GPU_SCAN_CHUNK) if gpu else self.chunk_size,
+                                     chunk_capacity=4 * kp if gpu else None, max_retries=4 if gpu else 2,
+                                     stats=self.last_stats)
         cand = unique_rows(cand)  # ascending rows, -1 last: an in-order gather (rows are already unique)
-        scores, rows = rescore_candidates(self.mol, q, self.cache, cand, k, excl, self.rescore_chunk)
+        scores, rows = rescore_candidates(self.mol, q, self.cache, cand, k, excl,
+                                          max(self.rescore_chunk, GPU_RESCORE_CHUNK) if gpu else self.rescore_chunk)
+        scores, rows = scores.cpu(), rows.cpu()
         exact = kp >= self.ntotal
         return self._result(scores, rows, torch.full((len(u),), exact),
                             torch.full((len(u),), float("-inf") if exact else float("inf")))

@@ -116,9 +116,15 @@ class Stage1Table:
 
         return stage1_topk(qv, self.codes, k)
 
+    def to(self, device: torch.device | str) -> "Stage1Table":
+        """A copy of the table with every tensor on ``device``."""
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Stage1Table(self.method, self.dtype, self.codes.to(device), mv(self.projection), mv(self.scales),
+                           mv(self.query_projection))
+
     def sample_scorer(self, rows: torch.Tensor):
         """A scorer of a fixed row sample whose codes are gathered (and widened) once: qv -> (B, m)."""
-        sample = self.codes[rows].float().T.contiguous()
+        sample = self.codes[rows.to(self.codes.device)].float().T.contiguous()
         return lambda qv: qv @ sample
 
 
@@ -168,7 +174,7 @@ def encode(table: Stage1Table, item_vectors, start: int, end: int, chunk_size: i
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
     """bf16 has no numpy dtype: store its bits as int16 (the manifest records the real dtype)."""
-    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).contiguous().numpy()
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).cpu().contiguous().numpy()
 
 
 def from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:

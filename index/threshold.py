@@ -66,9 +66,9 @@ def estimate_threshold(sample_scores: torch.Tensor, n: int, kprime: int, slack: 
 def _scan(queries: torch.Tensor, scan: ScanRange, n: int, kprime: int, thr: torch.Tensor, chunk_size: int,
           capacity: int, chunk_capacity: int | None, stats: SelectionStats):
     """One pass over the corpus -> (top-K' scores, ids, overflowed (B,) bool)."""
-    b = queries.shape[0]
-    buf_s, buf_i = torch.empty(b, 0), torch.empty(b, 0, dtype=torch.int64)
-    overflow = torch.zeros(b, dtype=torch.bool)
+    b, dev = queries.shape[0], queries.device
+    buf_s, buf_i = torch.empty(b, 0, device=dev), torch.empty(b, 0, dtype=torch.int64, device=dev)
+    overflow = torch.zeros(b, dtype=torch.bool, device=dev)
     thr = thr.clone()
     for start in range(0, n, chunk_size):
         end = min(start + chunk_size, n)
@@ -99,14 +99,14 @@ def threshold_topk(queries: torch.Tensor, scan: ScanRange, score_sample: ScoreSa
     -inf / -1 when K' > n.
     """
     stats = stats if stats is not None else SelectionStats()
-    b, kp = queries.shape[0], min(kprime, n)
+    b, kp, dev = queries.shape[0], min(kprime, n), queries.device
     capacity = max(int(capacity_factor * kp), kp + 1)
-    slack_q = torch.full((b,), float(slack))
+    slack_q = torch.full((b,), float(slack), device=dev)
     sample_scores = score_sample(queries)
     thr = estimate_threshold(sample_scores, n, kp, slack_q)
-    out_s = torch.full((b, kprime), float("-inf"))
-    out_i = torch.full((b, kprime), -1, dtype=torch.int64)
-    todo = torch.arange(b)
+    out_s = torch.full((b, kprime), float("-inf"), device=dev)
+    out_i = torch.full((b, kprime), -1, dtype=torch.int64, device=dev)
+    todo = torch.arange(b, device=dev)
     for attempt in range(max_retries + 1):
         last = attempt == max_retries
         if last:  # keep everything; with a bounded chunk buffer, that buffer must hold a whole chunk
@@ -114,7 +114,7 @@ def threshold_topk(queries: torch.Tensor, scan: ScanRange, score_sample: ScoreSa
             chunk_capacity = None
         stats.thresholds.append(float(thr.min()))
         s, i, overflow = _scan(queries[todo], scan, n, kp, thr, chunk_size, capacity, chunk_capacity, stats)
-        got = (i >= 0).sum(1) if i.numel() else torch.zeros(len(todo), dtype=torch.int64)
+        got = (i >= 0).sum(1) if i.numel() else torch.zeros(len(todo), dtype=torch.int64, device=dev)
         done = ((got >= kp) | torch.isneginf(thr)) & ~overflow
         out_s[todo[done], : s.shape[1]] = s[done]
         out_i[todo[done], : i.shape[1]] = i[done]

@@ -48,6 +48,12 @@ _TRITON_OPS: dict[str, object] = {  # op -> kernel entry point
 }
 
 
+# ops whose kernel ``auto`` picks on CUDA. MoL stage 2 is not among them: on an H200 its fp32 kernel
+# ran 3-7x slower than the gather + cuBLAS reference (benchmarks/results/kernels_gpu.md), so ``auto``
+# keeps the reference there until the kernel moves to tensor-core dots.
+_TRITON_AUTO = {"stage1_threshold_scan", "stage1_topk", "hstu_attention"}
+
+
 def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
     if backend == "reference":
         return "reference"
@@ -55,7 +61,7 @@ def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
         if op not in _TRITON_OPS:
             raise NotImplementedError(f"no Triton kernel for {op} yet; use backend='reference'")
         return "triton"
-    return "triton" if device.type == "cuda" and op in _TRITON_OPS else "reference"
+    return "triton" if device.type == "cuda" and op in _TRITON_AUTO else "reference"
 
 
 def hstu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor, max_len: int,

@@ -160,14 +160,18 @@ def _hstu_bwd_dq_kernel(Q, K, V, DO, DQ, q_off, k_off, targets, POS, TIME, q_nts
 
 
 @triton.jit
-def _hstu_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DPOS, DTIME, q_off, k_off, targets, POS, TIME, q_nts, k_ts,
+def _hstu_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DPOS, DTIME, n_rep, rep_pos, rep_time, q_off, k_off, targets, POS, TIME,
+                          q_nts, k_ts,
                           stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
                           alpha, scale, time_divisor, n_max, n_pos, n_buckets, dqk, dv,
                           HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, HAS_TARGETS: tl.constexpr,
                           IEEE: tl.constexpr, UPCAST: tl.constexpr, POS_GRAD: tl.constexpr, TIME_GRAD: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """dK, dV for one block of key rows (DK/DV share K's/V's strides) and the tables' gradients."""
+    """dK, dV for one block of key rows (DK/DV share K's/V's strides) and the tables' gradients. The tables'
+    gradients go to one of ``n_rep`` replicas (rows ``rep_pos`` / ``rep_time`` floats apart) picked by the
+    program: every program adding into the same few hundred floats would serialise on their atomics."""
     pid_n, b, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rep = (pid_n + (b * tl.num_programs(2) + h) * 7) % n_rep
     q_start, len_q, k_start, len_k, hist, shift = _sequence(q_off, k_off, targets, b, HAS_TARGETS)
     offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     j_ok = offs_j < len_k
@@ -198,14 +202,17 @@ def _hstu_bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DPOS, DTIME, q_off, k_off, target
         dz = tl.where(visible, ds * scale * sig * (1.0 + z * (1.0 - sig)), 0.0)
         dk += _mm(tl.trans(dz.to(q.dtype)), q, IEEE, UPCAST)
         if POS_GRAD:
-            tl.atomic_add(DPOS + _pos_index(offs_i, offs_j, hist, n_max, n_pos), dz, mask=visible)
+            tl.atomic_add(DPOS + rep * rep_pos + _pos_index(offs_i, offs_j, hist, n_max, n_pos), dz, mask=visible)
         if TIME_GRAD:
             bucket = _time_bucket(nts_i, tl.load(k_ts + k_start + offs_j, mask=j_ok, other=0), time_divisor, n_buckets)
-            tl.atomic_add(DTIME + bucket, dz, mask=visible)
+            tl.atomic_add(DTIME + rep * rep_time + bucket, dz, mask=visible)
     tl.store(DK + (k_start + offs_j)[:, None] * stride_km + h * stride_kh + d_qk[None, :], (dk * alpha).to(DK.dtype.element_ty),
              mask=j_ok[:, None] & (d_qk[None, :] < dqk))
     tl.store(DV + (k_start + offs_j)[:, None] * stride_vm + h * stride_vh + d_v[None, :], dvacc.to(DV.dtype.element_ty),
              mask=j_ok[:, None] & (d_v[None, :] < dv))
+
+
+GRAD_REPLICAS = 64  # copies of the bias tables' gradient buffers on a GPU (summed after the kernel)
 
 
 def _block_dim(d: int) -> int:
@@ -242,14 +249,16 @@ class _HSTUAttention(torch.autograd.Function):
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         pos_grad = pos_table is not None and ctx.needs_input_grad[3]
         time_grad = time_table is not None and ctx.needs_input_grad[4]
-        dpos = torch.zeros(pos_table.numel() if pos_grad else 1, dtype=torch.float32, device=q.device)
-        dtime = torch.zeros(time_table.numel() if time_grad else 1, dtype=torch.float32, device=q.device)
+        n_rep = GRAD_REPLICAS
+        dpos = torch.zeros(n_rep, pos_table.numel() if pos_grad else 1, dtype=torch.float32, device=q.device)
+        dtime = torch.zeros(n_rep, time_table.numel() if time_grad else 1, dtype=torch.float32, device=q.device)
         if q.shape[0] and batch:
             _hstu_bwd_dq_kernel[(triton.cdiv(max_q_len, meta["constexpr"]["BLOCK_M"]), batch, heads)](
                 q, k, v, dout, dq, *args, *strides, *scalars, **meta["constexpr"])
             _hstu_bwd_dkdv_kernel[(triton.cdiv(max_len, meta["constexpr"]["BLOCK_N"]), batch, heads)](
-                q, k, v, dout, dk, dv, dpos, dtime, *args, *strides, *scalars,
+                q, k, v, dout, dk, dv, dpos, dtime, n_rep, dpos.shape[1], dtime.shape[1], *args, *strides, *scalars,
                 POS_GRAD=pos_grad, TIME_GRAD=time_grad, **meta["constexpr"])
+        dpos, dtime = dpos.sum(0), dtime.sum(0)
         return (dq, dk, dv, dpos.to(pos_table.dtype) if pos_grad else None, dtime.to(time_table.dtype) if time_grad else None,
                 *([None] * 12))
 

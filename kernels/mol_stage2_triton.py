@@ -26,8 +26,8 @@ def _mol_stage2_kernel(cand_ptr, comp_ptr, igate_ptr, perm_ptr, fbd_ptr, qgate_p
                        stride_cand, stride_comp, stride_igate, stride_fbd_b, stride_fbd_r, stride_qgate, stride_out,
                        FULL: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_PXD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
-    b = tl.program_id(0)
-    tile = tl.program_id(1)
+    tile = tl.program_id(0)  # axis 0: a full-corpus pass has far more than 65535 tiles
+    b = tl.program_id(1).to(tl.int64)  # b * stride_out passes 2^31 on a full-corpus pass over 100M items
     offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < n_cand
     if FULL:  # exact MoL over the whole corpus: candidate c is row c
@@ -97,7 +97,7 @@ def mol_candidate_scores_triton(mol, q, cache, cand: torch.Tensor | None, block_
     cand_t = torch.zeros(1, 1, dtype=torch.int64, device=dev) if full else cand.to(torch.int64).contiguous()
     out = torch.empty(len(q), n_cand, dtype=torch.float32, device=dev)
     if len(q) and n_cand:
-        grid = (len(q), triton.cdiv(n_cand, block_c))
+        grid = (triton.cdiv(n_cand, block_c), len(q))
         _mol_stage2_kernel[grid](cand_t, flat, gate, perm.to(torch.int32).contiguous(), fbd, qgate, w1t, b1, w2t, b2, out,
                                  n_cand, px * dp, p_total, w1t.shape[1],
                                  cand_t.stride(0), flat.stride(0), gate.stride(0), fbd.stride(0), fbd.stride(1),

@@ -165,7 +165,7 @@ def rescore_candidates(mol: MixtureOfLogits, q: QueryState, cache: ItemCache, ca
     excl: per query rows never to return. Returns (B, k) float32 scores and rows, -inf / -1 padded.
     """
     b = len(q)
-    best_s, best_i = empty_topk(b, k)
+    best_s, best_i = empty_topk(b, k, cand.device)
     for start in range(0, cand.shape[1], chunk):
         rows = cand[:, start : start + chunk]
         s = mol_candidate_scores(mol, q, cache, rows)  # -inf where rows < 0

@@ -368,3 +368,35 @@ def test_spec_strings_and_errors():
         with pytest.raises(ValueError, match=msg):
             parse_spec(bad)
     assert IndexSpec().type == "mol-hindexer"
+
+
+def test_hindexer_built_from_a_bf16_tensor_moves_between_devices_and_answers_the_same():
+    """The GPU path on the CPU: a bf16 corpus tensor (widened chunk by chunk), ``to(device)`` and back,
+    and the scale harness's exact-MoL and MIPS helpers against plain full sorts."""
+    from genrec.bench.retrieval_scale import exact_mol_topk, expand_on_device, mips_topk
+
+    mol, items, q = small_setup()
+    items_bf16 = items.to(torch.bfloat16)
+    h_t = MoLHIndexer.build(mol, items_bf16, stage1="avg", stage1_dtype="int8", kprime=50, sample_size=64)
+    h_np = MoLHIndexer.build(mol, items_bf16.float().numpy(), stage1="avg", stage1_dtype="int8", kprime=50, sample_size=64)
+    want = h_np.search(q, 10)
+    np.testing.assert_array_equal(h_t.search(q, 10)[1], want[1])
+    h_t.to("cpu")
+    assert h_t.device == torch.device("cpu") and h_t.stage1.codes.device == torch.device("cpu")
+    np.testing.assert_array_equal(h_t.search(q, 10)[1], want[1])
+
+    with torch.no_grad():
+        qs = mol.encode_queries(torch.as_tensor(q))
+        full = MoLSearcher(mol, h_t.cache).search(q, 15, method="exact")[1]
+    np.testing.assert_array_equal(exact_mol_topk(mol, qs, h_t.cache, 15, chunk=97), full)
+
+    corpus = expand_on_device(items[:40], 1000, 0.5, torch.device("cpu"), chunk=300, pad_to=8)
+    d = items.shape[1]
+    assert corpus.shape == (1000, -(-d // 8) * 8) and corpus.dtype == torch.bfloat16
+    assert torch.all(corpus[:, d:] == 0)
+    torch.testing.assert_close(corpus[:, :d].float().norm(dim=1), torch.ones(1000), atol=1e-2, rtol=0)
+    qq = torch.randn(3, corpus.shape[1])
+    v, i = mips_topk(qq, corpus, 20, block_bytes=3 * 2 * 128)  # forces 128-item chunks and merges
+    want_v = torch.topk(qq.to(torch.bfloat16) @ corpus.T, 20, dim=1).values
+    torch.testing.assert_close(v.float(), want_v.float())
+    torch.testing.assert_close((qq.to(torch.bfloat16) @ corpus.T).gather(1, i).float(), v.float())

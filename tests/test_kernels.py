@@ -1,6 +1,10 @@
 """Triton kernels vs their PyTorch references, on the CPU under TRITON_INTERPRET=1 (set in conftest
-before triton is imported). Inputs are multiples of 1/8 so every partial sum is exact in float32 and
+before triton is imported), or compiled on a GPU with GENREC_TEST_DEVICE=cuda (the references stay on
+the CPU as the oracle). Inputs are multiples of 1/8 so every partial sum is exact in float32 and
 buffer membership at the threshold is decided identically by both."""
+
+import copy
+import os
 
 import pytest
 import torch
@@ -14,6 +18,13 @@ from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference
 triton = pytest.importorskip("triton")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.int8}
+DEVICE = torch.device(os.environ.get("GENREC_TEST_DEVICE", "cpu"))  # where the kernels run
+
+
+def dev(*xs):
+    """Copies on the kernel's device (tensors only; leaves stay leaves)."""
+    out = [x.detach().to(DEVICE).requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in xs]
+    return out[0] if len(out) == 1 else out
 
 
 def kept(scores, ids, counts, cap):
@@ -29,8 +40,9 @@ def kept(scores, ids, counts, cap):
 
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 20), n=st.integers(0, 200), d=st.integers(1, 40), dtype=st.sampled_from(sorted(DTYPES)),
-       capacity=st.sampled_from([None, 1, 7, 64]), offset=st.integers(0, 1000), seed=st.integers(0, 999))
-def test_stage1_scan_kernel_matches_the_reference(b, n, d, dtype, capacity, offset, seed):
+       capacity=st.sampled_from([None, 1, 7, 64]), offset=st.integers(0, 1000), seed=st.integers(0, 999),
+       knobs=st.sampled_from([{}, {"block_q": 32, "block_n": 64, "tiles": 3}]))
+def test_stage1_scan_kernel_matches_the_reference(b, n, d, dtype, capacity, offset, seed, knobs):
     g = torch.Generator().manual_seed(seed)
     q = torch.randint(-8, 9, (b, d), generator=g).float() / 8
     raw = torch.randint(-8, 9, (n, d), generator=g)
@@ -38,7 +50,13 @@ def test_stage1_scan_kernel_matches_the_reference(b, n, d, dtype, capacity, offs
     thr = torch.randint(-6, 7, (b,), generator=g).float() / 4
     thr[0] = float("-inf")  # one query keeps everything
     rs, ri, rc = stage1_threshold_scan_reference(q, codes, thr, capacity, offset)
-    ts, ti, tc = stage1_threshold_scan(q, codes, thr, capacity, offset, backend="triton")
+    if knobs:  # block shapes and tiles per program (the tuning knobs) through the kernel's own entry point
+        from genrec.kernels.stage1_scan_triton import stage1_threshold_scan_triton
+
+        out = stage1_threshold_scan_triton(*dev(q, codes, thr), capacity, offset, **knobs)
+    else:
+        out = stage1_threshold_scan(*dev(q, codes, thr), capacity, offset, backend="triton")
+    ts, ti, tc = (x.cpu() for x in out)
     assert torch.equal(rc, tc)  # counts keep counting past the capacity: overflow is visible
     assert ts.shape == rs.shape and ti.dtype == torch.int64
     ref_rows, tri_rows = kept(rs, ri, rc, capacity), kept(ts, ti, tc, capacity)
@@ -111,18 +129,22 @@ def test_hstu_attention_kernel_forward_and_gradients_match_the_reference(lengths
     case = attention_case(seed, lengths, heads, dqk, dv, pos, time, targets)
     assume(bucket_margin(case) > 2e-5)
     kw = case["kw"]
-    tables = [kw[name].requires_grad_() for name in ("pos_table", "time_table") if name in kw]
+    for name in ("pos_table", "time_table"):
+        if name in kw:
+            kw[name].requires_grad_()
     low = [case[x].to(DTYPES[dtype]).requires_grad_() for x in "qkv"]
     exact = [x.detach().float().requires_grad_() for x in low]  # the oracle runs in fp32 on the same values
     out_w = torch.randn(case["q"].shape[0], heads, dv, generator=torch.Generator().manual_seed(seed + 1))
 
-    def run(inputs, backend, **extra):
-        out = hstu_attention(*inputs, case["offsets"], case["max_len"], backend=backend, **kw, **extra)
-        grads = torch.autograd.grad((out.float() * out_w).sum(), [*inputs, *tables], allow_unused=True)
-        return out, grads
+    def run(inputs, backend, device=torch.device("cpu"), **extra):
+        kw_d = {name: dev(v) if device != torch.device("cpu") else v for name, v in kw.items()}
+        leaves = [kw_d[name] for name in ("pos_table", "time_table") if name in kw_d]
+        out = hstu_attention(*inputs, case["offsets"].to(device), case["max_len"], backend=backend, **kw_d, **extra)
+        grads = torch.autograd.grad((out.float() * out_w.to(device)).sum(), [*inputs, *leaves], allow_unused=True)
+        return out.cpu(), [g.cpu() if g is not None else None for g in grads]
 
     want, want_grads = run(exact, "reference")
-    got, got_grads = run(low, "triton", block_m=16, block_n=16)
+    got, got_grads = run(dev(*low), "triton", DEVICE, block_m=16, block_n=16)
     assert got.dtype == DTYPES[dtype]
     tol = ATTN_TOL[dtype]
     close(got, want, tol)
@@ -147,10 +169,14 @@ def test_delta_q_rows_equal_the_same_rows_of_the_full_pass(lengths, heads, pos, 
     q = case["q"][rows].requires_grad_()
     k, v = case["k"].clone().requires_grad_(), case["v"].clone().requires_grad_()
     outs = {}
-    for backend, extra in (("reference", {}), ("triton", {"block_m": 16, "block_n": 16})):
-        out = hstu_attention(q, k, v, case["offsets"], case["max_len"], backend=backend, q_offsets=q_offsets,
-                             max_q_len=max(new), **kw, **extra)
-        outs[backend] = (out, torch.autograd.grad(out.sum(), [q, k, v]) if out.numel() else ())
+    for backend, device, extra in (("reference", torch.device("cpu"), {}),
+                                   ("triton", DEVICE, {"block_m": 16, "block_n": 16})):
+        inputs = [q, k, v] if device.type == "cpu" else dev(q, k, v)
+        kw_d = kw if device.type == "cpu" else {name: dev(x) for name, x in kw.items()}
+        out = hstu_attention(*inputs, case["offsets"].to(device), case["max_len"], backend=backend,
+                             q_offsets=q_offsets.to(device), max_q_len=max(new), **kw_d, **extra)
+        grads = torch.autograd.grad(out.sum(), inputs) if out.numel() else ()
+        outs[backend] = (out.cpu(), [g.cpu() for g in grads])
     close(outs["reference"][0], full, 1e-5)
     close(outs["triton"][0], full, 2e-5)
     for g_got, g_want in zip(outs["triton"][1], outs["reference"][1]):
@@ -179,15 +205,17 @@ def test_encoder_training_step_on_the_triton_attention_matches_the_reference():
         torch.manual_seed(0)
         cfg = ModelConfig(item_emb_dim=16, num_blocks=2, num_heads=2, dqk=8, dv=8, dropout=0.0, input_dropout=0.0,
                           attention_backend=backend)
-        model = SequentialEncoder(cfg, num_items=30, max_len=24).train()
+        device = DEVICE if backend == "triton" else torch.device("cpu")
+        model = SequentialEncoder(cfg, num_items=30, max_len=24).train().to(device)
         g = torch.Generator().manual_seed(1)
         lengths = torch.tensor([7, 1, 24, 0, 12])
         offsets = complete_cumsum(lengths)
         items = torch.randint(1, 31, (int(offsets[-1]),), generator=g)
         ts = torch.cumsum(torch.randint(0, 10**4, (int(offsets[-1]),), generator=g), 0)
-        out = model(items, offsets, int(lengths.max()), ts, ts + 30)
-        (out * torch.randn(out.shape, generator=g)).sum().backward()
-        grads[backend] = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        out = model(*dev(items, offsets), int(lengths.max()), *dev(ts, ts + 30)) if device.type != "cpu" else \
+            model(items, offsets, int(lengths.max()), ts, ts + 30)
+        (out * torch.randn(out.shape, generator=g).to(device)).sum().backward()
+        grads[backend] = {name: p.grad.cpu().clone() for name, p in model.named_parameters() if p.grad is not None}
     assert grads["reference"].keys() == grads["triton"].keys()
     assert any("time_table" in name for name in grads["triton"]) and any("pos_table" in name for name in grads["triton"])
     for name, want in grads["reference"].items():  # fp32 sums in another order: relative to the largest entry
@@ -214,9 +242,12 @@ def test_mol_stage2_kernel_matches_the_reference(b, c, n, pq, px, dp, hidden, ca
         cache = ItemCache(enc.components.to(DTYPES[cache_dtype]), enc.gate.to(DTYPES[cache_dtype]))
         q = mol.encode_queries(torch.randn(b, 12), torch.arange(b) if user_ids else None)
         cand = torch.randint(-1, n, (b, c))
+        mol_d = copy.deepcopy(mol).to(DEVICE)
+        q_d = type(q)(*(dev(getattr(q, f)) for f in q.__dataclass_fields__))
+        cache_d = ItemCache(*dev(cache.components, cache.gate))
         for rows in (cand, None):
             want = mol_candidate_scores(mol, q, cache, rows, backend="reference")
-            got = mol_candidate_scores(mol, q, cache, rows, backend="triton")
+            got = mol_candidate_scores(mol_d, q_d, cache_d, dev(rows) if rows is not None else None, backend="triton").cpu()
             assert got.shape == want.shape and got.dtype == torch.float32
             assert torch.equal(torch.isneginf(got), torch.isneginf(want))
             finite = torch.isfinite(want)
@@ -237,7 +268,7 @@ def test_stage1_topk_kernel_matches_the_reference_including_ties(b, n, d, dtype,
     raw = torch.randint(-2, 3, (n, d), generator=g)
     codes = raw.to(torch.int8) if dtype == "int8" else (raw.float() / 8).to(DTYPES[dtype])
     want = stage1_topk(q, codes, k, offset, backend="reference")
-    got = stage1_topk(q, codes, k, offset, backend="triton", splits=splits)
+    got = [x.cpu() for x in stage1_topk(*dev(q, codes), k, offset, backend="triton", splits=splits)]
     assert got[0].shape == got[1].shape == (b, k) and got[1].dtype == torch.int64
     assert torch.equal(got[1], want[1])
     assert torch.equal(got[0], want[0])

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Every GPU figure of the kernels and h-indexer issues in one device call, in priority order, each step
+# under its own time limit so one slow or failing step cannot eat the rest. Logs and result tables land
+# in $OUT (the device tool returns that folder). Runs under the GPU image's own python3 (torch, triton,
+# numpy, pandas, matplotlib, pytest, hypothesis, tqdm, pyyaml): genrec is copied, not pip-installed.
+#
+#   OUT=/tmp/gpu bash benchmarks/gpu_session.sh            # on a GPU machine
+#   SMOKE=1 OUT=/tmp/gpu bash benchmarks/gpu_session.sh    # tiny sizes: checks the script itself on a CPU
+#   STEPS="tests kernels" ...                               # a subset
+set -u
+REPO=$(pwd)
+OUT=${OUT:-/tmp/gpu_session}
+SMOKE=${SMOKE:-0}
+STEPS=${STEPS:-"env kernels scale100m tests attention scale10m topk"}
+BUDGET_S=${BUDGET_S:-540}  # the whole session; each step gets min(its limit, what is left)
+PY=${PY:-python3}
+WORK=/tmp/gpu_session_work  # every log and table; packed into $OUT/gpu_results.tgz after each step
+rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+
+SITE=/tmp/genrec_site
+rm -rf "$SITE" && mkdir -p "$SITE"
+cp -r genrec "$SITE/genrec"
+for p in encoders kernels retrieval index serving; do cp -r "$p" "$SITE/genrec/$p"; done
+cp -r tests "$SITE/tests"
+export PYTHONPATH="$SITE"
+
+step() {  # step NAME LIMIT_S CMD...: runs CMD from $SITE, log in $WORK/NAME.log
+  local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return ;; esac
+  local left=$(( BUDGET_S - ($(date +%s) - T0) ))
+  [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 10 ]; then echo "== $name: skipped, ${left}s left"; return; fi
+  echo "== $name: limit ${limit}s, start $(date +%T)"
+  (cd "$SITE" && timeout "$limit" "$@") > "$WORK/$name.log" 2>&1
+  echo "== $name: rc=$? end $(date +%T)"
+  tail -n 3 "$WORK/$name.log" | cut -c1-300
+  tar czf "$OUT/gpu_results.tgz" -C "$WORK" .
+}
+
+if [ "$SMOKE" = 1 ]; then
+  export TRITON_INTERPRET=1
+  KB="--items 4096 --batches 1 20 --kprimes 100 --backend triton --topk-batches --repeats 1"
+  TK="--items 4096 --dtypes int8 --batches 1 --kprimes 100 --backend triton --topk-batches 1 --skip mol --repeats 1"
+  S100="--items 30000 --kprimes 500 --latency-queries 3 --qps-batches 8 --repeats 1 --device cpu --profile"
+  S10="--items 20000 --kprimes 500 --latency-queries 3 --qps-batches 8 --repeats 1 --device cpu"
+  ATA="--lengths 64 --tokens 256 --repeats 1"; ATB="--lengths 32 --tokens 128 --repeats 1"
+  TEST_DEVICE=cpu
+else
+  KB="--items 100000000 --peak-gbs 4800 --scan-configs default t4 t8 128x4:t4 128x8:q64 256x8:q64:t4 --topk-batches --skip mol"
+  TK="--items 10000000 --dtypes int8 --batches 1 --kprimes 10000 --topk-batches 1 --skip mol --repeats 3"
+  S100="--items 100000000 --kprimes 10000 100000 --latency-queries 20 --repeats 2 --profile"
+  S10="--items 10000000 --kprimes 10000 100000 --stage1 avg:int8 --latency-queries 20 --repeats 2"
+  ATA="--lengths 1024 2048 4096 8192 --repeats 2"; ATB="--lengths 8192 --repeats 2"
+  TEST_DEVICE=cuda
+fi
+BUNDLE="$REPO/runs/bench-retrieval/mol_bundle.pt"
+
+step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))'"
+step kernels 75 $PY "$REPO/benchmarks/kernels_bench.py" $KB --out-dir "$WORK" --stem kernels_gpu
+step scale100m 90 $PY -m genrec.bench.retrieval_scale $S100 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_100m_gpu
+GENREC_TEST_DEVICE=$TEST_DEVICE step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -rA
+step attention 90 $PY "$REPO/benchmarks/attention_bench.py" $ATA --out-dir "$WORK" --stem attention_gpu
+step attention8k 50 $PY "$REPO/benchmarks/attention_bench.py" $ATB --out-dir "$WORK" --stem attention_gpu_8k
+step scale10m 60 $PY -m genrec.bench.retrieval_scale $S10 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_10m_gpu
+step topk 40 $PY "$REPO/benchmarks/kernels_bench.py" $TK --out-dir "$WORK" --stem kernels_topk_gpu
+echo "== done in $(( $(date +%s) - T0 ))s"
+ls -la "$WORK"
