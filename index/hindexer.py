@@ -28,13 +28,14 @@ from genrec.index.stage1 import Stage1Table, encode, fit_stage1, from_numpy, ite
 from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits
 from genrec.retrieval.search import SearchResult, rescore_candidates, validate_queries
-from genrec.retrieval.topk import unique_rows
+from genrec.retrieval.topk import ascending_rows
 
 log = logging.getLogger(__name__)
 
 STAGE1_SELECT = ("auto", "threshold", "topk")
 TOPK_SCAN_MAX = 1024  # the running top-k kernel keeps K' in registers
-GPU_SCAN_CHUNK = 1 << 24  # items per fused-scan launch on a GPU (its fixed hit buffer is per launch)
+GPU_SCAN_CHUNK = 1 << 27  # items per fused-scan launch on a GPU (its fixed hit buffer is per launch)
+GPU_FINAL_CHUNK = 1 << 22  # ... in the rare keep-everything pass, whose buffer holds a whole chunk
 GPU_RESCORE_CHUNK = 1 << 15  # candidates per stage-2 call on a GPU (bounds the reference's (B, C, P) temporaries)
 
 
@@ -194,8 +195,9 @@ class MoLHIndexer(Index):
             _, cand = threshold_topk(qv, self.stage1.scan_range, self._score_sample, self.ntotal, kp,
                                      chunk_size=max(self.chunk_size, GPU_SCAN_CHUNK) if gpu else self.chunk_size,
                                      chunk_capacity=4 * kp if gpu else None, max_retries=4 if gpu else 2,
-                                     stats=self.last_stats)
-        cand = unique_rows(cand)  # ascending rows, -1 last: an in-order gather (rows are already unique)
+                                     stats=self.last_stats, final_chunk_size=GPU_FINAL_CHUNK if gpu else None,
+                                     order_ties=False)
+        cand = ascending_rows(cand)  # an in-order gather; rows are distinct (each item is scanned once)
         scores, rows = rescore_candidates(self.mol, q, self.cache, cand, k, excl,
                                           max(self.rescore_chunk, GPU_RESCORE_CHUNK) if gpu else self.rescore_chunk)
         scores, rows = scores.cpu(), rows.cpu()

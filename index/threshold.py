@@ -64,7 +64,7 @@ def estimate_threshold(sample_scores: torch.Tensor, n: int, kprime: int, slack: 
 
 
 def _scan(queries: torch.Tensor, scan: ScanRange, n: int, kprime: int, thr: torch.Tensor, chunk_size: int,
-          capacity: int, chunk_capacity: int | None, stats: SelectionStats):
+          capacity: int, chunk_capacity: int | None, stats: SelectionStats, order_ties: bool = True):
     """One pass over the corpus -> (top-K' scores, ids, overflowed (B,) bool)."""
     b, dev = queries.shape[0], queries.device
     buf_s, buf_i = torch.empty(b, 0, device=dev), torch.empty(b, 0, dtype=torch.int64, device=dev)
@@ -79,17 +79,18 @@ def _scan(queries: torch.Tensor, scan: ScanRange, n: int, kprime: int, thr: torc
         stats.max_buffer = max(stats.max_buffer, buf_s.shape[1])
         if buf_s.shape[1] > capacity:
             stats.compactions += 1
-            buf_s, buf_i = select_topk(buf_s, buf_i, kprime)
+            buf_s, buf_i = select_topk(buf_s, buf_i, kprime, order_ties=False)  # scores still descend
             full = buf_i[:, -1] >= 0
             thr = torch.where(full, torch.maximum(thr, buf_s[:, -1]), thr)
-    s, i = select_topk(buf_s, buf_i, kprime) if buf_s.shape[1] else (buf_s, buf_i)
+    s, i = select_topk(buf_s, buf_i, kprime, order_ties) if buf_s.shape[1] else (buf_s, buf_i)
     return s, i, overflow
 
 
 def threshold_topk(queries: torch.Tensor, scan: ScanRange, score_sample: ScoreSample, n: int, kprime: int,
                    chunk_size: int = 65536, slack: float = 1.5, capacity_factor: float = 4.0,
                    chunk_capacity: int | None = None, max_retries: int = 2,
-                   stats: SelectionStats | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   stats: SelectionStats | None = None, final_chunk_size: int | None = None,
+                   order_ties: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact top-K' of stage-1 scores per query, ties by smaller id.
 
     queries: (B, d) stage-1 query vectors passed through to ``scan`` and ``score_sample`` (a scorer of
@@ -112,14 +113,20 @@ def threshold_topk(queries: torch.Tensor, scan: ScanRange, score_sample: ScoreSa
         if last:  # keep everything; with a bounded chunk buffer, that buffer must hold a whole chunk
             thr = torch.full_like(thr, float("-inf"))
             chunk_capacity = None
+            chunk_size = final_chunk_size or chunk_size
         stats.thresholds.append(float(thr.min()))
-        s, i, overflow = _scan(queries[todo], scan, n, kp, thr, chunk_size, capacity, chunk_capacity, stats)
+        s, i, overflow = _scan(queries if attempt == 0 else queries[todo], scan, n, kp, thr, chunk_size, capacity,
+                               chunk_capacity, stats, order_ties)
         got = (i >= 0).sum(1) if i.numel() else torch.zeros(len(todo), dtype=torch.int64, device=dev)
         done = ((got >= kp) | torch.isneginf(thr)) & ~overflow
+        if bool(done.all()):
+            if attempt == 0:  # the common case: no boolean indexing (each costs a host sync on a GPU)
+                out_s[:, : s.shape[1]], out_i[:, : i.shape[1]] = s, i
+            else:
+                out_s[todo, : s.shape[1]], out_i[todo, : i.shape[1]] = s, i
+            break
         out_s[todo[done], : s.shape[1]] = s[done]
         out_i[todo[done], : i.shape[1]] = i[done]
-        if bool(done.all()):
-            break
         stats.retries += 1
         stats.overflows += int(overflow.sum())
         # overflow: the estimate sat far below the K'-th score, step up; underflow: above it, step down

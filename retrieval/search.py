@@ -21,7 +21,8 @@ import torch
 from genrec.kernels.dispatch import mol_candidate_scores
 from genrec.retrieval.ids import IdMap
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits, QueryState, topk_avg_vectors
-from genrec.retrieval.topk import chunked_topk, empty_topk, mask_excluded, merge_topk, pad_invalid, unique_rows
+from genrec.retrieval.topk import (chunked_topk, empty_topk, mask_excluded, merge_topk, pad_invalid, select_topk,
+                                   unique_rows)
 
 Method = Literal["exact", "topk_per_embedding", "topk_avg", "combined"]
 METHODS = ("exact", "topk_per_embedding", "topk_avg", "combined")
@@ -164,14 +165,17 @@ def rescore_candidates(mol: MixtureOfLogits, q: QueryState, cache: ItemCache, ca
     cand (B, C) int64 internal rows, -1 = none (sorted ascending per row gathers memory in order);
     excl: per query rows never to return. Returns (B, k) float32 scores and rows, -inf / -1 padded.
     """
-    b = len(q)
-    best_s, best_i = empty_topk(b, k, cand.device)
+    def scores(rows: torch.Tensor) -> torch.Tensor:  # -inf where rows < 0 or excluded
+        s = mol_candidate_scores(mol, q, cache, rows)
+        for r, ex in enumerate(excl or []):
+            if ex.numel():
+                s[r, torch.isin(rows[r], ex)] = float("-inf")
+        return s
+
+    if k <= cand.shape[1] <= chunk:  # one call: a single top-k, no merge
+        return pad_invalid(*select_topk(scores(cand), cand, k))
+    best_s, best_i = empty_topk(len(q), k, cand.device)
     for start in range(0, cand.shape[1], chunk):
         rows = cand[:, start : start + chunk]
-        s = mol_candidate_scores(mol, q, cache, rows)  # -inf where rows < 0
-        if excl:
-            for r, ex in enumerate(excl):
-                if ex.numel():
-                    s[r, torch.isin(rows[r], ex)] = float("-inf")
-        best_s, best_i = merge_topk(best_s, best_i, s, rows, k)
+        best_s, best_i = merge_topk(best_s, best_i, scores(rows), rows, k)
     return pad_invalid(best_s, best_i)

@@ -30,23 +30,27 @@ def _sort_by_key(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch
     return scores.gather(1, order), ids.gather(1, order)
 
 
-def select_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, order_ties: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k per row by (score desc, id asc): scores (B, M) float, ids (B, M) int64 -> (B, min(k, M)) each.
 
     A plain float ``torch.topk`` of k + 1 picks the set and shows whether it is ambiguous: only where the
     (k+1)-th score equals the k-th (a tie across the cut, so the set depends on ids) is the row redone on
     the packed int64 key. The k winners are then ordered by the key. Cost: one top-k over the row, no
-    further pass over it.
+    further pass over it. ``order_ties=False`` skips that last ordering: the set is the same and scores
+    still descend, but equal scores keep no id order (for callers that re-sort, e.g. by row).
     """
     k = min(k, scores.shape[1])
     if k == scores.shape[1]:
+        if not order_ties:
+            s, order = torch.sort(scores, dim=1, descending=True)
+            return s, ids.gather(1, order)
         return _sort_by_key(scores, ids, k)
     top_s, idx = torch.topk(scores, k + 1, dim=1, sorted=True)
     tied = (top_s[:, k] == top_s[:, k - 1]).nonzero().squeeze(1)
     top_s, top_i = top_s[:, :k].contiguous(), ids.gather(1, idx[:, :k])
     if tied.numel():
         top_s[tied], top_i[tied] = _sort_by_key(scores[tied], ids[tied], k)
-    return _sort_by_key(top_s, top_i, k)
+    return _sort_by_key(top_s, top_i, k) if order_ties else (top_s, top_i)
 
 
 def sort_by_score_then_id(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +112,14 @@ def mask_excluded(scores: torch.Tensor, start: int, exclude: list[torch.Tensor] 
         if local.numel():
             scores[row, local] = float("-inf")
     return scores
+
+
+def ascending_rows(rows: torch.Tensor) -> torch.Tensor:
+    """(B, M) int64 rows already distinct per row (-1 = none) -> each row ascending, -1s last; one sort
+    and no host sync (``unique_rows`` also drops duplicates and trims the width)."""
+    top = torch.iinfo(torch.int64).max
+    s = torch.sort(torch.where(rows < 0, top, rows), dim=1).values
+    return torch.where(s == top, -1, s)
 
 
 def unique_rows(ids: torch.Tensor) -> torch.Tensor:
