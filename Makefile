@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench gpu-bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# on a GPU machine: kernel tests compiled, kernel / attention / 10M-100M retrieval benchmarks (logs and
+# tables packed into $(OUT)/gpu_results.tgz); uses the machine's own python3 with torch + triton
+gpu-bench:
+	OUT=$${OUT:-runs/gpu} bash benchmarks/gpu_session.sh
 
 bench: setup
 	$(BIN)/python benchmarks/train_quality.py --datasets synthetic

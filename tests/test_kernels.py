@@ -69,6 +69,26 @@ def test_stage1_scan_kernel_matches_the_reference(b, n, d, dtype, capacity, offs
             assert len(t) == capacity and all(hits.get(i) == s for i, s in t.items())
 
 
+@settings(max_examples=6, deadline=None)
+@given(b=st.integers(1, 5), n=st.integers(1, 300), d=st.integers(1, 70), dtype=st.sampled_from(["int8", "bfloat16"]),
+       seed=st.integers(0, 999))
+def test_stage1_scan_bf16x2_scores_stay_within_their_error_bound(b, n, d, dtype, seed):
+    """Arbitrary fp32 queries: the kernel splits q into bf16 hi + lo (codes are exact in bf16), so each
+    product is off by at most |q_d c_d| 2^-16 and the fp32 sums add ~d 2^-24; the bound used is
+    2^-15 * sum_d |q_d c_d| per score, against a float64 oracle."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, d, generator=g) * 3
+    codes = (torch.randint(-127, 128, (n, d), generator=g).to(torch.int8) if dtype == "int8"
+             else torch.randn(n, d, generator=g).to(torch.bfloat16))
+    s, i, c = (x.cpu() for x in stage1_threshold_scan(*dev(q, codes, torch.full((b,), float("-inf"))), None,
+                                                       backend="triton"))
+    assert torch.equal(c, torch.full((b,), n))
+    exact = q.double() @ codes.double().T
+    mag = q.double().abs() @ codes.double().abs().T
+    got = torch.full((b, n), float("nan"), dtype=torch.float64).scatter_(1, i, s.double())
+    assert ((got - exact).abs() <= mag * 2**-15 + 1e-30).all()
+
+
 def test_dispatch_picks_the_reference_on_cpu_and_triton_on_request():
     assert resolve_backend("stage1_threshold_scan", "auto", torch.device("cpu")) == "reference"
     assert resolve_backend("stage1_threshold_scan", "triton", torch.device("cpu")) == "triton"
