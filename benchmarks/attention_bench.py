@@ -64,6 +64,9 @@ def step_fn(system: str, b: dict):
 
         if system.endswith("frozen bias"):  # no bias-table gradients: isolates their atomic adds
             kw.update(pos_table=b["pos_table"].detach(), time_table=b["time_table"].detach())
+        if system.endswith("]"):  # "... [BMxBN]": block sizes other than the kernel's defaults
+            bm, bn = system[system.rindex("[") + 1 : -1].split("x")
+            kw.update(block_m=int(bm), block_n=int(bn))
         fn = lambda: hstu_attention_triton(b["q"], b["k"], b["v"], b["offsets"], b["max_len"], **kw)  # noqa: E731
     elif system == "sdpa causal (padded)":
         def fn():
@@ -125,6 +128,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--triton-blocks", nargs="*", default=[], help="extra kernel block sizes BMxBN to time, e.g. 128x64 64x32")
     ap.add_argument("--stem", default=None)
     ap.add_argument("--out-dir", default=str(RESULTS))
     args = ap.parse_args()
@@ -135,7 +139,8 @@ def main() -> None:
     tokens = args.tokens or (65536 if gpu else 4096)
     dtype = torch.bfloat16 if gpu else torch.float32
     systems = ["hstu reference (padded)", "sdpa causal (padded)"] + (
-        ["hstu triton (jagged)", "hstu triton (jagged), frozen bias"] if gpu else [])
+        ["hstu triton (jagged)", "hstu triton (jagged), frozen bias"] + [f"hstu triton (jagged) [{b}]" for b in args.triton_blocks]
+        if gpu else [])
     rows = []
     stem = args.stem or ("attention_gpu" if gpu else "attention_cpu")
     meta = {**provenance(), "note": "fwd+bwd, skewed lengths (max_len * u^3), relative position + time bias on"}

@@ -11,7 +11,7 @@ set -u
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu_session}
 SMOKE=${SMOKE:-0}
-STEPS=${STEPS:-"env kernels scale100m tests attention scale10m topk"}
+STEPS=${STEPS:-"env tests kernels scale100m attention scale10m topk"}
 BUDGET_S=${BUDGET_S:-540}  # the whole session; each step gets min(its limit, what is left)
 PY=${PY:-python3}
 WORK=/tmp/gpu_session_work  # every log and table; packed into $OUT/gpu_results.tgz after each step
@@ -48,19 +48,19 @@ if [ "$SMOKE" = 1 ]; then
   ATA="--lengths 64 --tokens 256 --repeats 1"; ATB="--lengths 32 --tokens 128 --repeats 1"
   TEST_DEVICE=cpu
 else
-  KB="--items 100000000 --peak-gbs 4800 --scan-configs default t4 t8 128x4:t4 128x8:q64 256x8:q64:t4 --topk-batches --skip mol"
+  KB="--items 100000000 --peak-gbs 4800 --scan-configs default t4 t16 128x4:t8 256x8:t8 --topk-batches --mol-configs ieee bf16x3 bf16x3:c128:w8 --mol-cache-dtypes float32 bfloat16"
   TK="--items 10000000 --dtypes int8 --batches 1 --kprimes 10000 --topk-batches 1 --skip mol --repeats 3"
-  S100="--items 100000000 --kprimes 10000 100000 --latency-queries 20 --repeats 2 --profile"
+  S100="--items 100000000 --kprimes 10000 100000 --stage1 avg:int8 learned16:int8 --latency-queries 20 --repeats 2 --profile"
   S10="--items 10000000 --kprimes 10000 100000 --stage1 avg:int8 --latency-queries 20 --repeats 2"
-  ATA="--lengths 1024 2048 4096 8192 --repeats 2"; ATB="--lengths 8192 --repeats 2"
+  ATA="--lengths 1024 2048 4096 8192 --repeats 2 --triton-blocks 128x64 64x32"; ATB="--lengths 8192 --repeats 2"
   TEST_DEVICE=cuda
 fi
 BUNDLE="$REPO/runs/bench-retrieval/mol_bundle.pt"
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))'"
-step kernels 75 $PY "$REPO/benchmarks/kernels_bench.py" $KB --out-dir "$WORK" --stem kernels_gpu
-step scale100m 90 $PY -m genrec.bench.retrieval_scale $S100 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_100m_gpu
-GENREC_TEST_DEVICE=$TEST_DEVICE step tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -rA
+GENREC_TEST_DEVICE=$TEST_DEVICE step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py -rA
+step kernels 120 $PY "$REPO/benchmarks/kernels_bench.py" $KB --out-dir "$WORK" --stem kernels_gpu
+step scale100m 150 $PY -m genrec.bench.retrieval_scale $S100 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_100m_gpu
 step attention 90 $PY "$REPO/benchmarks/attention_bench.py" $ATA --out-dir "$WORK" --stem attention_gpu
 step attention8k 50 $PY "$REPO/benchmarks/attention_bench.py" $ATB --out-dir "$WORK" --stem attention_gpu_8k
 step scale10m 60 $PY -m genrec.bench.retrieval_scale $S10 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_10m_gpu

@@ -126,24 +126,43 @@ def _scan_triton(q, codes, thr, cap, **kw):
     return stage1_threshold_scan_triton(q, codes, thr, cap, **kw)
 
 
-def mol_rows(kprimes, batches, device, repeats: int, n_items: int = 1_000_000) -> list[dict]:
+def parse_mol_config(text: str) -> dict:
+    """MoL stage-2 kernel knobs, ':'-separated: 'ieee' / 'bf16x3' (precision), 'c128' (block_c), 'w8'
+    (num_warps); e.g. 'bf16x3:c128:w8'."""
+    out: dict = {}
+    for part in text.split(":"):
+        if part[:1] in ("c", "w") and part[1:].isdigit():
+            out["block_c" if part[0] == "c" else "num_warps"] = int(part[1:])
+        elif part:
+            out["precision"] = part
+    return out
+
+
+def mol_rows(kprimes, batches, device, repeats: int, configs: list[str], n_items: int = 1_000_000,
+             cache_dtype: torch.dtype = torch.float32, with_kernel: bool = False) -> list[dict]:
+    """MoL stage 2 over K' gathered candidates: the reference, and on GPU the kernel per config."""
+    from genrec.kernels.mol_stage2_triton import mol_candidate_scores_triton
+
     torch.manual_seed(0)
     mol = MixtureOfLogits(64, 64, 8, 4, 64, 256, 128).eval().to(device)
     with torch.no_grad():
         items = torch.nn.functional.normalize(torch.randn(n_items, 64, device=device), dim=-1)
         enc = mol.encode_items(items)
-        cache = ItemCache(enc.components.contiguous(), enc.gate.contiguous())
+        cache = ItemCache(enc.components.to(cache_dtype).contiguous(), enc.gate.to(cache_dtype).contiguous())
     rows = []
-    backends = ["reference"] + (["triton"] if device.type == "cuda" else [])
+    variants = {"reference": None, **({f"triton {c}": parse_mol_config(c) for c in configs} if with_kernel else {})}
     for kp in kprimes:
         for b in batches:
             with torch.no_grad():
                 q = mol.encode_queries(torch.nn.functional.normalize(torch.randn(b, 64, device=device), dim=-1))
                 cand = torch.randint(0, n_items, (b, kp), device=device).sort(dim=1).values
-                times = {be: timed(lambda be=be: mol_candidate_scores(mol, q, cache, cand, backend=be), device, repeats)
-                         for be in backends}
-            for be, ms in times.items():
-                rows.append({"kernel": "mol stage2", "backend": be, "items": n_items, "dim": 64, "dtype": "float32",
+                times = {name: timed((lambda: mol_candidate_scores(mol, q, cache, cand, backend="reference")) if kw is None
+                                     else (lambda kw=kw: mol_candidate_scores_triton(mol, q, cache, cand, **kw)),
+                                     device, repeats)
+                         for name, kw in variants.items()}
+            for name, ms in times.items():
+                rows.append({"kernel": "mol stage2", "backend": name.split()[0], "config": name.partition(" ")[2],
+                             "items": n_items, "dim": 64, "dtype": str(cache_dtype).removeprefix("torch."),
                              "batch": b, "kprime": kp, "ms": round(ms, 3), "baseline": "reference",
                              "baseline_ms": round(times["reference"], 3), "speedup": round(times["reference"] / ms, 2)})
                 log.info("%s", rows[-1])
@@ -181,6 +200,9 @@ def main() -> None:
     ap.add_argument("--peak-gbs", type=float, default=None, help="device peak HBM GB/s (H100 SXM 3350, H200 4800)")
     ap.add_argument("--scan-configs", nargs="+", default=["default"],
                     help="threshold-scan kernel variants on GPU: BLOCKNxWARPS[:precision], e.g. 128x4 256x8 512x8 256x4:ieee")
+    ap.add_argument("--mol-configs", nargs="+", default=["ieee"],
+                    help="MoL stage-2 kernel variants on GPU: precision[:c<block_c>][:w<warps>], e.g. ieee bf16x3 bf16x3:c128:w8")
+    ap.add_argument("--mol-cache-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     ap.add_argument("--topk-batches", type=int, nargs="*", default=[1, 32, 128], help="batches the top-k scan is timed at")
     ap.add_argument("--topk-max-items", type=int, default=10**9, help="skip the top-k scan above this many items")
     ap.add_argument("--repeats", type=int, default=5)
@@ -213,7 +235,10 @@ def main() -> None:
                 if gpu:
                     torch.cuda.empty_cache()
     if "mol" not in args.skip:
-        rows += mol_rows(args.kprimes, [b for b in args.batches if b <= 32], device, args.repeats)
+        for cache_dtype in args.mol_cache_dtypes:
+            rows += mol_rows(args.kprimes, [b for b in args.batches if b <= 32], device, args.repeats, args.mol_configs,
+                             cache_dtype=getattr(torch, cache_dtype), with_kernel=backend == "triton")
+            write_table(rows, args.out_dir, stem, meta)
     write_table(rows, args.out_dir, stem, meta)
     plot(rows, Path(args.out_dir) / f"{stem}.png")
     print((Path(args.out_dir) / f"{stem}.md").read_text())

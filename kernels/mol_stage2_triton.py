@@ -15,16 +15,38 @@ those runs after (``retrieval.topk``).
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
+def _dot(a, b, SPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """a @ b in fp32. SPLIT: both operands as bf16 hi + lo parts and three tensor-core dots (hi hi, hi lo,
+    lo hi), ~2^-16 relative per product instead of IEEE fp32 on the CUDA cores."""
+    if SPLIT:
+        a_hi = a.to(tl.bfloat16)
+        a_lo = (a - a_hi.to(tl.float32)).to(tl.bfloat16)
+        b_hi = b.to(tl.bfloat16)
+        b_lo = (b - b_hi.to(tl.float32)).to(tl.bfloat16)
+        if INTERPRETED:  # the interpreter mishandles bf16 dots: the same rounded values, widened
+            a_hi, a_lo, b_hi, b_lo = a_hi.to(tl.float32), a_lo.to(tl.float32), b_hi.to(tl.float32), b_lo.to(tl.float32)
+            out = tl.dot(a_hi, b_hi, input_precision="ieee")
+            out = tl.dot(a_hi, b_lo, out, input_precision="ieee")
+            return tl.dot(a_lo, b_hi, out, input_precision="ieee")
+        out = tl.dot(a_hi, b_hi)
+        out = tl.dot(a_hi, b_lo, out)
+        return tl.dot(a_lo, b_hi, out)
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def _mol_stage2_kernel(cand_ptr, comp_ptr, igate_ptr, perm_ptr, fbd_ptr, qgate_ptr, w1t_ptr, b1_ptr, w2t_ptr, b2_ptr,
                        out_ptr, n_cand, pxd, n_logits, hidden,
                        stride_cand, stride_comp, stride_igate, stride_fbd_b, stride_fbd_r, stride_qgate, stride_out,
-                       FULL: tl.constexpr,
+                       FULL: tl.constexpr, SPLIT: tl.constexpr, INTERPRETED: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_PXD: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr):
     tile = tl.program_id(0)  # axis 0: a full-corpus pass has far more than 65535 tiles
     b = tl.program_id(1).to(tl.int64)  # b * stride_out passes 2^31 on a full-corpus pass over 100M items
@@ -43,15 +65,15 @@ def _mol_stage2_kernel(cand_ptr, comp_ptr, igate_ptr, perm_ptr, fbd_ptr, qgate_p
 
     g = tl.load(comp_ptr + safe[:, None] * stride_comp + e[None, :], mask=valid[:, None] & e_ok[None, :], other=0.0)
     fbd = tl.load(fbd_ptr + b * stride_fbd_b + e[:, None] * stride_fbd_r + p[None, :], mask=e_ok[:, None] & p_ok[None, :], other=0.0)
-    logits = tl.dot(g.to(tl.float32), fbd, input_precision="ieee")  # (C, P), j-major; bf16 caches widen here
+    logits = _dot(g.to(tl.float32), fbd, SPLIT, INTERPRETED)  # (C, P), j-major; bf16 caches widen here
 
     w1t = tl.load(w1t_ptr + p[:, None] * hidden + hh[None, :], mask=p_ok[:, None] & h_ok[None, :], other=0.0)
     b1 = tl.load(b1_ptr + hh, mask=h_ok, other=0.0)
-    h = tl.dot(logits, w1t, input_precision="ieee") + b1[None, :]
+    h = _dot(logits, w1t, SPLIT, INTERPRETED) + b1[None, :]
     h = h * tl.sigmoid(h)
     w2t = tl.load(w2t_ptr + hh[:, None] * n_logits + p[None, :], mask=h_ok[:, None] & p_ok[None, :], other=0.0)
     b2 = tl.load(b2_ptr + p, mask=p_ok, other=0.0)
-    pair = tl.dot(h, w2t, input_precision="ieee") + b2[None, :]
+    pair = _dot(h, w2t, SPLIT, INTERPRETED) + b2[None, :]
 
     perm = tl.load(perm_ptr + p, mask=p_ok, other=0)
     bx = tl.load(igate_ptr + safe[:, None] * stride_igate + perm[None, :], mask=valid[:, None] & p_ok[None, :], other=0.0)
@@ -70,8 +92,13 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def mol_candidate_scores_triton(mol, q, cache, cand: torch.Tensor | None, block_c: int = 64) -> torch.Tensor:
-    """Same contract as :func:`mol_candidate_scores_reference`; cand None scores every cached item."""
+def mol_candidate_scores_triton(mol, q, cache, cand: torch.Tensor | None, block_c: int = 64, num_warps: int = 4,
+                                precision: str = "ieee") -> torch.Tensor:
+    """Same contract as :func:`mol_candidate_scores_reference`; cand None scores every cached item.
+    precision 'ieee' (fp32 dots, within ~1e-6 of the reference) or 'bf16x3' (tensor-core dots, ~1e-4 of max |phi|;
+    see ``_dot``); block_c and num_warps are tuning knobs (``benchmarks/kernels_bench.py``)."""
+    if precision not in ("ieee", "bf16x3"):
+        raise ValueError(f"unknown precision {precision!r}; use ieee or bf16x3")
     comps = cache.components
     n_items, px, dp = comps.shape
     pq = q.components.shape[1]
@@ -102,6 +129,7 @@ def mol_candidate_scores_triton(mol, q, cache, cand: torch.Tensor | None, block_
                                  n_cand, px * dp, p_total, w1t.shape[1],
                                  cand_t.stride(0), flat.stride(0), gate.stride(0), fbd.stride(0), fbd.stride(1),
                                  qgate.stride(0), out.stride(0),
-                                 FULL=full, BLOCK_C=block_c, BLOCK_PXD=_pad(px * dp),
-                                 BLOCK_P=_pad(p_total), BLOCK_H=_pad(w1t.shape[1]))
+                                 FULL=full, SPLIT=precision == "bf16x3",
+                                 INTERPRETED=os.environ.get("TRITON_INTERPRET", "0") == "1", BLOCK_C=block_c, BLOCK_PXD=_pad(px * dp),
+                                 BLOCK_P=_pad(p_total), BLOCK_H=_pad(w1t.shape[1]), num_warps=num_warps)
     return out
