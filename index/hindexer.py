@@ -36,7 +36,7 @@ STAGE1_SELECT = ("auto", "threshold", "topk")
 TOPK_SCAN_MAX = 1024  # the running top-k kernel keeps K' in registers
 GPU_SCAN_CHUNK = 1 << 27  # items per fused-scan launch on a GPU (its fixed hit buffer is per launch)
 GPU_FINAL_CHUNK = 1 << 22  # ... in the rare keep-everything pass, whose buffer holds a whole chunk
-GPU_RESCORE_CHUNK = 1 << 15  # candidates per stage-2 call on a GPU (bounds the reference's (B, C, P) temporaries)
+GPU_RESCORE_CHUNK = 1 << 17  # candidates per stage-2 call on a GPU: K' <= 131072 is one call (no merge)
 
 
 def _as_tensor(a) -> torch.Tensor:
