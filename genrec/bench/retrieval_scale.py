@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from genrec.bench.report import provenance, write_table
+from genrec.bench.timing import best_seconds, latencies_ms
 from genrec.retrieval.metrics import recall_at, top1_in
 
 log = logging.getLogger("genrec.bench")
@@ -104,31 +105,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed_latencies(fn, queries: np.ndarray, n: int, device: torch.device) -> np.ndarray:
-    """ms of n batch-1 calls (after 3 warm-up calls), the device synchronised around each."""
-    for i in range(3):
-        fn(queries[i : i + 1])
-    out = []
-    for i in range(n):
-        row = queries[i % len(queries) : i % len(queries) + 1]
-        sync(device)
-        t = time.perf_counter()
-        fn(row)
-        sync(device)
-        out.append((time.perf_counter() - t) * 1e3)
-    return np.array(out)
-
-
-def qps(fn, queries: np.ndarray, batch: int, device: torch.device, repeats: int) -> float:
-    fn(queries[:batch])
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn(queries[:batch])
-        sync(device)
-        best = min(best, time.perf_counter() - t)
-    return batch / best
+def synced(fn, device: torch.device):
+    """fn followed by a device synchronisation, so host timers see the device's work."""
+    return lambda q: (fn(q), sync(device))[0]
 
 
 def peak_extra_mib(fn, queries: np.ndarray, batch: int, device: torch.device) -> float | str:
@@ -223,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def record(system: str, params: str, fn, ids: np.ndarray, exact_mol: np.ndarray, build_s: float,
                    resident_bytes: float) -> dict:
-            lat = timed_latencies(fn, queries, args.latency_queries, device)
+            lat = latencies_ms(synced(fn, device), queries, args.latency_queries, warmup=3)
             row = {"items": n, "system": system, "params": params, "k": k,
                    "recall@10_vs_mol": round(recall_at(ids, exact_mol, 10), 4),
                    "recall@100_vs_mol": round(recall_at(ids, exact_mol, k), 4),
@@ -232,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                    "p50_ms_b1": round(float(np.percentile(lat, 50)), 3),
                    "p95_ms_b1": round(float(np.percentile(lat, 95)), 3)}
             for b in args.qps_batches:
-                row[f"qps_b{b}"] = round(qps(fn, queries, b, device, args.repeats), 1)
+                row[f"qps_b{b}"] = round(b / best_seconds(lambda b=b: synced(fn, device)(queries[:b]), args.repeats), 1)
             row.update({"build_s": round(build_s, 1), "resident_gb": round(resident_bytes / 1e9, 2),
                         "bytes_per_item": round(resident_bytes / n, 1),
                         "peak_extra_mib_b1": peak_extra_mib(fn, queries, 1, device),
