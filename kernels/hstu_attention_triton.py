@@ -110,6 +110,7 @@ def _hstu_fwd_kernel(Q, K, V, OUT, q_off, k_off, targets, POS, TIME, q_nts, k_ts
         nts_i = tl.load(q_nts + q_start + rows, mask=row_ok, other=0)
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     hi = tl.minimum(len_k, shift + (pid_m + 1) * BLOCK_M)  # causal: no key beyond the block's last row
+    hi = tl.where(pid_m * BLOCK_M < len_q, hi, 0)  # the grid covers the longest sequence: no rows here, no work
     for start_n in range(0, hi, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         j_ok = offs_j < len_k
@@ -144,6 +145,7 @@ def _hstu_bwd_dq_kernel(Q, K, V, DO, DQ, q_off, k_off, targets, POS, TIME, q_nts
         nts_i = tl.load(q_nts + q_start + rows, mask=row_ok, other=0)
     dq = tl.zeros((BLOCK_M, BLOCK_DQK), dtype=tl.float32)
     hi = tl.minimum(len_k, shift + (pid_m + 1) * BLOCK_M)
+    hi = tl.where(pid_m * BLOCK_M < len_q, hi, 0)  # blocks past this sequence's rows: nothing to do
     for start_n in range(0, hi, BLOCK_N):
         offs_j = start_n + tl.arange(0, BLOCK_N)
         j_ok = offs_j < len_k
