@@ -101,14 +101,12 @@ class MoLHIndexer(Index):
     def uses_topk_scan(self, kprime: int) -> bool:
         """Whether stage 1 keeps K' with one running top-k pass instead of the threshold selection.
 
-        ``auto``: the top-k pass when K' fits the kernel's registers and the kernel runs (CUDA); otherwise
-        the threshold selection, which on CPU beats the reference top-k scan at equal recall
-        (benchmarks/results/stage1_select_200k_cpu.md)."""
-        if self.stage1_select != "auto":
-            return self.stage1_select == "topk"
-        from genrec.kernels.dispatch import resolve_backend
-
-        return kprime <= TOPK_SCAN_MAX and resolve_backend("stage1_topk", "auto", self.stage1.codes.device) == "triton"
+        ``auto`` takes the threshold selection everywhere: on CPU it beats the reference top-k scan at
+        equal recall (benchmarks/results/stage1_select_200k_cpu.md), and on an H200 the top-k kernel
+        (a 2,048-wide sort in registers per tile) did not finish one warm-up call over 10M items in
+        ~35 s, where the threshold scan takes ~0.5 ms (gpu_h200_2026-11-26.md). ``topk`` forces it
+        (K' <= 1,024)."""
+        return self.stage1_select == "topk"
 
     @property
     def dim(self) -> int:
