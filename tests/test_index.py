@@ -56,6 +56,10 @@ def test_threshold_selection_is_the_exact_top_kprime(n, kprime, levels, chunk, s
     assert s.shape == i.shape == (3, kprime)
     assert torch.equal(i[:, : ei.shape[1]], ei) and torch.equal(s[:, : es.shape[1]], es)
     assert torch.all(i[:, n:] == -1)  # K' > n pads
+    # order_ties=False (the h-indexer re-sorts by row): the same set, scores still descending
+    us, ui = threshold_topk(q, scan, sample, n, kprime, chunk_size=chunk, slack=slack, capacity_factor=capacity,
+                            chunk_capacity=chunk_capacity, order_ties=False, final_chunk_size=max(1, chunk // 2))
+    assert torch.equal(ui.sort(1).values, i.sort(1).values) and torch.equal(us, s)
 
 
 def test_threshold_selection_far_above_2048_and_its_retry_paths():
