@@ -59,16 +59,21 @@ def copy_gbs(device, nbytes: int = 4 << 30, repeats: int = 5) -> float | None:
     return nbytes / (ms / 1e3) / 1e9
 
 
-def parse_config(text: str) -> dict:
-    """Threshold-scan kernel knobs, ':'-separated: '256x4' (block_n x num_warps), 'q64' (block_q), 't4' (item
-    tiles per program), 'ieee' / 'bf16x2' (precision); e.g. '128x8:q64:t4'."""
+SCAN_KNOBS = {"q": "block_q", "t": "tiles"}
+MOL_KNOBS = {"c": "block_c", "w": "num_warps"}
+
+
+def parse_config(text: str, letters: dict[str, str] = SCAN_KNOBS) -> dict:
+    """Kernel knobs, ':'-separated: '256x4' (block_n x num_warps), a letter of ``letters`` + digits (scan:
+    'q64' block_q, 't4' item tiles per program; MoL stage 2: 'c128' block_c, 'w8' num_warps), anything else
+    the precision ('ieee', 'bf16x2', 'bf16x3'); e.g. '128x8:q64:t4', 'bf16x3:c128:w8'."""
     out: dict = {}
     for part in text.split(":"):
-        if "x" in part and part != "bf16x2":
+        if "x" in part and not part.startswith("bf16"):
             bn, nw = part.split("x")
             out.update(block_n=int(bn), num_warps=int(nw))
-        elif part[:1] in ("q", "t") and part[1:].isdigit():
-            out["block_q" if part[0] == "q" else "tiles"] = int(part[1:])
+        elif part[:1] in letters and part[1:].isdigit():
+            out[letters[part[0]]] = int(part[1:])
         elif part:
             out["precision"] = part
     return out
@@ -126,18 +131,6 @@ def _scan_triton(q, codes, thr, cap, **kw):
     return stage1_threshold_scan_triton(q, codes, thr, cap, **kw)
 
 
-def parse_mol_config(text: str) -> dict:
-    """MoL stage-2 kernel knobs, ':'-separated: 'ieee' / 'bf16x3' (precision), 'c128' (block_c), 'w8'
-    (num_warps); e.g. 'bf16x3:c128:w8'."""
-    out: dict = {}
-    for part in text.split(":"):
-        if part[:1] in ("c", "w") and part[1:].isdigit():
-            out["block_c" if part[0] == "c" else "num_warps"] = int(part[1:])
-        elif part:
-            out["precision"] = part
-    return out
-
-
 def mol_rows(kprimes, batches, device, repeats: int, configs: list[str], n_items: int = 1_000_000,
              cache_dtype: torch.dtype = torch.float32, with_kernel: bool = False) -> list[dict]:
     """MoL stage 2 over K' gathered candidates: the reference, and on GPU the kernel per config."""
@@ -150,7 +143,7 @@ def mol_rows(kprimes, batches, device, repeats: int, configs: list[str], n_items
         enc = mol.encode_items(items)
         cache = ItemCache(enc.components.to(cache_dtype).contiguous(), enc.gate.to(cache_dtype).contiguous())
     rows = []
-    variants = {"reference": None, **({f"triton {c}": parse_mol_config(c) for c in configs} if with_kernel else {})}
+    variants = {"reference": None, **({f"triton {c}": parse_config(c, MOL_KNOBS) for c in configs} if with_kernel else {})}
     for kp in kprimes:
         for b in batches:
             with torch.no_grad():

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -14,6 +15,12 @@ from genrec.kernels.mol_stage2_reference import mol_candidate_scores_reference
 from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference, stage1_topk_reference
 
 Backend = Literal["auto", "reference", "triton"]
+
+
+def triton_interpreted() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1), which mishandles bf16 dots
+    and casts: kernels then widen the same rounded values to fp32."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _stage1_scan_triton(*args, **kwargs):

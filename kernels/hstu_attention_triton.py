@@ -17,11 +17,11 @@ the history and themselves only and sit at position id len_k - t.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from genrec.kernels.dispatch import triton_interpreted
 
 
 @triton.jit
@@ -272,7 +272,7 @@ def _meta(q, k, v, pos_table, time_table, targets, block_m, block_n) -> dict:
         "n_buckets": time_table.numel() - 1 if time_table is not None else 0,
         "constexpr": dict(HAS_POS=pos_table is not None, HAS_TIME=time_table is not None, HAS_TARGETS=targets is not None,
                           IEEE=q.dtype == torch.float32,
-                          UPCAST=q.dtype != torch.float32 and os.environ.get("TRITON_INTERPRET") == "1", BLOCK_M=block_m, BLOCK_N=block_n,
+                          UPCAST=q.dtype != torch.float32 and triton_interpreted(), BLOCK_M=block_m, BLOCK_N=block_n,
                           BLOCK_DQK=_block_dim(q.shape[2]), BLOCK_DV=_block_dim(v.shape[2])),
     }
 

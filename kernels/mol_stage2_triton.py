@@ -15,11 +15,11 @@ those runs after (``retrieval.topk``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from genrec.kernels.dispatch import triton_interpreted
 
 
 @triton.jit
@@ -130,6 +130,6 @@ def mol_candidate_scores_triton(mol, q, cache, cand: torch.Tensor | None, block_
                                  cand_t.stride(0), flat.stride(0), gate.stride(0), fbd.stride(0), fbd.stride(1),
                                  qgate.stride(0), out.stride(0),
                                  FULL=full, SPLIT=precision == "bf16x3",
-                                 INTERPRETED=os.environ.get("TRITON_INTERPRET", "0") == "1", BLOCK_C=block_c, BLOCK_PXD=_pad(px * dp),
+                                 INTERPRETED=triton_interpreted(), BLOCK_C=block_c, BLOCK_PXD=_pad(px * dp),
                                  BLOCK_P=_pad(p_total), BLOCK_H=_pad(w1t.shape[1]), num_warps=num_warps)
     return out

@@ -7,11 +7,11 @@ counts keep counting past ``capacity`` so overflow is visible.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from genrec.kernels.dispatch import triton_interpreted
 
 
 @triton.jit
@@ -89,10 +89,6 @@ def _split_bf16(codes: torch.Tensor, precision: str) -> bool:
     return precision == "bf16x2"
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _block_d(d: int) -> int:
     return min(64, max(16, triton.next_power_of_2(max(d, 1))))  # tl.dot needs K >= 16
 
@@ -119,7 +115,7 @@ def stage1_threshold_scan_triton(qv: torch.Tensor, codes: torch.Tensor, thr: tor
         grid = (triton.cdiv(b, block_q) * triton.cdiv(n, block_n * tiles),)
         _stage1_scan_kernel[grid](qv, codes, thr, out_s, out_i, counts, b, n, d, cap, id_offset,
                                   qv.stride(0), codes.stride(0), out_s.stride(0),
-                                  BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d or _block_d(d), SPLIT_BF16=use_bf16, INTERPRETED=_interpreted(),
+                                  BLOCK_Q=block_q, BLOCK_N=block_n, BLOCK_D=block_d or _block_d(d), SPLIT_BF16=use_bf16, INTERPRETED=triton_interpreted(),
                                   TILES=tiles, num_warps=num_warps)
     counts = counts.to(torch.int64)
     if capacity is None:  # trim to the widest row, as the reference does
@@ -197,7 +193,7 @@ def stage1_topk_triton(qv: torch.Tensor, codes: torch.Tensor, k: int, id_offset:
         _stage1_topk_kernel[(triton.cdiv(b, block_q), splits)](qv, codes, out, b, n, qv.shape[1], per_split,
                                                               qv.stride(0), codes.stride(0), out.stride(0), out.stride(1),
                                                               K=kk, BLOCK_Q=block_q, BLOCK_D=block_d or _block_d(qv.shape[1]),
-                                                              SPLIT_BF16=use_bf16, INTERPRETED=_interpreted(),
+                                                              SPLIT_BF16=use_bf16, INTERPRETED=triton_interpreted(),
                                                               num_warps=num_warps)
         keys = torch.topk(out.view(b, -1), min(k, splits * kk), dim=1).values
     else:
