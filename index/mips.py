@@ -13,7 +13,7 @@ import torch
 from genrec.index.base import Index, IndexState
 from genrec.index.stage1 import from_numpy
 from genrec.retrieval.search import SearchResult, validate_queries
-from genrec.retrieval.topk import chunked_topk, mask_excluded, select_topk
+from genrec.retrieval.topk import chunked_topk_columns, mask_excluded, select_topk
 
 
 SCORE_BLOCK_FLOATS = 1 << 20  # one chunk's (nq, c) score block: 4 MiB, so top-k reads it from cache
@@ -24,7 +24,8 @@ class FlatMIPS(Index):
 
     A batch of nq queries scans ``min(chunk_size, max(1024, SCORE_BLOCK_FLOATS / nq))`` items per chunk into one
     reused score buffer: a large batch then never writes (and faults in) an (nq, N) matrix, which on CPU
-    costs more than the mm itself."""
+    costs more than the mm itself. Scores are made item-major (items @ q.T, ~1.5x faster than q @ items.T
+    on CPU at small nq) and each chunk is cut by a group-max pre-selection (``column_block_topk``)."""
 
     kind = "mips"
 
@@ -49,13 +50,13 @@ class FlatMIPS(Index):
         excl = self.idmap.exclude_rows(exclude, len(q))
 
         chunk = min(self.chunk_size, max(1024, SCORE_BLOCK_FLOATS // len(q)))
-        buffer = torch.empty(len(q) * min(chunk, self.ntotal), dtype=q.dtype)
+        qt = q.T
 
-        def score(start: int, end: int) -> torch.Tensor:
-            out = buffer[: len(q) * (end - start)].view(len(q), end - start)
-            return mask_excluded(torch.mm(q, self.items[start:end].float().T, out=out), start, excl)
+        def score(start: int, end: int, out: torch.Tensor) -> None:  # out: (end - start, nq)
+            torch.mm(self.items[start:end].float(), qt, out=out)
+            mask_excluded(out.T, start, excl)
 
-        s, rows = chunked_topk(score, self.ntotal, len(q), k, chunk)
+        s, rows = chunked_topk_columns(score, self.ntotal, len(q), k, chunk, dtype=q.dtype)
         return self._result(s, rows, torch.ones(len(q), dtype=torch.bool), torch.full((len(q),), float("-inf")))
 
     def state(self) -> IndexState:

@@ -76,6 +76,27 @@ def pad_invalid(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, 
     return scores, torch.where(torch.isneginf(scores), torch.full_like(ids, -1), ids)
 
 
+class _RunningTopk:
+    """The survivors of chunk-by-chunk top-k: each chunk's own top-k is kept and they are merged only
+    when they outgrow ``max(chunk_size, 4k)`` columns. Memory O(B * (k + chunk_size))."""
+
+    def __init__(self, batch: int, k: int, chunk_size: int, device: torch.device | None):
+        pad_s, pad_i = empty_topk(batch, k, device)  # guarantees k columns when there are fewer items
+        self.k, self.kept_s, self.kept_i = k, [pad_s], [pad_i]
+        self.width, self.limit = k, max(chunk_size, 4 * k)
+
+    def add(self, scores: torch.Tensor, ids: torch.Tensor) -> None:
+        self.kept_s.append(scores)
+        self.kept_i.append(ids)
+        self.width += scores.shape[1]
+        if self.width > self.limit:
+            merged_s, merged_i = select_topk(torch.cat(self.kept_s, 1), torch.cat(self.kept_i, 1), self.k)
+            self.kept_s, self.kept_i, self.width = [merged_s], [merged_i], self.k
+
+    def result(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_invalid(*select_topk(torch.cat(self.kept_s, 1), torch.cat(self.kept_i, 1), self.k))
+
+
 def chunked_topk(score_chunk: Callable[[int, int], torch.Tensor], num_items: int, batch: int, k: int,
                  chunk_size: int, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k over items 0..num_items-1 scored chunk by chunk: ``score_chunk(start, end)`` -> (B, end-start).
@@ -85,21 +106,65 @@ def chunked_topk(score_chunk: Callable[[int, int], torch.Tensor], num_items: int
     one buffer it reuses for every chunk. Memory stays O(B * (k + chunk_size));
     the full (B, N) score matrix is never built.
     """
-    pad_s, pad_i = empty_topk(batch, k, device)  # guarantees k columns when num_items < k
-    kept_s, kept_i = [pad_s], [pad_i]
-    width, limit = k, max(chunk_size, 4 * k)
+    running = _RunningTopk(batch, k, chunk_size, device)
     for start in range(0, num_items, chunk_size):
         end = min(start + chunk_size, num_items)
         s = score_chunk(start, end)
         ids = torch.arange(start, end, device=s.device).expand(batch, -1)
-        s, ids = select_topk(s, ids, k) if s.shape[1] > k else (s.clone(), ids)  # s may be a reused buffer
-        kept_s.append(s)
-        kept_i.append(ids)
-        width += s.shape[1]
-        if width > limit:
-            merged_s, merged_i = select_topk(torch.cat(kept_s, 1), torch.cat(kept_i, 1), k)
-            kept_s, kept_i, width = [merged_s], [merged_i], k
-    return pad_invalid(*select_topk(torch.cat(kept_s, 1), torch.cat(kept_i, 1), k))
+        running.add(*(select_topk(s, ids, k) if s.shape[1] > k else (s.clone(), ids)))  # s may be a reused buffer
+    return running.result()
+
+
+GROUP = 64  # items per group in the group-max pre-selection
+
+
+def column_block_topk(block: torch.Tensor, start: int, k: int, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each column of a (C, B) score block (item rows start..start+C-1, one column per query)
+    -> (B, min(k, C)) scores and ids, exactly as ``select_topk`` on the transposed block.
+
+    C must be a multiple of ``group``. The rows are cut into groups; only the k+1 groups with the
+    largest maxima are read again. That holds every score >= the (k+1)-th best whenever the (k+1)-th
+    group maximum is strictly above the (k+2)-th (then each group left out has a maximum below the
+    (k+1)-th best score), so ties are resolved on the same candidates. A column whose group cut is
+    tied is redone on the whole column. Cost: one max over the block instead of a top-k over it, which
+    on CPU is ~6x cheaper.
+    """
+    c, b = block.shape
+    if c % group:
+        raise ValueError(f"column_block_topk: {c} rows is not a multiple of group {group}")
+    if c // group < k + 2:
+        return select_topk(block.T, torch.arange(start, start + c, device=block.device).expand(b, -1), k)
+    group_max = block.view(c // group, group, b).amax(1)  # (C / group, B)
+    top_max, top_group = torch.topk(group_max, k + 2, dim=0)  # (k + 2, B)
+    rows = (top_group[: k + 1].T.unsqueeze(2) * group
+            + torch.arange(group, device=block.device)).reshape(b, -1)  # (B, (k + 1) * group)
+    s, i = select_topk(block.T.gather(1, rows), rows + start, k)
+    tied = (top_max[k] == top_max[k + 1]).nonzero().squeeze(1)
+    if tied.numel():
+        ids = torch.arange(start, start + c, device=block.device).expand(len(tied), -1)
+        s[tied], i[tied] = select_topk(block.T[tied], ids, k)
+    return s, i
+
+
+def chunked_topk_columns(score_block: Callable[[int, int, torch.Tensor], None], num_items: int, batch: int, k: int,
+                         chunk_size: int, dtype: torch.dtype = torch.float32,
+                         device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``chunked_topk`` for scores produced item-major: ``score_block(start, end, out)`` writes the
+    (end - start, B) scores of items start..end-1 into ``out`` (e.g. ``torch.mm(items, q.T, out=out)``,
+    which on CPU runs ~1.5x faster than the query-major product at small B). Each chunk is reduced by
+    ``column_block_topk``; rows past ``end`` up to the next multiple of ``GROUP`` score -inf (their ids
+    come back as -1 if ever selected). chunk_size is rounded up to a multiple of ``GROUP``."""
+    chunk_size = -(-chunk_size // GROUP) * GROUP
+    buffer = torch.empty(min(chunk_size, -(-num_items // GROUP) * GROUP) * batch, dtype=dtype, device=device)
+    running = _RunningTopk(batch, k, chunk_size, device)
+    for start in range(0, num_items, chunk_size):
+        end = min(start + chunk_size, num_items)
+        padded = -(-(end - start) // GROUP) * GROUP
+        block = buffer[: padded * batch].view(padded, batch)
+        score_block(start, end, block[: end - start])
+        block[end - start:] = float("-inf")
+        running.add(*column_block_topk(block, start, k))
+    return running.result()
 
 
 def mask_excluded(scores: torch.Tensor, start: int, exclude: list[torch.Tensor] | None) -> torch.Tensor:

@@ -1,9 +1,12 @@
 """Dynamic batching: concurrent search requests are coalesced so one scan serves many queries.
 
-Requests wait in a bounded queue (full -> ``QueueFull``, answered RESOURCE_EXHAUSTED at once). One
+Requests wait in a bounded queue (full -> ``QueueFull``, answered RESOURCE_EXHAUSTED at once). A
 worker thread takes the first waiting request and everything queued behind it (up to ``max_batch``
 queries); only if others were already waiting does it linger up to ``max_delay`` for more, so a lone
-request at low load is served at once and batches grow by themselves while a search runs. It groups
+request at low load is served at once and batches grow by themselves while a search runs. With
+``workers`` > 1, that many workers take batches from the one queue, so one collects while another
+searches (on CPU: one worker per core with one torch thread each keeps every core searching, where
+one multi-threaded search loses its cores to the RPC threads between parallel regions). It groups
 the batch by what must match for one call (index version, k, search parameters) and runs each group
 as one search. A request whose deadline passed while it waited is
 dropped before any compute (counted), its caller already gone with DEADLINE_EXCEEDED.
@@ -86,16 +89,20 @@ def run_group(jobs: list[Job]) -> None:
 class DynamicBatcher:
     def __init__(self, max_batch: int = 64, max_delay_s: float = 0.001, queue_size: int = 256,
                  on_batch: Callable[[int], None] | None = None, on_expired: Callable[[], None] | None = None,
-                 on_busy: Callable[[float], None] | None = None):
+                 on_busy: Callable[[float], None] | None = None, workers: int = 1):
         """on_batch(queries) per coalesced search; on_expired() per request dropped unserved;
-        on_busy(seconds) per batch, the time the worker spent searching (its saturation)."""
+        on_busy(seconds) per batch, the time a worker spent searching (summed over workers: their saturation)."""
+        if workers < 1:
+            raise ValueError(f"batching workers must be >= 1, got {workers}")
         self.max_batch, self.max_delay_s = max_batch, max_delay_s
         self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self._on_batch = on_batch or (lambda n: None)
         self._on_expired = on_expired or (lambda: None)
         self._on_busy = on_busy or (lambda s: None)
-        self._thread = threading.Thread(target=self._loop, name="genrec-batcher", daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f"genrec-batcher-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
 
     def depth(self) -> int:
         return self._queue.qsize()
@@ -108,8 +115,10 @@ class DynamicBatcher:
         return job.future
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
+        for _ in self._threads:  # one stop marker per worker; each worker takes exactly one
+            self._queue.put(None)
+        for t in self._threads:
+            t.join(timeout=10)
 
     def _collect(self, first: Job) -> tuple[list[Job], bool]:
         jobs, nq = [first], len(first.queries)

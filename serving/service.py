@@ -136,7 +136,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         b = cfg.batching
         self.batcher = (DynamicBatcher(b.max_batch, b.max_delay_ms / 1000, b.queue_size,
                                        on_batch=metrics.batch_size.observe, on_expired=metrics.expired.inc,
-                                       on_busy=metrics.batcher_busy.inc)
+                                       on_busy=metrics.batcher_busy.inc, workers=b.workers)
                         if b.enabled else None)
 
     # ---- plumbing ----

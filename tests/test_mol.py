@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from genrec.retrieval.mol import MixtureOfLogits, mutual_information_loss
 from genrec.retrieval.search import MoLSearcher
-from genrec.retrieval.topk import chunked_topk, merge_topk, select_topk, sort_by_score_then_id, unique_rows
+from genrec.retrieval.topk import (chunked_topk, chunked_topk_columns, column_block_topk, merge_topk, select_topk,
+                                  sort_by_score_then_id, unique_rows)
 
 
 def small_mol(seed=0, **kw):
@@ -100,6 +101,38 @@ def test_chunked_topk_equals_full_sort_with_ties_and_padding(n, k, chunk, seed):
         valid = [j for j in order if scores[row, j] > float("-inf")][:k]
         assert i[row, : len(valid)].tolist() == valid
         assert torch.all(i[row, len(valid):] == -1) and torch.all(torch.isneginf(s[row, len(valid):]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.integers(1, 30), group=st.sampled_from([1, 2, 4, 8]), b=st.integers(1, 5), k=st.integers(1, 20),
+       levels=st.sampled_from([2, 5, 1000]), start=st.integers(0, 50), seed=st.integers(0, 999))
+def test_column_block_topk_equals_select_topk_on_the_whole_block(groups, group, b, k, levels, start, seed):
+    """The group-max pre-selection returns exactly select_topk's answer (score desc, then smaller id),
+    including blocks with few distinct scores (ties across the group cut), -inf rows and k near C."""
+    g = torch.Generator().manual_seed(seed)
+    block = torch.randint(0, levels, (groups * group, b), generator=g).float()
+    block[torch.rand(block.shape, generator=g) < 0.2] = float("-inf")
+    s, i = column_block_topk(block, start, k, group=group)
+    ids = torch.arange(start, start + len(block)).expand(b, -1)
+    want_s, want_i = select_topk(block.T, ids, k)
+    finite = torch.isfinite(want_s)  # -inf entries: same count, their ids are arbitrary (reported as -1)
+    assert torch.equal(s, want_s) and torch.equal(i[finite], want_i[finite])
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 300), b=st.integers(1, 4), k=st.integers(1, 40), chunk=st.integers(1, 200), seed=st.integers(0, 99))
+def test_chunked_topk_columns_equals_chunked_topk(n, b, k, chunk, seed):
+    """Item-major chunks (with their -inf padding to a multiple of 64 rows) give chunked_topk's answer."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 4, (b, n), generator=g).float()
+    scores[0, : n // 3] = float("-inf")
+
+    def write(a, e, out):
+        out.copy_(scores[:, a:e].T)
+
+    s, i = chunked_topk_columns(write, n, b, k, chunk)
+    want_s, want_i = chunked_topk(lambda a, e: scores[:, a:e], n, b, k, chunk)
+    assert torch.equal(s, want_s) and torch.equal(i, want_i)
 
 
 def test_unique_rows():

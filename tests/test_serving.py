@@ -288,6 +288,26 @@ def test_concurrent_requests_are_coalesced_into_one_search(index_root):
         srv.stop(grace=1)
 
 
+def test_batching_workers_search_side_by_side_and_all_stop_on_close():
+    """With two batching workers, two batches are searched at once: two 0.4 s searches (max_batch 1, so
+    they cannot share a batch) both return in well under the 0.8 s one worker would need; stop() ends
+    every worker thread."""
+    srv = start(ServeConfig(port=0, batching=BatchingConfig(max_batch=1, max_delay_ms=0, workers=2)))
+    inner = install_slow(srv, 0.4)
+    try:
+        with client_for(srv) as c, ThreadPoolExecutor(2) as pool:
+            t = time.monotonic()
+            futures = [pool.submit(c.search, unit(1, 10 + i), 3, index="slow", timeout=30) for i in range(2)]
+            results = [f.result(timeout=30) for f in futures]
+            elapsed = time.monotonic() - t
+        assert elapsed < 0.75, f"two single-query batches took {elapsed:.2f} s with two workers"
+        for i, (_, ids) in enumerate(results):
+            np.testing.assert_array_equal(ids, inner.search(unit(1, 10 + i), 3)[1])
+    finally:
+        srv.stop(grace=1)
+    assert not any(t.is_alive() for t in srv.service.batcher._threads)
+
+
 def test_graceful_shutdown_finishes_in_flight_work_and_refuses_new(index_root):
     srv = start(ServeConfig(port=0))
     install_slow(srv, 0.6)

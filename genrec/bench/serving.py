@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (both servers)")
+    ap.add_argument("--batch-workers", type=int, default=1, help="batching workers (threads taking batches)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--stem", default="serving")
     args = ap.parse_args(argv)
@@ -68,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         for batching in (False, True):
             cfg = ServeConfig(port=0, indexes=(IndexEntry("bench", str(path), "size"),), limits=limits,
                               batching=BatchingConfig(enabled=batching, max_batch=args.max_batch,
-                                                      max_delay_ms=args.max_delay_ms, queue_size=4096))
+                                                      max_delay_ms=args.max_delay_ms, queue_size=4096,
+                                                      workers=args.batch_workers))
             servers[batching] = RetrievalServer(cfg).start()
         try:
             lat = {"in-process": latencies_ms(lambda q: index.search(q, args.k), queries, args.latency_queries, warmup=5)}
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                 srv.stop(grace=1)
     meta = {**provenance(), "threads": args.threads, "items": args.items, "dim": args.dim, "k": args.k,
             "index": "flat MIPS (exact)", "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
+            "batch_workers": args.batch_workers,
             "note": "clients and servers on the same machine; loopback gRPC"}
     md = write_table(rows, args.out_dir, args.stem, meta)
     plot(rows, Path(args.out_dir) / f"{args.stem}.png", meta)
