@@ -6,7 +6,10 @@ queries); only if others were already waiting does it linger up to ``max_delay``
 request at low load is served at once and batches grow by themselves while a search runs. With
 ``workers`` > 1, that many workers take batches from the one queue, so one collects while another
 searches (on CPU: one worker per core with one torch thread each keeps every core searching, where
-one multi-threaded search loses its cores to the RPC threads between parallel regions). It groups
+one multi-threaded search loses its cores to the RPC threads between parallel regions).
+When the batcher is idle (nothing queued, a worker slot free, no worker waiting for one), a request is
+searched at once in its own RPC thread, a batch of one, which saves the two thread hand-offs through a
+worker; requests arriving meanwhile queue and form the next batch as usual. It groups
 the batch by what must match for one call (index version, k, search parameters) and runs each group
 as one search. A request whose deadline passed while it waited is
 dropped before any compute (counted), its caller already gone with DEADLINE_EXCEEDED.
@@ -99,6 +102,8 @@ class DynamicBatcher:
         self._on_batch = on_batch or (lambda n: None)
         self._on_expired = on_expired or (lambda: None)
         self._on_busy = on_busy or (lambda s: None)
+        self._slots = threading.Condition()
+        self._free, self._waiting = workers, 0  # search slots free; workers holding a batch, waiting for one
         self._threads = [threading.Thread(target=self._loop, name=f"genrec-batcher-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -108,6 +113,17 @@ class DynamicBatcher:
         return self._queue.qsize()
 
     def submit(self, job: Job) -> Future:
+        """Queue ``job`` (or, when idle, search it now in the caller's thread); returns its future."""
+        with self._slots:
+            idle = self._free > 0 and self._waiting == 0 and self._queue.empty()
+            if idle:
+                self._free -= 1
+        if idle:
+            try:
+                self._run([job])
+            finally:
+                self._release()
+            return job.future
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -136,28 +152,49 @@ class DynamicBatcher:
             nq += len(job.queries)
         return jobs, False
 
+    def _acquire(self) -> None:
+        with self._slots:
+            self._waiting += 1
+            while self._free == 0:
+                self._slots.wait()
+            self._waiting -= 1
+            self._free -= 1
+
+    def _release(self) -> None:
+        with self._slots:
+            self._free += 1
+            self._slots.notify()
+
     def _loop(self) -> None:
         stop = False
         while not stop:
             first = self._queue.get()
             if first is None:
                 break
-            jobs, stop = self._collect(first)
-            now = time.monotonic()
-            live = []
-            for j in jobs:
-                if j.deadline is not None and now > j.deadline:
-                    self._on_expired()
-                    if j.future.set_running_or_notify_cancel():  # False: the caller already gave up
-                        j.future.set_exception(Expired("deadline passed while queued"))
-                elif j.future.set_running_or_notify_cancel():
-                    live.append(j)
-            groups: dict[tuple, list[Job]] = {}
-            for j in live:
-                groups.setdefault(j.key, []).append(j)
-            start = time.monotonic()
-            for group in groups.values():
-                self._on_batch(sum(len(j.queries) for j in group))
-                run_group(group)
-            if groups:
-                self._on_busy(time.monotonic() - start)
+            self._acquire()  # collect only once a slot is free: whatever queued meanwhile joins the batch
+            try:
+                jobs, stop = self._collect(first)
+                self._run(jobs)
+            finally:
+                self._release()
+
+    def _run(self, jobs: list[Job]) -> None:
+        """Drop the expired and cancelled jobs, then one search per group of jobs that can share one."""
+        now = time.monotonic()
+        live = []
+        for j in jobs:
+            if j.deadline is not None and now > j.deadline:
+                self._on_expired()
+                if j.future.set_running_or_notify_cancel():  # False: the caller already gave up
+                    j.future.set_exception(Expired("deadline passed while queued"))
+            elif j.future.set_running_or_notify_cancel():
+                live.append(j)
+        groups: dict[tuple, list[Job]] = {}
+        for j in live:
+            groups.setdefault(j.key, []).append(j)
+        start = time.monotonic()
+        for group in groups.values():
+            self._on_batch(sum(len(j.queries) for j in group))
+            run_group(group)
+        if groups:
+            self._on_busy(time.monotonic() - start)

@@ -288,6 +288,35 @@ def test_concurrent_requests_are_coalesced_into_one_search(index_root):
         srv.stop(grace=1)
 
 
+def test_an_idle_batcher_searches_a_lone_request_in_its_rpc_thread_and_queues_the_rest():
+    """Idle (nothing queued, slot free): the request is searched at once by the RPC thread itself. While
+    that search runs, later requests queue and a batcher worker serves them together as one batch."""
+    srv = start(ServeConfig(port=0, batching=BatchingConfig(max_batch=64, max_delay_ms=50)))
+    inner = install_slow(srv, 0.4)
+    threads = []
+    slow = srv.registry.get("slow").index
+    original = slow.search_with_certificate
+
+    def recording(q, *a, **kw):
+        threads.append((threading.current_thread().name, len(q)))
+        return original(q, *a, **kw)
+
+    slow.search_with_certificate = recording
+    try:
+        with client_for(srv) as c, ThreadPoolExecutor(4) as pool:
+            first = pool.submit(c.search_reply, unit(1, 20), 3, index="slow", timeout=30)
+            time.sleep(0.15)  # the first search is running
+            rest = [pool.submit(c.search_reply, unit(1, 21 + i), 3, index="slow", timeout=30) for i in range(3)]
+            replies = [first.result(timeout=30)] + [f.result(timeout=30) for f in rest]
+        assert threads[0][1] == 1 and not threads[0][0].startswith("genrec-batcher")
+        assert threads[1] == ("genrec-batcher-0", 3)  # the three that queued: one batch, on the worker
+        assert [r.timing.batch_size for r in replies] == [1, 3, 3, 3]
+        for i, r in enumerate(replies):
+            np.testing.assert_array_equal(r.ids.reshape(1, -1), inner.search(unit(1, 20 + i), 3)[1])
+    finally:
+        srv.stop(grace=1)
+
+
 def test_batching_workers_search_side_by_side_and_all_stop_on_close():
     """With two batching workers, two batches are searched at once: two 0.4 s searches (max_batch 1, so
     they cannot share a batch) both return in well under the 0.8 s one worker would need; stop() ends
