@@ -118,9 +118,11 @@ def chunked_topk(score_chunk: Callable[[int, int], torch.Tensor], num_items: int
 GROUP = 64  # items per group in the group-max pre-selection
 
 
-def column_block_topk(block: torch.Tensor, start: int, k: int, group: int = GROUP) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each column of a (C, B) score block (item rows start..start+C-1, one column per query)
-    -> (B, min(k, C)) scores and ids, exactly as ``select_topk`` on the transposed block.
+def column_block_topk(block: torch.Tensor, start: int, k: int, group: int = GROUP,
+                      batch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each of the first ``batch`` (default all) columns of a (C, W) score block (item rows
+    start..start+C-1, one column per query) -> (batch, min(k, C)) scores and ids, exactly as
+    ``select_topk`` on the transposed block.
 
     C must be a multiple of ``group``. The rows are cut into groups; only the k+1 groups with the
     largest maxima are read again. That holds every score >= the (k+1)-th best whenever the (k+1)-th
@@ -129,12 +131,14 @@ def column_block_topk(block: torch.Tensor, start: int, k: int, group: int = GROU
     tied is redone on the whole column. Cost: one max over the block instead of a top-k over it, which
     on CPU is ~6x cheaper.
     """
-    c, b = block.shape
+    c, width = block.shape
+    b = batch or width
     if c % group:
         raise ValueError(f"column_block_topk: {c} rows is not a multiple of group {group}")
+    full, block = block, block[:, :b]
     if c // group < k + 2:
         return select_topk(block.T, torch.arange(start, start + c, device=block.device).expand(b, -1), k)
-    group_max = block.view(c // group, group, b).amax(1)  # (C / group, B)
+    group_max = _group_max(full.view(c // group, group, width))[:, :b]  # (C / group, B); all W columns: see _group_max
     top_max, top_group = torch.topk(group_max, k + 2, dim=0)  # (k + 2, B)
     rows = (top_group[: k + 1].T.unsqueeze(2) * group
             + torch.arange(group, device=block.device)).reshape(b, -1)  # (B, (k + 1) * group)
@@ -146,24 +150,39 @@ def column_block_topk(block: torch.Tensor, start: int, k: int, group: int = GROU
     return s, i
 
 
+def _group_max(groups: torch.Tensor) -> torch.Tensor:
+    """(G, group, B) -> (G, B) max over each group. torch's strided max over the middle dim is fast on CPU
+    only when B is 1 or a multiple of 32 (measured ~25x slower at B = 8..31); otherwise halve the group
+    with elementwise maxima, whose loads are contiguous whatever B is."""
+    b = groups.shape[2]
+    if b == 1 or b % 32 == 0 or groups.shape[1] & (groups.shape[1] - 1):
+        return groups.amax(1)
+    while groups.shape[1] > 1:
+        half = groups.shape[1] // 2
+        groups = torch.maximum(groups[:, :half], groups[:, half:])
+    return groups[:, 0]
+
+
 def chunked_topk_columns(score_block: Callable[[int, int, torch.Tensor], None], num_items: int, batch: int, k: int,
-                         chunk_size: int, dtype: torch.dtype = torch.float32,
-                         device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                         chunk_size: int, dtype: torch.dtype = torch.float32, device: torch.device | None = None,
+                         width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``chunked_topk`` for scores produced item-major: ``score_block(start, end, out)`` writes the
-    (end - start, B) scores of items start..end-1 into ``out`` (e.g. ``torch.mm(items, q.T, out=out)``,
-    which on CPU runs ~1.5x faster than the query-major product at small B). Each chunk is reduced by
-    ``column_block_topk``; rows past ``end`` up to the next multiple of ``GROUP`` score -inf (their ids
-    come back as -1 if ever selected). chunk_size is rounded up to a multiple of ``GROUP``."""
+    (end - start, width) scores of items start..end-1 into ``out`` (e.g. ``torch.mm(items, q.T, out=out)``,
+    which on CPU runs ~1.5x faster than the query-major product at small B); only the first ``batch``
+    columns (default width = batch) are ranked. Each chunk is reduced by ``column_block_topk``; rows past
+    ``end`` up to the next multiple of ``GROUP`` score -inf (their ids come back as -1 if ever selected).
+    chunk_size is rounded up to a multiple of ``GROUP``."""
+    width = width or batch
     chunk_size = -(-chunk_size // GROUP) * GROUP
-    buffer = torch.empty(min(chunk_size, -(-num_items // GROUP) * GROUP) * batch, dtype=dtype, device=device)
+    buffer = torch.empty(min(chunk_size, -(-num_items // GROUP) * GROUP) * width, dtype=dtype, device=device)
     running = _RunningTopk(batch, k, chunk_size, device)
     for start in range(0, num_items, chunk_size):
         end = min(start + chunk_size, num_items)
         padded = -(-(end - start) // GROUP) * GROUP
-        block = buffer[: padded * batch].view(padded, batch)
+        block = buffer[: padded * width].view(padded, width)
         score_block(start, end, block[: end - start])
         block[end - start:] = float("-inf")
-        running.add(*column_block_topk(block, start, k))
+        running.add(*column_block_topk(block, start, k, batch=batch))
     return running.result()
 
 

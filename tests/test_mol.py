@@ -104,15 +104,19 @@ def test_chunked_topk_equals_full_sort_with_ties_and_padding(n, k, chunk, seed):
 
 
 @settings(max_examples=60, deadline=None)
-@given(groups=st.integers(1, 30), group=st.sampled_from([1, 2, 4, 8]), b=st.integers(1, 5), k=st.integers(1, 20),
-       levels=st.sampled_from([2, 5, 1000]), start=st.integers(0, 50), seed=st.integers(0, 999))
-def test_column_block_topk_equals_select_topk_on_the_whole_block(groups, group, b, k, levels, start, seed):
+@given(groups=st.integers(1, 30), group=st.sampled_from([1, 2, 3, 4, 8]), b=st.sampled_from([1, 2, 5, 32, 33]),
+       extra=st.integers(0, 3), k=st.integers(1, 20), levels=st.sampled_from([2, 5, 1000]), start=st.integers(0, 50),
+       seed=st.integers(0, 999))
+def test_column_block_topk_equals_select_topk_on_the_whole_block(groups, group, b, extra, k, levels, start, seed):
     """The group-max pre-selection returns exactly select_topk's answer (score desc, then smaller id),
-    including blocks with few distinct scores (ties across the group cut), -inf rows and k near C."""
+    including blocks with few distinct scores (ties across the group cut), -inf rows, k near C, both
+    group-max paths (strided max, halving) and padding columns past ``batch`` that must be ignored."""
     g = torch.Generator().manual_seed(seed)
-    block = torch.randint(0, levels, (groups * group, b), generator=g).float()
-    block[torch.rand(block.shape, generator=g) < 0.2] = float("-inf")
-    s, i = column_block_topk(block, start, k, group=group)
+    full = torch.randint(0, levels, (groups * group, b + extra), generator=g).float()
+    full[torch.rand(full.shape, generator=g) < 0.2] = float("-inf")
+    full[:, b:] = 10.0 * levels  # padding columns: would win every group if they were read
+    block = full[:, :b]
+    s, i = column_block_topk(full, start, k, group=group, batch=b)
     ids = torch.arange(start, start + len(block)).expand(b, -1)
     want_s, want_i = select_topk(block.T, ids, k)
     finite = torch.isfinite(want_s)  # -inf entries: same count, their ids are arbitrary (reported as -1)
