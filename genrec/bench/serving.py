@@ -8,8 +8,10 @@ loopback, one with dynamic batching and one without. Measured:
   move with the search's run-to-run noise. grpc.health.v1 Check from the same client: the transport's
   floor on this machine;
   throughput: closed-loop clients at concurrency 1/16/64 for --seconds each, QPS with batching on vs off;
-  with batching, the mean batch (queries per search) and batcher_busy, the fraction of the run its one
-  search worker spent searching (near 1: compute-bound; well below: starved by per-request costs).
+  with batching, the mean batch (queries per search), batcher_busy, the fraction of the run the search
+  workers spent searching (near 1 per worker: compute-bound; well below: starved by per-request costs),
+  and server_ms_per_batch (busy time / batches) beside in_process_ms_per_batch, the same index searching
+  a batch of that size in this process with the servers idle: what the load costs each search.
 Clients (genrec.bench.load: separate processes, asyncio, no torch) and servers share the machine's
 cores, as a sidecar deployment would.
 
@@ -28,7 +30,7 @@ import torch
 
 from genrec.bench.load import closed_loop, remote_latencies_ms
 from genrec.bench.report import provenance, random_unit, write_table
-from genrec.bench.timing import latencies_ms
+from genrec.bench.timing import best_seconds, latencies_ms
 
 log = logging.getLogger("genrec.bench")
 
@@ -99,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
                     qps[batching] = done / args.seconds
                     row = {"measure": "throughput", "system": f"grpc batching={'on' if batching else 'off'}",
                            "concurrency": conc, "qps": round(qps[batching], 1), "failed": failed}
-                    if batching:  # how full the batches were and how busy the one search worker was
+                    if batching:  # how full the batches were, how busy the search workers, and a batch's
+                        # time in the loaded server vs the same search alone in this process
                         (b0, n0, t0), (b1, n1, t1) = before, batcher_counters(srv)
                         row["mean_batch"] = round((b1 - b0) / max(n1 - n0, 1), 1)
                         row["batcher_busy"] = round((t1 - t0) / args.seconds, 2)
+                        row["server_ms_per_batch"] = round((t1 - t0) / max(n1 - n0, 1) * 1e3, 1)
+                        nq = max(1, round(row["mean_batch"]))
+                        row["in_process_ms_per_batch"] = round(float(np.median(
+                            [best_seconds(lambda: index.search(queries[:nq], args.k), 1) for _ in range(5)])) * 1e3, 1)
                     rows.append(row)
                     log.info("concurrency %d batching %s: %.1f QPS (%d failed)", conc, batching, qps[batching], failed)
                 rows.append({"measure": "throughput_ratio", "system": "batching on / off", "concurrency": conc,
