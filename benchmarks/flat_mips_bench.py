@@ -19,13 +19,13 @@ import numpy as np
 import torch
 
 from genrec.bench.report import provenance, random_unit, write_table
-from genrec.index.mips import SCORE_BLOCK_FLOATS, FlatMIPS
+from genrec.index.mips import FlatMIPS
 from genrec.retrieval.topk import chunked_topk
 
 
 def query_major(items: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The previous FlatMIPS scan: (nq, c) score chunks into one buffer, each cut by torch.topk."""
-    chunk = min(262144, max(1024, SCORE_BLOCK_FLOATS // len(q)))
+    """The previous FlatMIPS scan: (nq, c) score chunks of 2^20 floats into one buffer, each cut by torch.topk."""
+    chunk = min(262144, max(1024, (1 << 20) // len(q)))
     buffer = torch.empty(len(q) * min(chunk, len(items)))
 
     def score(start: int, end: int) -> torch.Tensor:
