@@ -104,6 +104,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from genrec.plots import save_figure
+
     keys = [("fwd_bwd_ms", "fwd+bwd ms")] + ([("peak_mib", "peak MiB")] if any(r["peak_mib"] != "" for r in rows) else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys):
@@ -116,9 +118,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -91,6 +91,8 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from genrec.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for threads in sorted({r["threads"] for r in rows}):
         pts = [r for r in rows if r["threads"] == threads]
@@ -102,9 +104,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
            title=f"exact flat MIPS, {meta['items']:,} x {meta['dim']}, k={meta['k']}, CPU")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

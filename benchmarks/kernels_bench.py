@@ -168,6 +168,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from genrec.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(7, 3.8))
     rows = [r for r in rows if r.get("best_config", True) or r["kernel"] != "stage1 scan"]  # the best scan variant per point
     labels = [f"{r['kernel']} {r['backend']}\n{r['items'] // 10**6}M {r['dtype']} b{r['batch']} K'{r['kprime']}" for r in rows]
@@ -178,9 +180,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("ms")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

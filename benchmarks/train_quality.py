@@ -54,6 +54,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from genrec.plots import save_figure
+
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     systems = list(dict.fromkeys(r["system"] for r in rows))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 3.6), squeeze=False)
@@ -67,9 +69,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{ds} (test, full corpus)")
         ax.grid(axis="y", alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -26,6 +26,11 @@ def learning_curve(history: list[dict], path: str | Path, title: str) -> Path:
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
     fig.suptitle(title)
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write ``fig`` as a PNG atomically (no half-written file on a crash) and close it."""
     fig.tight_layout()
     out = atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))
     plt.close(fig)

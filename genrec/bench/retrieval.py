@@ -251,6 +251,8 @@ def plot(rows: list[dict], path: Path, n: int, qps_batch: int | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from genrec.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     key = f"qps_b{qps_batch}" if qps_batch else None
@@ -271,9 +273,7 @@ def plot(rows: list[dict], path: Path, n: int, qps_batch: int | None) -> None:
            title=f"MoL retrieval vs MIPS, {n:,} items, {provenance()['device']}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -268,6 +268,8 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from genrec.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for n in dict.fromkeys(r["items"] for r in rows):
         for system in dict.fromkeys(r["system"] for r in rows if r["items"] == n):
@@ -277,9 +279,7 @@ def plot(rows: list[dict], path: Path) -> None:
            title=f"h-indexer vs bf16 MIPS, {provenance()['device']}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

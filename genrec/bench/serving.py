@@ -140,6 +140,8 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from genrec.plots import save_figure
+
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for system in ("grpc batching=off", "grpc batching=on"):
         pts = [(r["concurrency"], r["qps"]) for r in rows if r["measure"] == "throughput" and r["system"] == system]
@@ -150,9 +152,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
            title=f"gRPC Search, flat MIPS {meta['items']:,} x {meta['dim']}, {meta['device']}")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -186,6 +186,8 @@ def plot(samples: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from genrec.plots import save_figure
+
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     t = [r["t_s"] / 60 for r in samples]
     a.plot(t, [r["rss_mib"] for r in samples], marker=".", label="RSS MiB")
@@ -199,9 +201,7 @@ def plot(samples: list[dict], path: Path) -> None:
     b.set(xlabel="minutes", ylabel="requests (cumulative)", title="Search by status", yscale="symlog")
     b.legend(fontsize=8)
     b.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":
