@@ -19,7 +19,7 @@ class BatchingConfig:
     max_batch: int = 64       # queries coalesced into one search
     max_delay_ms: float = 1.0  # how long the first request of a batch waits for company
     queue_size: int = 256     # requests waiting; beyond it RESOURCE_EXHAUSTED
-    workers: int = 1          # threads taking batches from the queue (CPU: one per core, with threads: 1)
+    workers: int = 1          # threads taking batches from the queue (more only with cores to spare)
 
 
 @dataclass
