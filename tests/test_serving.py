@@ -318,9 +318,10 @@ def test_an_idle_batcher_searches_a_lone_request_in_its_rpc_thread_and_queues_th
 
 
 def test_batching_workers_search_side_by_side_and_all_stop_on_close():
-    """With two batching workers, two batches are searched at once: two 0.4 s searches (max_batch 1, so
-    they cannot share a batch) both return in well under the 0.8 s one worker would need; stop() ends
-    every worker thread."""
+    """workers: 2 gives two search slots, so two batches are searched at once: two 0.4 s searches
+    (max_batch 1, so they cannot share a batch) both return in well under the 0.8 s one slot would need.
+    Here both arrive while the batcher is idle, so both take the idle path in their RPC threads; what is
+    tested is the slot count the workers set. stop() ends every worker thread."""
     srv = start(ServeConfig(port=0, batching=BatchingConfig(max_batch=1, max_delay_ms=0, workers=2)))
     inner = install_slow(srv, 0.4)
     try:
