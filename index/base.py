@@ -58,5 +58,16 @@ class Index(ABC):
         r = self.search_with_certificate(queries, k, exclude=exclude, **params)
         return r.scores, r.ids
 
+    @property
+    def device(self) -> torch.device:
+        """Where searches run; results always come back as numpy arrays on the host."""
+        return torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> "Index":
+        """Moves the search-time arrays to ``device`` (kinds that can search there override this)."""
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"{self.kind} indexes search on the CPU only, not on {device}")
+        return self
+
     def _result(self, scores: torch.Tensor, rows: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> SearchResult:
         return SearchResult(scores.float().numpy(), self.idmap.external(rows).numpy(), exact.numpy(), bound.float().numpy())

@@ -17,6 +17,7 @@ from genrec.retrieval.topk import chunked_topk_columns, mask_excluded, select_to
 
 
 SCORE_BLOCK_FLOATS = 1 << 22  # one chunk's (width, c) score block: 16 MiB (measured best of 2^20..2^24 over nq 1-64; 32 MiB+ blocks fault in fresh pages each call)
+GPU_SCORE_BLOCK_FLOATS = 1 << 26  # on CUDA: 256 MiB blocks, so 100M items take ~400 chunks' launches at nq 1, not ~25,000
 
 
 def mm_width(nq: int) -> int:
@@ -52,25 +53,42 @@ class FlatMIPS(Index):
     def bytes_per_item(self) -> float:
         return self.dim * self.items.element_size() + 8
 
+    @property
+    def device(self) -> torch.device:
+        return self.items.device
+
+    def to(self, device: torch.device | str) -> "FlatMIPS":
+        """Moves the item embeddings to ``device``; searches then run there (ids stay on the host)."""
+        self.items = self.items.to(device)
+        return self
+
     @torch.no_grad()
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None) -> SearchResult:
-        q = validate_queries(queries, self.dim, k)
+        dev = self.items.device
+        q = validate_queries(queries, self.dim, k).to(dev)
         excl = self.idmap.exclude_rows(exclude, len(q))
+        if excl is not None:
+            excl = [e.to(dev) for e in excl]
 
-        nq, width = len(q), mm_width(len(q))
-        chunk = min(self.chunk_size, max(1024, SCORE_BLOCK_FLOATS // width))
+        if dev.type == "cuda":  # MKL's width quirk is a CPU matter; a GPU wants few, large chunks
+            nq = width = len(q)
+            chunk = max(1024, GPU_SCORE_BLOCK_FLOATS // width)
+        else:
+            nq, width = len(q), mm_width(len(q))
+            chunk = min(self.chunk_size, max(1024, SCORE_BLOCK_FLOATS // width))
         qt = q.T if width == nq else torch.cat([q, q.new_zeros(width - nq, q.shape[1])]).T
 
         def score(start: int, end: int, out: torch.Tensor) -> None:  # out: (end - start, width)
             torch.mm(self.items[start:end].float(), qt, out=out)
             mask_excluded(out.T, start, excl)
 
-        s, rows = chunked_topk_columns(score, self.ntotal, nq, k, chunk, dtype=q.dtype, width=width)
+        s, rows = chunked_topk_columns(score, self.ntotal, nq, k, chunk, dtype=q.dtype, device=dev, width=width)
+        s, rows = s.cpu(), rows.cpu()
         return self._result(s, rows, torch.ones(len(q), dtype=torch.bool), torch.full((len(q),), float("-inf")))
 
     def state(self) -> IndexState:
         return IndexState(self.kind, {"factory": "Flat", "chunk_size": self.chunk_size},
-                          {"ids": self.ids.numpy(), "items": self.items.contiguous().numpy()})
+                          {"ids": self.ids.numpy(), "items": self.items.contiguous().cpu().numpy()})
 
     @classmethod
     def from_state(cls, st: IndexState) -> "FlatMIPS":

@@ -108,6 +108,15 @@ class ShardedIndex:
             shards.append(load_index(d, verify, mmap)[0])
         return cls(shards)
 
+    @property
+    def device(self) -> torch.device:
+        return self.shards[0].device
+
+    def to(self, device: torch.device | str) -> "ShardedIndex":
+        """Moves every shard to ``device`` (each shard searches there; the merge runs on the host)."""
+        self.shards = [s.to(device) for s in self.shards]
+        return self
+
     def search_with_certificate(self, queries, k: int, exclude=None, **params) -> SearchResult:
         parts = [s.search_with_certificate(queries, k, exclude=exclude, **params) for s in self.shards]
         scores = torch.from_numpy(np.concatenate([p.scores for p in parts], 1))

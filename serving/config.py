@@ -11,6 +11,7 @@ class IndexEntry:
     path: str = ""            # an index version directory, or <root>/<name> to take its latest version
     verify: str = "full"      # full | size: checks run before the index is served
     mmap: bool = False        # False: read into RAM (faster scans); True: map from disk (indexes beyond RAM)
+    device: str = "cpu"       # where its searches run: cpu, cuda or cuda:N (flat and MoL h-indexer kinds, and shards of them)
 
 
 @dataclass

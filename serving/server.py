@@ -115,7 +115,7 @@ class RetrievalServer:
             log.info("broker over %s on %s:%d", ", ".join(self.cfg.broker.shards), self.cfg.host, self.port)
             return self
         for entry in self.cfg.indexes:
-            served = self.registry.load(entry.name, entry.path, entry.verify, entry.mmap)
+            served = self.registry.load(entry.name, entry.path, entry.verify, entry.mmap, entry.device)
             self.metrics.index_items.labels(served.name, served.version).set(served.index.ntotal)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d%s", ", ".join(self.registry.names()) or "no index", self.cfg.host, self.port,
@@ -126,7 +126,7 @@ class RetrievalServer:
         """Load the latest version of every configured index (SIGHUP); failures keep the old one."""
         for entry in self.cfg.indexes:
             try:
-                self.registry.load(entry.name, entry.path, entry.verify, entry.mmap)
+                self.registry.load(entry.name, entry.path, entry.verify, entry.mmap, entry.device)
             except Exception as e:  # noqa: BLE001
                 log.warning("reload of %s refused, old version keeps serving: %s", entry.name, e)
 

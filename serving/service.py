@@ -7,7 +7,7 @@ Status codes (the conventions gRPC users expect):
   RESOURCE_EXHAUSTED  request queue full (grpc itself: too many concurrent RPCs, oversize message)
   DEADLINE_EXCEEDED   deadline passed (a queued request is dropped before any compute)
   FAILED_PRECONDITION exact search on an approximate-only index; SearchByUser without an encoder;
-                      index format newer than this server
+                      index format newer than this server; LoadIndex onto a device this machine lacks
   DATA_LOSS           LoadIndex found a checksum / size mismatch (the old version keeps serving)
   UNAVAILABLE         the server is shutting down
   UNIMPLEMENTED       Rank when no ranking_checkpoint is configured
@@ -29,9 +29,9 @@ from genrec.retrieval.search import SearchResult
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
 from genrec.serving.batching import DynamicBatcher, Expired, Job, QueueFull, run_group
-from genrec.serving.config import ServeConfig
+from genrec.serving.config import IndexEntry, ServeConfig
 from genrec.serving.metrics import ServerMetrics
-from genrec.serving.registry import IndexRegistry, Served
+from genrec.serving.registry import IndexRegistry, PlacementError, Served
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
@@ -74,6 +74,8 @@ def decode_queries(request: pb.SearchRequest, index_dim: int, max_nq: int) -> np
 
 
 def load_error(e: Exception) -> ServiceError:
+    if isinstance(e, PlacementError):
+        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     if isinstance(e, IndexFormatError):
         code = {"missing": grpc.StatusCode.NOT_FOUND, "newer": grpc.StatusCode.FAILED_PRECONDITION}.get(
             e.reason, grpc.StatusCode.DATA_LOSS)
@@ -325,8 +327,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if verify not in ("full", "size"):
                 raise invalid(f"verify must be full or size, got {verify!r}")
             try:
-                mmap = next((e.mmap for e in self.cfg.indexes if e.name == request.index), False)
-                served = self.registry.load(request.index, request.path, verify, mmap)
+                entry = next((e for e in self.cfg.indexes if e.name == request.index), IndexEntry())
+                served = self.registry.load(request.index, request.path, verify, entry.mmap, entry.device)
             except Exception as e:  # noqa: BLE001 - the old version keeps serving
                 self.metrics.index_swaps.labels(request.index, "refused").inc()
                 log.warning("LoadIndex %s from %s refused: %s", request.index, request.path, e)

@@ -404,3 +404,27 @@ def test_hindexer_built_from_a_bf16_tensor_moves_between_devices_and_answers_the
     want_v = torch.topk(qq.to(torch.bfloat16) @ corpus.T, 20, dim=1).values
     torch.testing.assert_close(v.float(), want_v.float())
     torch.testing.assert_close((qq.to(torch.bfloat16) @ corpus.T).gather(1, i).float(), v.float())
+
+
+def test_flat_mips_searches_on_its_device_and_answers_as_on_the_host():
+    device = torch.device(__import__("os").environ.get("GENREC_TEST_DEVICE", "cpu"))
+    g = torch.Generator().manual_seed(5)
+    items, q = torch.randn(3000, 16, generator=g), torch.randn(9, 16, generator=g)
+    exclude = [[int(x) for x in torch.randint(0, 3000, (20,), generator=g)] for _ in range(9)]
+    host = FlatMIPS(items, np.arange(3000) * 3)
+    placed = FlatMIPS(items.clone(), np.arange(3000) * 3).to(device)
+    assert placed.device.type == device.type
+    for nq in (1, 9):
+        d0, i0 = host.search(q[:nq], 25, exclude=[[3 * x for x in e] for e in exclude[:nq]])
+        d1, i1 = placed.search(q[:nq], 25, exclude=[[3 * x for x in e] for e in exclude[:nq]])
+        assert isinstance(d1, np.ndarray) and isinstance(i1, np.ndarray)
+        np.testing.assert_array_equal(i1, i0)
+        np.testing.assert_allclose(d1, d0, rtol=1e-5, atol=1e-5)
+    assert placed.state().arrays["items"].shape == (3000, 16)  # saving reads the arrays back to the host
+
+
+def test_cpu_only_index_kinds_refuse_another_device():
+    faiss_index = FaissMIPS.build(np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32), "Flat")
+    assert faiss_index.to("cpu") is faiss_index and faiss_index.device.type == "cpu"
+    with pytest.raises(ValueError, match="mips-faiss indexes search on the CPU only, not on cuda"):
+        faiss_index.to("cuda")

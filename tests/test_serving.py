@@ -269,22 +269,32 @@ def test_a_request_whose_deadline_passes_in_the_queue_is_never_computed():
 
 
 def test_concurrent_requests_are_coalesced_into_one_search(index_root):
+    """Eight clients, connected first, send at once while a slow search holds the one search slot: the
+    requests that queue behind it are answered by one batched search, each with its own rows."""
     srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(index_root / "items" / "v1")),),
                             batching=BatchingConfig(max_batch=64, max_delay_ms=50)))
-    local = FlatMIPS(torch.from_numpy(unit(300, 1)), np.arange(300) + 1000)
+    install_slow(srv, 0.3)
+    local = FlatMIPS(torch.from_numpy(unit(100, 3)))
+    clients = [client_for(srv) for _ in range(8)]
     try:
+        for c in clients:
+            c.info("items")  # connected before the clock starts
         queries = [unit(1, 100 + i) for i in range(8)]
+        go = threading.Barrier(8)
 
-        def one(q):
-            with client_for(srv) as c:
-                return c.search_reply(q, 5, index="items", timeout=30)
+        def one(args):
+            c, q = args
+            go.wait(timeout=30)
+            return c.search_reply(q, 5, index="slow", timeout=30)
 
         with ThreadPoolExecutor(8) as pool:
-            replies = list(pool.map(one, queries))
+            replies = list(pool.map(one, zip(clients, queries)))
         assert max(r.timing.batch_size for r in replies) > 1
         for q, r in zip(queries, replies):
             np.testing.assert_array_equal(r.ids, local.search(q, 5)[1])
     finally:
+        for c in clients:
+            c.close()
         srv.stop(grace=1)
 
 
@@ -547,3 +557,54 @@ def test_indexes_are_read_into_ram_unless_mmap_is_asked_for(index_root, mmap):
     mapped = str(index_root / "items" / "v1" / "items.npy") in open("/proc/self/maps").read()
     assert mapped == mmap
     assert served.index.search(unit(2, 4), 3)[1].shape == (2, 3)
+
+
+
+TEST_DEVICE = __import__("os").environ.get("GENREC_TEST_DEVICE", "cpu")  # cuda on a GPU machine (gpu_session.sh)
+
+
+@pytest.fixture
+def flat_root(tmp_path):
+    """Flat indexes only (no faiss: this fixture also serves the GPU image, which has none)."""
+    root = tmp_path / "flat"
+    save_index(FlatMIPS(torch.from_numpy(unit(300, 1)), np.arange(300) + 1000), root, "items", "v1")
+    save_index(FlatMIPS(torch.from_numpy(unit(200, 2)), np.arange(200) + 5000), root, "items", "v2")
+    return root
+
+
+def test_an_index_entry_places_its_index_on_its_device_and_answers_as_on_the_host(flat_root):
+    cfg = ServeConfig(port=0, indexes=(IndexEntry("items", str(flat_root / "items" / "v1"), device=TEST_DEVICE),),
+                      batching=BatchingConfig(max_delay_ms=2.0))
+    srv = start(cfg)
+    try:
+        assert srv.registry.get("items").index.device.type == torch.device(TEST_DEVICE).type
+        q, exclude = unit(6, 11), [[1000, 1001], [], [], [1299], [], []]
+        with client_for(srv) as c:
+            r = c.search_reply(q, 15, exclude=exclude)
+            one = c.search_reply(q[:1], 15)
+    finally:
+        srv.stop(grace=1)
+    local = FlatMIPS(torch.from_numpy(unit(300, 1)), np.arange(300) + 1000)
+    for reply, (d, i) in ((r, local.search(q, 15, exclude=exclude)), (one, local.search(q[:1], 15))):
+        np.testing.assert_array_equal(reply.ids, i)
+        np.testing.assert_allclose(reply.scores, d, rtol=1e-5, atol=1e-6)
+
+
+def test_a_device_the_machine_lacks_is_refused_by_name_and_the_old_version_keeps_serving(index_root, monkeypatch):
+    from genrec.serving import registry as registry_module
+    from genrec.serving.registry import IndexRegistry, PlacementError
+
+    missing = "cuda:99" if torch.cuda.is_available() else "cuda"
+    registry = IndexRegistry(warmup_queries=1)
+    registry.load("items", index_root / "items" / "v1", "size")
+    for device, words in ((missing, "cuda"), ("meta", "cpu or cuda"), ("bogus", "not a device name")):
+        with pytest.raises(PlacementError, match=words):
+            registry.load("items", index_root / "items" / "v2", "size", device=device)
+    assert registry.get("items").version == "v1"
+    with pytest.raises(PlacementError, match="index 'items': device 'cuda"):
+        RetrievalServer(ServeConfig(port=0, indexes=(IndexEntry("items", str(index_root / "items" / "v1"), device=missing),))).start()
+    # a CPU-only kind (faiss) named onto a GPU that exists: pretend this machine has one
+    monkeypatch.setattr(registry_module, "resolve_device", lambda device: torch.device("cuda"))
+    with pytest.raises(PlacementError, match="index 'hnsw': mips-faiss indexes search on the CPU only"):
+        registry.load("hnsw", index_root / "hnsw", "size", device="cuda")
+    assert registry.get("hnsw") is None

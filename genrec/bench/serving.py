@@ -15,7 +15,7 @@ loopback, one with dynamic batching and one without. Measured:
 Clients (genrec.bench.load: separate processes, asyncio, no torch) and servers share the machine's
 cores, as a sidecar deployment would.
 
-    genrec bench serving [--items 200000] [--dim 64] [--seconds 5]
+    genrec bench serving [--items 200000] [--dim 64] [--seconds 5] [--device cuda]
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (both servers)")
     ap.add_argument("--batch-workers", type=int, default=1, help="batching workers (threads taking batches)")
+    ap.add_argument("--device", default="cpu", help="where the index searches (both servers and in-process): cpu, cuda")
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--stem", default="serving")
     args = ap.parse_args(argv)
@@ -65,11 +66,11 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = save_index(FlatMIPS(torch.from_numpy(items)), tmp, "bench", "v1")
-        index = FlatMIPS(torch.from_numpy(items))
+        index = FlatMIPS(torch.from_numpy(items)).to(args.device)
         limits = LimitsConfig(max_concurrent_rpcs=1024, workers=max(args.concurrency) + 8)
         servers = {}
         for batching in (False, True):
-            cfg = ServeConfig(port=0, indexes=(IndexEntry("bench", str(path), "size"),), limits=limits,
+            cfg = ServeConfig(port=0, indexes=(IndexEntry("bench", str(path), "size", device=args.device),), limits=limits,
                               batching=BatchingConfig(enabled=batching, max_batch=args.max_batch,
                                                       max_delay_ms=args.max_delay_ms, queue_size=4096,
                                                       workers=args.batch_workers))
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 srv.stop(grace=1)
     meta = {**provenance(), "threads": args.threads, "items": args.items, "dim": args.dim, "k": args.k,
             "index": "flat MIPS (exact)", "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
-            "batch_workers": args.batch_workers,
+            "batch_workers": args.batch_workers, "index_device": args.device,
             "note": "clients and servers on the same machine; loopback gRPC"}
     md = write_table(rows, args.out_dir, args.stem, meta)
     plot(rows, Path(args.out_dir) / f"{args.stem}.png", meta)
