@@ -80,8 +80,8 @@ if [ -d "$REPO/.whl" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/serving_site "$REPO"/.whl/*.whl \
     && SERVING_PATH="/tmp/serving_site:$SITE"
 fi
-PYTHONPATH=${SERVING_PATH:-$SITE} GENREC_TEST_DEVICE=$TEST_DEVICE step serving_tests 60 $PY -m pytest -q -p no:cacheprovider \
-  tests/test_serving.py -k "places_its_index" -rA
+PYTHONPATH=${SERVING_PATH:-$SITE} GENREC_TEST_DEVICE=$TEST_DEVICE step serving_tests 120 $PY -m pytest -q -p no:cacheprovider \
+  tests/test_serving.py -k "places_its_index or search_by_user or rank_over_grpc" -rA
 PYTHONPATH=${SERVING_PATH:-$SITE} step serving 150 $PY -m genrec.bench.serving $SV --device $TEST_DEVICE --out-dir "$WORK" --stem serving_gpu
 echo "== done in $(( $(date +%s) - T0 ))s"
 ls -la "$WORK"

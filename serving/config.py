@@ -57,6 +57,7 @@ class ServeConfig:
     default_index: str = ""    # "" = the first entry
     encoder_checkpoint: str = ""  # for SearchByUser; "" = that method answers FAILED_PRECONDITION
     ranking_checkpoint: str = ""  # a task: ranking run's checkpoint, for Rank; "" = UNIMPLEMENTED
+    model_device: str = "cpu"  # where the encoder and the ranker run: cpu, cuda or cuda:N
     rank_microbatch: int = 256
     max_candidates: int = 10000
     batching: BatchingConfig = field(default_factory=BatchingConfig)

@@ -7,16 +7,20 @@ import torch
 
 from genrec.checkpoint import load_checkpoint
 from genrec.retrieval.ids import IdMap
+from genrec.serving.registry import resolve_device
 
 
 class Ranker:
-    def __init__(self, checkpoint: str):
+    """The ranking stage of a ``task: ranking`` checkpoint, run on ``device`` (cpu, cuda, cuda:N)."""
+
+    def __init__(self, checkpoint: str, device: str = "cpu"):
         from genrec.ranking_training import ranking_model_from_checkpoint
 
+        self.device = resolve_device(device)
         state = load_checkpoint(checkpoint)
         if "ranking_head" not in state:
             raise ValueError(f"{checkpoint}: not a ranking checkpoint (train with task: ranking)")
-        self.model = ranking_model_from_checkpoint(state)
+        self.model = ranking_model_from_checkpoint(state).to(self.device)
         raw = np.asarray(state["item_ids"], dtype=np.int64)
         self.items = IdMap(raw, len(raw))  # row r <-> model item id r + 1
         self.max_history = self.model.encoder.max_len - 1
@@ -41,7 +45,10 @@ class Ranker:
         scores = torch.full((len(candidates),), float("-inf"))
         ratings = torch.full((len(candidates),), float("nan"))
         if bool(known.any()):
-            out = self.model.score(hist, c_rows[known] + 1, ts, request_time, microbatch, history_ratings=hist_ratings)
+            dev = self.device
+            out = self.model.score(hist.to(dev), (c_rows[known] + 1).to(dev), None if ts is None else ts.to(dev),
+                                   request_time, microbatch,
+                                   history_ratings=None if hist_ratings is None else hist_ratings.to(dev)).cpu()
             scores[known], ratings[known] = out[:, 0], out[:, 1] * 5.0
         unknown = [int(x) for x, ok in zip(history, keep.tolist()) if not ok]
         unknown += [int(x) for x, ok in zip(candidates, known.tolist()) if not ok]

@@ -60,12 +60,12 @@ class RetrievalServer:
         if cfg.encoder_checkpoint:
             from genrec.serving.user_encoder import UserEncoder
 
-            encoder = UserEncoder(cfg.encoder_checkpoint)
+            encoder = UserEncoder(cfg.encoder_checkpoint, cfg.model_device)
         ranker = None
         if cfg.ranking_checkpoint:
             from genrec.serving.ranker import Ranker
 
-            ranker = Ranker(cfg.ranking_checkpoint)
+            ranker = Ranker(cfg.ranking_checkpoint, cfg.model_device)
         if cfg.role == "broker":
             from genrec.serving.broker import BrokerService
 

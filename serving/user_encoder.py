@@ -9,6 +9,7 @@ import torch
 
 from genrec.checkpoint import load_checkpoint, model_from_checkpoint
 from genrec.retrieval.ids import IdMap
+from genrec.serving.registry import resolve_device
 
 
 @dataclass
@@ -20,11 +21,14 @@ class EncodedUsers:
 
 class UserEncoder:
     """Unknown item ids are skipped (and reported); a history with no known item is an error, since
-    there is nothing to encode. Histories longer than the model's max_len keep their most recent part."""
+    there is nothing to encode. Histories longer than the model's max_len keep their most recent part.
+    The model runs on ``device`` (cpu, cuda, cuda:N); states come back as host arrays."""
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, device: str = "cpu"):
+        self.device = resolve_device(device)  # before reading the checkpoint: a wrong device fails fast
         state = load_checkpoint(checkpoint)
         self.model, self.cfg = model_from_checkpoint(state)
+        self.model.to(self.device)
         raw = np.asarray(state["item_ids"], dtype=np.int64)
         self.items = IdMap(raw, len(raw))  # row r <-> model item id r + 1 (0 is padding)
         self.dim = self.cfg.model.item_emb_dim
@@ -50,10 +54,12 @@ class UserEncoder:
                 times.append(ts)
                 next_times.append(np.append(ts[1:], qt))
             offsets.append(offsets[-1] + len(ids))
-        flat = torch.from_numpy(np.concatenate(items))
+        dev = self.device
+        flat = torch.from_numpy(np.concatenate(items)).to(dev)
         off = torch.tensor(offsets, dtype=torch.int64)
-        ts = torch.from_numpy(np.concatenate(times)) if timestamps is not None else None
-        nts = torch.from_numpy(np.concatenate(next_times)) if timestamps is not None else None
+        ts = torch.from_numpy(np.concatenate(times)).to(dev) if timestamps is not None else None
+        nts = torch.from_numpy(np.concatenate(next_times)).to(dev) if timestamps is not None else None
         max_len = int((off[1:] - off[:-1]).max())
+        off = off.to(dev)
         states = self.model(flat, off, max_len, ts, nts)[off[1:] - 1]
-        return EncodedUsers(states.float().numpy(), known, unknown)
+        return EncodedUsers(states.float().cpu().numpy(), known, unknown)

@@ -2,6 +2,7 @@
 Every loop here is bounded in count and time."""
 
 import json
+import os
 import threading
 import time
 import urllib.request
@@ -25,6 +26,7 @@ from genrec.serving.server import RetrievalServer
 from genrec.serving.service import SERVICE_NAME
 
 DIM = 8
+TEST_DEVICE = os.environ.get("GENREC_TEST_DEVICE", "cpu")  # where served indexes and models run (cuda: gpu_session.sh)
 
 
 def unit(n, seed):
@@ -380,8 +382,8 @@ def test_search_by_user_encodes_the_history_server_side(tmp_path, tiny_synthetic
     items = enc.model.item_embeddings()[1:].detach()
     raw_ids = enc.items.ids.numpy()
     save_index(FlatMIPS(items, raw_ids), tmp_path / "idx", "items", "v1")
-    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(tmp_path / "idx" / "items")),),
-                            encoder_checkpoint=str(ckpt)))
+    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(tmp_path / "idx" / "items"), device=TEST_DEVICE),),
+                            encoder_checkpoint=str(ckpt), model_device=TEST_DEVICE))
     try:
         history = [int(raw_ids[3]), int(raw_ids[7]), 999999, int(raw_ids[11])]
         with client_for(srv) as c:
@@ -412,8 +414,8 @@ def test_search_by_user_encodes_the_history_server_side(tmp_path, tiny_synthetic
     rank_ckpt = save_checkpoint(tmp_path / "rank.pt", model.encoder, cfg, raw_ids, ranking_head=model.head.state_dict(),
                                 ranking_item_bias=model.item_bias.state_dict(),
                                 ranking_retrieval_weight=model.retrieval_weight.detach())
-    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(tmp_path / "idx" / "items")),),
-                            encoder_checkpoint=str(ckpt), ranking_checkpoint=str(rank_ckpt)))
+    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(tmp_path / "idx" / "items"), device=TEST_DEVICE),),
+                            encoder_checkpoint=str(ckpt), ranking_checkpoint=str(rank_ckpt), model_device=TEST_DEVICE))
     try:
         with client_for(srv) as c:
             r = c.search_by_user(history, 10, rerank=30)
@@ -488,7 +490,7 @@ def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cf
     ckpt = save_checkpoint(tmp_path / "rank.pt", model.encoder, cfg, raw, ranking_head=model.head.state_dict(),
                            ranking_item_bias=model.item_bias.state_dict(),
                            ranking_retrieval_weight=model.retrieval_weight.detach(), **extra)
-    srv = start(ServeConfig(port=0, ranking_checkpoint=str(ckpt), rank_microbatch=4))
+    srv = start(ServeConfig(port=0, ranking_checkpoint=str(ckpt), rank_microbatch=4, model_device=TEST_DEVICE))
     try:
         hist_rows, cand_rows = [3, 9, 27, 41], [5, 12, 12, 60, 33, 2, 8, 19, 44]
         ts, stars = [1000, 2000, 2600, 9000], [5.0, 1.0, 3.5, 4.0]
@@ -560,9 +562,6 @@ def test_indexes_are_read_into_ram_unless_mmap_is_asked_for(index_root, mmap):
 
 
 
-TEST_DEVICE = __import__("os").environ.get("GENREC_TEST_DEVICE", "cpu")  # cuda on a GPU machine (gpu_session.sh)
-
-
 @pytest.fixture
 def flat_root(tmp_path):
     """Flat indexes only (no faiss: this fixture also serves the GPU image, which has none)."""
@@ -603,6 +602,9 @@ def test_a_device_the_machine_lacks_is_refused_by_name_and_the_old_version_keeps
     assert registry.get("items").version == "v1"
     with pytest.raises(PlacementError, match="index 'items': device 'cuda"):
         RetrievalServer(ServeConfig(port=0, indexes=(IndexEntry("items", str(index_root / "items" / "v1"), device=missing),))).start()
+    for models in ({"encoder_checkpoint": "never-read.pt"}, {"ranking_checkpoint": "never-read.pt"}):
+        with pytest.raises(PlacementError, match=f"device '{missing}' asked for"):
+            RetrievalServer(ServeConfig(port=0, model_device=missing, **models))
     # a CPU-only kind (faiss) named onto a GPU that exists: pretend this machine has one
     monkeypatch.setattr(registry_module, "resolve_device", lambda device: torch.device("cuda"))
     with pytest.raises(PlacementError, match="index 'hnsw': mips-faiss indexes search on the CPU only"):
