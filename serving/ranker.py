@@ -7,7 +7,7 @@ import torch
 
 from genrec.checkpoint import load_checkpoint
 from genrec.retrieval.ids import IdMap
-from genrec.serving.registry import resolve_device
+from genrec.serving.placement import resolve_device
 
 
 class Ranker:

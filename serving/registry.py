@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from genrec.index.storage import MANIFEST, latest_version, load_index
+from genrec.serving.placement import PlacementError, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +35,6 @@ def resolve_path(path: str | Path) -> Path:
     if (p / MANIFEST).is_file() or not p.is_dir():
         return p
     return latest_version(p.parent, p.name)
-
-
-class PlacementError(ValueError):
-    """An index cannot be placed on the device its entry names (bad name, no such device, CPU-only kind)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    """A config's device string ("cpu", "cuda", "cuda:1") -> a torch.device that exists on this machine."""
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise PlacementError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise PlacementError(f"device {device!r} asked for, but this machine has no CUDA device torch can use")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise PlacementError(f"device {device!r} asked for, but only {torch.cuda.device_count()} CUDA device(s) exist")
-    elif dev.type != "cpu":
-        raise PlacementError(f"device {device!r}: indexes are served on cpu or cuda")
-    return dev
 
 
 def warm_up(index, count: int, seed: int = 0) -> None:

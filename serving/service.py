@@ -31,7 +31,8 @@ from genrec.serving import genrec_pb2_grpc as pb_grpc
 from genrec.serving.batching import DynamicBatcher, Expired, Job, QueueFull, run_group
 from genrec.serving.config import IndexEntry, ServeConfig
 from genrec.serving.metrics import ServerMetrics
-from genrec.serving.registry import IndexRegistry, PlacementError, Served
+from genrec.serving.placement import PlacementError
+from genrec.serving.registry import IndexRegistry, Served
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name

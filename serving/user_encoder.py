@@ -9,7 +9,7 @@ import torch
 
 from genrec.checkpoint import load_checkpoint, model_from_checkpoint
 from genrec.retrieval.ids import IdMap
-from genrec.serving.registry import resolve_device
+from genrec.serving.placement import resolve_device
 
 
 @dataclass

@@ -591,12 +591,13 @@ def test_an_index_entry_places_its_index_on_its_device_and_answers_as_on_the_hos
 
 def test_a_device_the_machine_lacks_is_refused_by_name_and_the_old_version_keeps_serving(index_root, monkeypatch):
     from genrec.serving import registry as registry_module
-    from genrec.serving.registry import IndexRegistry, PlacementError
+    from genrec.serving.placement import PlacementError
+    from genrec.serving.registry import IndexRegistry
 
     missing = "cuda:99" if torch.cuda.is_available() else "cuda"
     registry = IndexRegistry(warmup_queries=1)
     registry.load("items", index_root / "items" / "v1", "size")
-    for device, words in ((missing, "cuda"), ("meta", "cpu or cuda"), ("bogus", "not a device name")):
+    for device, words in ((missing, "cuda"), ("meta", "serves on cpu or cuda"), ("bogus", "not a device name")):
         with pytest.raises(PlacementError, match=words):
             registry.load("items", index_root / "items" / "v2", "size", device=device)
     assert registry.get("items").version == "v1"
