@@ -138,7 +138,7 @@ class BrokerService(pb_grpc.RetrievalServicer):
             infos = [stub.GetIndexInfo(request, timeout=self.cfg.broker.shard_timeout_s) for stub in self.stubs]
             return pb.IndexInfo(index=infos[0].index, kind="broker", count=sum(i.count for i in infos), dim=infos[0].dim,
                                 version=",".join(f"{t}@{i.version}" for t, i in zip(self.shards, infos)),
-                                indexes=infos[0].indexes)
+                                indexes=infos[0].indexes, device=",".join(f"{t}@{i.device}" for t, i in zip(self.shards, infos)))
 
         return self._call("GetIndexInfo", context, run)
 

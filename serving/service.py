@@ -315,7 +315,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def _info(self, served: Served) -> pb.IndexInfo:
         return pb.IndexInfo(index=served.name, version=served.version, kind=served.manifest.get("kind", ""),
                             count=served.index.ntotal, dim=served.index.dim, path=served.path,
-                            manifest_json=json.dumps(served.manifest, sort_keys=True), indexes=self.registry.names())
+                            manifest_json=json.dumps(served.manifest, sort_keys=True), indexes=self.registry.names(),
+                            device=str(served.index.device))
 
     def GetIndexInfo(self, request, context):
         return self._call("GetIndexInfo", context, lambda: self._info(self._served(request.index, "")))

@@ -60,6 +60,7 @@ def test_broker_merges_shards_into_the_single_server_answer(cluster):
         np.testing.assert_allclose(got.scores, want.scores, rtol=1e-6)
         assert got.exact.all() and not got.failed_shards
         assert info.count == N and info.kind == "broker" and info.version.count("@v1") == SHARDS
+        assert info.device.count("@cpu") == SHARDS
     finally:
         broker.stop(grace=0.5)
 

@@ -95,7 +95,7 @@ def test_search_over_grpc_equals_the_in_process_api_and_is_deterministic(server,
     np.testing.assert_allclose(r.scores, d, rtol=1e-6)
     np.testing.assert_array_equal(again.ids, r.ids)
     assert r.version == "v1" and r.exact.all() and r.timing.total_ms > 0 and r.timing.batch_size >= 5
-    assert (info.count, info.dim, info.version, info.kind) == (300, DIM, "v1", "mips")
+    assert (info.count, info.dim, info.version, info.kind, info.device) == (300, DIM, "v1", "mips", "cpu")
     assert sorted(info.indexes) == ["hnsw", "items"]
 
 
@@ -581,6 +581,7 @@ def test_an_index_entry_places_its_index_on_its_device_and_answers_as_on_the_hos
         with client_for(srv) as c:
             r = c.search_reply(q, 15, exclude=exclude)
             one = c.search_reply(q[:1], 15)
+            assert c.info("items").device.split(":")[0] == torch.device(TEST_DEVICE).type
     finally:
         srv.stop(grace=1)
     local = FlatMIPS(torch.from_numpy(unit(300, 1)), np.arange(300) + 1000)
