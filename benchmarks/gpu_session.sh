@@ -74,8 +74,8 @@ step attention8k 50 $PY "$REPO/benchmarks/attention_bench.py" $ATB --out-dir "$W
 step scale10m 60 $PY -m genrec.bench.retrieval_scale $S10 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_10m_gpu
 step topk 40 $PY "$REPO/benchmarks/kernels_bench.py" $TK --out-dir "$WORK" --stem kernels_topk_gpu
 # Serving from the GPU: the image's grpcio/protobuf are older than the committed generated code wants, so
-# carry .whl (grpcio, protobuf, grpcio-health-checking, grpcio-reflection for cp312; fetch: README's
-# "GPU session" notes) and name it in the run's carry list. Without .whl the step fails at import.
+# carry .whl (grpcio, protobuf, grpcio-health-checking, grpcio-reflection for cp312; the fetch command is at
+# the top of this script) and name it in the run's carry list. Without .whl these steps fail at import.
 if [ -d "$REPO/.whl" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/serving_site "$REPO"/.whl/*.whl \
     && SERVING_PATH="/tmp/serving_site:$SITE"
