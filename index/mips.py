@@ -70,11 +70,12 @@ class FlatMIPS(Index):
         if excl is not None:
             excl = [e.to(dev) for e in excl]
 
+        nq = len(q)
         if dev.type == "cuda":  # MKL's width quirk is a CPU matter; a GPU wants few, large chunks
-            nq = width = len(q)
+            width = nq
             chunk = max(1024, GPU_SCORE_BLOCK_FLOATS // width)
         else:
-            nq, width = len(q), mm_width(len(q))
+            width = mm_width(nq)
             chunk = min(self.chunk_size, max(1024, SCORE_BLOCK_FLOATS // width))
         qt = q.T if width == nq else torch.cat([q, q.new_zeros(width - nq, q.shape[1])]).T
 
