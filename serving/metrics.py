@@ -21,8 +21,19 @@ class ServerMetrics:
         self.expired = Counter("genrec_expired_skipped", "requests dropped unserved because their deadline passed", registry=r)
         self.searched_queries = Counter("genrec_searched_queries", "queries actually computed", registry=r)
         self.queue_depth = Gauge("genrec_queue_depth", "requests waiting for the batcher", registry=r)
-        self.index_items = Gauge("genrec_index_items", "items in the active version", ["index", "version"], registry=r)
+        self.index_items = Gauge("genrec_index_items", "items in the active version (one series per index)",
+                                 ["index", "version", "device"], registry=r)
         self.index_swaps = Counter("genrec_index_loads", "index loads by outcome", ["index", "outcome"], registry=r)
+        self._index_series: dict[str, tuple[str, str, str]] = {}
+
+    def index_active(self, name: str, version: str, device: str, items: int) -> None:
+        """Report the active version of an index, dropping the series of the version it replaced."""
+        labels = (name, version, device)
+        old = self._index_series.get(name)
+        if old is not None and old != labels:
+            self.index_items.remove(*old)
+        self._index_series[name] = labels
+        self.index_items.labels(*labels).set(items)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics endpoint; returns the bound port (port 0 = any free one)."""

@@ -116,7 +116,7 @@ class RetrievalServer:
             return self
         for entry in self.cfg.indexes:
             served = self.registry.load(entry.name, entry.path, entry.verify, entry.mmap, entry.device)
-            self.metrics.index_items.labels(served.name, served.version).set(served.index.ntotal)
+            self.metrics.index_active(served.name, served.version, str(served.index.device), served.index.ntotal)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d%s", ", ".join(self.registry.names()) or "no index", self.cfg.host, self.port,
                  f" (metrics on :{self.metrics_port})" if self.metrics_port else "")

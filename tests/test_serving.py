@@ -165,7 +165,7 @@ def test_health_reflection_and_metrics_answer_generic_clients(server):
         c.search(unit(2, 5), 3, index="items")
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     assert 'genrec_requests_total{code="OK",method="Search"}' in text
-    assert 'genrec_index_items{index="items",version="v1"} 300.0' in text
+    assert 'genrec_index_items{device="cpu",index="items",version="v1"} 300.0' in text
     assert "genrec_latency_seconds_bucket" in text and "genrec_batch_queries_count" in text
     busy = server.metrics.registry.get_sample_value("genrec_batcher_busy_seconds_total")
     assert busy is not None and busy > 0 and "genrec_batcher_busy_seconds_total" in text
@@ -225,6 +225,10 @@ def test_hot_swap_under_load_never_fails_and_answers_match_the_reported_version(
     assert not failures and {"v1", "v2"} <= set(seen)
     with client_for(server) as c:
         assert c.info("items").version == "v1"  # the refused v3 never replaced it
+    # the size gauge has one series per index, the active version's: v2's went when v1 came back
+    gauge = lambda v: server.metrics.registry.get_sample_value(  # noqa: E731
+        "genrec_index_items", {"index": "items", "version": v, "device": "cpu"})
+    assert gauge("v1") == 300 and gauge("v2") is None and gauge("v3") is None
 
 
 def test_overload_beyond_the_queue_is_refused_fast_and_nothing_hangs(index_root):
@@ -581,7 +585,10 @@ def test_an_index_entry_places_its_index_on_its_device_and_answers_as_on_the_hos
         with client_for(srv) as c:
             r = c.search_reply(q, 15, exclude=exclude)
             one = c.search_reply(q[:1], 15)
-            assert c.info("items").device.split(":")[0] == torch.device(TEST_DEVICE).type
+            info = c.info("items")
+            assert info.device.split(":")[0] == torch.device(TEST_DEVICE).type
+        assert srv.metrics.registry.get_sample_value(
+            "genrec_index_items", {"index": "items", "version": "v1", "device": info.device}) == 300
     finally:
         srv.stop(grace=1)
     local = FlatMIPS(torch.from_numpy(unit(300, 1)), np.arange(300) + 1000)
