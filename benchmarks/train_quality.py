@@ -99,6 +99,10 @@ def main() -> None:
             ensure_ml100k()
         systems = ({name: (CONFIGS[ds]["hstu"], extra) for name, extra in MOL_SYSTEMS.items()} if args.mol else
                    {enc: (path, [f"model.encoder={enc}"]) for enc, path in CONFIGS[ds].items()})
+        if args.systems:
+            systems = {name: spec for name, spec in systems.items() if name in args.systems}
+            if not systems:
+                raise SystemExit(f"--systems {args.systems}: none of {ds}'s systems")
         for seed in seeds:
             popularity = None
             for encoder, (cfg_path, extra) in systems.items():

@@ -75,7 +75,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from genrec.config import apply_overrides, from_dict
     from genrec.data.sequences import leave_one_out
     from genrec.data.source import load_dataset
-    from genrec.evaluation import evaluate_model, evaluate_popularity, format_metrics_table
+    import torch
+
+    from genrec.evaluation import evaluate_popularity, format_metrics_table, model_target_ranks, per_user_rank_rows
+    from genrec.io import atomic_write_csv
+    from genrec.retrieval.metrics import metrics_from_ranks
     from genrec.training import select_device
 
     state = load_checkpoint(args.checkpoint)
@@ -88,8 +92,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     split = leave_one_out(ds)
     ks = tuple(cfg.eval.ks)
     similarity = similarity_from_checkpoint(state, device)
-    rows = {cfg.model.encoder: evaluate_model(model, ds, split, args.stage, ks, cfg.eval.batch_size, cfg.eval.exclude_history,
-                                              similarity=similarity),
+    users, ranks = model_target_ranks(model, ds, split, args.stage, cfg.eval.batch_size, cfg.eval.exclude_history,
+                                      similarity=similarity)
+    if args.ranks_out:
+        atomic_write_csv(args.ranks_out, per_user_rank_rows(ds, args.stage, users, ranks))
+    rows = {cfg.model.encoder: metrics_from_ranks(torch.from_numpy(ranks), ks),
             "popularity": evaluate_popularity(ds, split, args.stage, ks, exclude_history=cfg.eval.exclude_history)}
     print(json.dumps(rows, indent=2) if args.json else format_metrics_table(rows, ks))
     return 0
@@ -284,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--stage", choices=["valid", "test"], default="test")
     ev.add_argument("--json", action="store_true")
+    ev.add_argument("--ranks-out", metavar="CSV", help="also write each user's target rank (user, target, rank; 1 = first), "
+                                                        "e.g. for paired comparisons of two models")
     _add_overrides(ev)
     ev.set_defaults(func=cmd_eval)
 

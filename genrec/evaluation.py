@@ -21,10 +21,14 @@ def _mask_history(scores: torch.Tensor, batch: SequenceBatch) -> None:
 
 
 @torch.no_grad()
-def evaluate_model(model: SequentialEncoder, ds: SequenceDataset, split: Split, stage: str, ks: tuple[int, ...],
-                   batch_size: int = 256, exclude_history: bool = True, device: torch.device | None = None,
-                   similarity=None) -> dict[str, float]:
-    """HR@k, NDCG@k (k in ks) and MRR over all evaluation users, ranking the full item corpus."""
+def model_target_ranks(model: SequentialEncoder, ds: SequenceDataset, split: Split, stage: str, batch_size: int = 256,
+                       exclude_history: bool = True, device: torch.device | None = None,
+                       similarity=None) -> tuple[np.ndarray, np.ndarray]:
+    """Rank of each evaluation user's held-out target over the full item corpus.
+
+    Returns (users, ranks): users int64 (U,) internal user indices (``split.eval_users``), ranks int64 (U,)
+    0-based (0 = the target scored first; ties broken by smaller item id), history excluded unless told.
+    """
     device = device or next(model.parameters()).device
     similarity = similarity or DotProductSimilarity()
     was_training = model.training
@@ -47,7 +51,23 @@ def evaluate_model(model: SequentialEncoder, ds: SequenceDataset, split: Split, 
     model.train(was_training)
     if sim_was_training:
         similarity.train()
-    return metrics_from_ranks(torch.cat(ranks), ks)
+    return np.asarray(split.eval_users, dtype=np.int64), torch.cat(ranks).numpy()
+
+
+def evaluate_model(model: SequentialEncoder, ds: SequenceDataset, split: Split, stage: str, ks: tuple[int, ...],
+                   batch_size: int = 256, exclude_history: bool = True, device: torch.device | None = None,
+                   similarity=None) -> dict[str, float]:
+    """HR@k, NDCG@k (k in ks) and MRR over all evaluation users, ranking the full item corpus."""
+    _, ranks = model_target_ranks(model, ds, split, stage, batch_size, exclude_history, device, similarity)
+    return metrics_from_ranks(torch.from_numpy(ranks), ks)
+
+
+def per_user_rank_rows(ds: SequenceDataset, stage: str, users: np.ndarray, ranks: np.ndarray) -> list[dict]:
+    """One row per evaluation user: raw user id, raw id of the held-out target, its 1-based rank."""
+    target_pos = ds.offsets[users + 1] - (2 if stage == "valid" else 1)
+    targets = ds.items[target_pos]
+    return [{"user": ds.user_ids[u].item(), "target": ds.item_ids[t - 1].item(), "rank": int(r) + 1}
+            for u, t, r in zip(users, targets, ranks)]
 
 
 def evaluate_popularity(ds: SequenceDataset, split: Split, stage: str, ks: tuple[int, ...],

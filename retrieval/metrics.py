@@ -1,7 +1,9 @@
-"""Full-corpus ranking metrics: HR@k, NDCG@k, MRR from the rank of each held-out target."""
+"""Full-corpus ranking metrics: HR@k, NDCG@k, MRR from the rank of each held-out target; per-user values and a
+paired bootstrap to compare two systems on the same users; recall of approximate top-k lists."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -27,6 +29,41 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] | list[int]) -> 
         out[f"ndcg@{k}"] = torch.where(hit, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r)).mean().item()
     out["mrr"] = (1.0 / (r + 1.0)).mean().item()
     return out
+
+
+def per_user_metric(ranks, metric: str):
+    """Each user's contribution to a metric: ranks (U,) 0-based int array -> float64 (U,) array whose mean is
+    ``metrics_from_ranks(ranks)[metric]``; metric is "hr@k", "ndcg@k" or "mrr"."""
+    r = np.asarray(ranks, dtype=np.float64)
+    name, _, k = metric.partition("@")
+    if metric == "mrr":
+        return 1.0 / (r + 1.0)
+    if name in ("hr", "ndcg") and k.isdigit():
+        hit = r < int(k)
+        return hit.astype(np.float64) if name == "hr" else np.where(hit, 1.0 / np.log2(r + 2.0), 0.0)
+    raise ValueError(f"unknown metric {metric!r}: expected hr@k, ndcg@k or mrr")
+
+
+def paired_bootstrap(a, b, num_resamples: int = 10_000, seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """Mean of a - b over paired units (users) with a percentile bootstrap interval over the units.
+
+    a, b: float (U,) per-user values of two systems on the same users in the same order. Returns delta (the
+    observed mean difference), lo / hi (the ``level`` interval) and p (two-sided: twice the smaller share of
+    resampled means on either side of zero, capped at 1).
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.ndim != 1 or a.shape != b.shape or len(a) == 0:
+        raise ValueError(f"need two equal-length non-empty 1-D arrays, got shapes {a.shape} and {b.shape}")
+    d = a - b
+    rng = np.random.default_rng(seed)
+    means = np.empty(num_resamples)
+    for lo in range(0, num_resamples, 1000):  # bounded memory: 1000 x U indices at a time
+        n = min(1000, num_resamples - lo)
+        means[lo : lo + n] = d[rng.integers(0, len(d), size=(n, len(d)))].mean(axis=1)
+    tail = (1.0 - level) / 2.0
+    p = min(1.0, 2.0 * min((means <= 0).mean(), (means >= 0).mean()))
+    return {"delta": float(d.mean()), "lo": float(np.quantile(means, tail)), "hi": float(np.quantile(means, 1 - tail)),
+            "p": float(p)}
 
 
 def recall_at(approx, exact, k: int) -> float:

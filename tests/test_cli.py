@@ -27,9 +27,18 @@ def test_cli_end_to_end_on_tiny_data(tmp_path):
     assert "| hstu |" in r.stdout and "| popularity |" in r.stdout
     ckpt = tmp_path / "runs" / "t" / "checkpoint_best.pt"
     assert ckpt.is_file() and (tmp_path / "runs" / "t" / "config.yaml").is_file()
-    r = genrec("eval", "--checkpoint", str(ckpt), "--json", cwd=tmp_path)
+    r = genrec("eval", "--checkpoint", str(ckpt), "--json", "--ranks-out", "ranks.csv", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert set(json.loads(r.stdout)) == {"hstu", "popularity"}
+    table = json.loads(r.stdout)
+    assert set(table) == {"hstu", "popularity"}
+    with open(tmp_path / "ranks.csv") as f:
+        ranks = list(csv.DictReader(f))
+    # one row per user, the raw ids of u.data, the last event as the target; the ranks give the printed metrics
+    assert sorted(int(r["user"]) for r in ranks) == list(range(1, 41))
+    last = {u: line.split("\t")[1] for u, line in ((int(x.split("\t")[0]), x) for x in lines)}
+    assert all(r["target"] == last[int(r["user"])] for r in ranks)
+    assert np.mean([int(r["rank"]) <= 10 for r in ranks]) == pytest.approx(table["hstu"]["hr@10"])
+    assert np.mean([1 / int(r["rank"]) for r in ranks]) == pytest.approx(table["hstu"]["mrr"])
     r = genrec("embed", "--checkpoint", str(ckpt), "--out", "items.npy", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     emb, ids = np.load(tmp_path / "items.npy"), np.load(tmp_path / "items.ids.npy")
