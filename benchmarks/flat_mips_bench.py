@@ -1,12 +1,15 @@
-"""Exact flat MIPS search on CPU: the FlatMIPS path vs the query-major scan it replaced, side by side.
+"""Exact flat MIPS search: the FlatMIPS path vs a plain query-major scan, side by side.
 
 Both return the same exact top-k (score desc, then smaller id). Per batch size and thread count:
   flat_mips: ``FlatMIPS.search`` (items @ q.T item-major chunks, group-max pre-selection per chunk);
-  query_major: q @ items.T chunks, each cut by a full ``torch.topk`` (the code before 2026-11-26).
-The two are timed alternately (median of --repeats calls each), so box noise hits both alike; the ratio
-column is the figure to compare. ms_per_query shows how far batching amortises the scan.
+  query_major: q @ items.T chunks, each cut by a full ``torch.topk`` (on CPU, the code before 2026-11-26;
+  on a GPU, the plain mm + topk path FlatMIPS could take there instead: few large chunks, few launches).
+The two are timed alternately (median of --repeats calls each, results copied to the host), so drift hits
+both alike; the ratio column is the figure to compare. ms_per_query shows how far batching amortises the scan.
 
     python benchmarks/flat_mips_bench.py [--items 200000] [--dim 64] [--batches 1 8 32 64] [--threads 1 2]
+    python benchmarks/flat_mips_bench.py --device cuda --items 10000000 --batches 1 8 32 128 --threads 1 \
+        --stem flat_mips_gpu
 """
 
 from __future__ import annotations
@@ -19,14 +22,16 @@ import numpy as np
 import torch
 
 from genrec.bench.report import provenance, random_unit, write_table
-from genrec.index.mips import FlatMIPS
+from genrec.index.mips import GPU_SCORE_BLOCK_FLOATS, FlatMIPS
 from genrec.retrieval.topk import chunked_topk
 
 
-def query_major(items: torch.Tensor, q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The previous FlatMIPS scan: (nq, c) score chunks of 2^20 floats into one buffer, each cut by torch.topk."""
-    chunk = min(262144, max(1024, (1 << 20) // len(q)))
-    buffer = torch.empty(len(q) * min(chunk, len(items)))
+def query_major(items: torch.Tensor, q: torch.Tensor, k: int, block_floats: int = 1 << 20,
+                max_chunk: int = 262144) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nq, c) score chunks of ``block_floats`` into one buffer, each cut by torch.topk. The defaults are the
+    previous CPU FlatMIPS scan; on a GPU the bench passes FlatMIPS' own block size and no chunk cap."""
+    chunk = min(max_chunk, max(1024, block_floats // len(q)))
+    buffer = torch.empty(len(q) * min(chunk, len(items)), device=items.device)
 
     def score(start: int, end: int) -> torch.Tensor:
         return torch.mm(q, items[start:end].T, out=buffer[: len(q) * (end - start)].view(len(q), end - start))
@@ -51,27 +56,33 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32, 64])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--device", default="cpu", help="where both scans run: cpu, cuda")
     ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--stem", default="flat_mips_cpu")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
-    items = torch.from_numpy(random_unit(rng, args.items, args.dim))
-    index = FlatMIPS(items)
+    device = torch.device(args.device)
+    items = torch.from_numpy(random_unit(rng, args.items, args.dim)).to(device)
+    index = FlatMIPS(items.cpu()).to(device)
+    block = dict(block_floats=GPU_SCORE_BLOCK_FLOATS, max_chunk=args.items) if device.type == "cuda" else {}
+
+    def old_scan(qt: torch.Tensor) -> np.ndarray:
+        return query_major(items, qt, args.k, **block)[1].cpu().numpy()
     rows = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         for nq in args.batches:
             q = random_unit(rng, nq, args.dim)
-            qt = torch.from_numpy(q)
+            qt = torch.from_numpy(q).to(device)
             new_ids = index.search(q, args.k)[1]
-            old_ids = query_major(items, qt, args.k)[1].numpy()
+            old_ids = old_scan(qt)
             if not np.array_equal(new_ids, old_ids):
                 raise SystemExit(f"nq {nq}: the two scans disagree")
             new, old = [], []
             for _ in range(3):  # alternate so both see the same drift of the box
                 new.append(median_ms(lambda: index.search(q, args.k), args.repeats // 3 or 1))
-                old.append(median_ms(lambda: query_major(items, qt, args.k), args.repeats // 3 or 1))
+                old.append(median_ms(lambda: old_scan(qt), args.repeats // 3 or 1))
             new_ms, old_ms = float(np.median(new)), float(np.median(old))
             rows.append({"threads": threads, "nq": nq, "flat_mips_ms": round(new_ms, 2), "query_major_ms": round(old_ms, 2),
                          "speedup": round(old_ms / new_ms, 2), "flat_mips_ms_per_query": round(new_ms / nq, 3),
@@ -101,7 +112,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
         ax.plot([r["nq"] for r in pts], [r["query_major_ms_per_query"] for r in pts], marker="x", linestyle="--",
                 label=f"query-major + topk, {threads} thread(s)")
     ax.set(xlabel="queries per batch", ylabel="ms per query", xscale="log", yscale="log",
-           title=f"exact flat MIPS, {meta['items']:,} x {meta['dim']}, k={meta['k']}, CPU")
+           title=f"exact flat MIPS, {meta['items']:,} x {meta['dim']}, k={meta['k']}, {meta['device']}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     save_figure(fig, path)

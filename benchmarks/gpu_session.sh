@@ -16,7 +16,7 @@ set -u
 REPO=$(pwd)
 OUT=${OUT:-/tmp/gpu_session}
 SMOKE=${SMOKE:-0}
-STEPS=${STEPS:-"env tests kernels scale100m attention scale10m topk serving_tests serving"}
+STEPS=${STEPS:-"env tests kernels scale100m attention scale10m topk serving_tests serving flatmips"}
 BUDGET_S=${BUDGET_S:-540}  # the whole session; each step gets min(its limit, what is left)
 PY=${PY:-python3}
 WORK=/tmp/gpu_session_work  # every log and table; packed into $OUT/gpu_results.tgz after each step
@@ -52,6 +52,7 @@ if [ "$SMOKE" = 1 ]; then
   S10="--items 20000 --kprimes 500 --latency-queries 3 --qps-batches 8 --repeats 1 --device cpu"
   ATA="--lengths 64 --tokens 256 --repeats 1"; ATB="--lengths 32 --tokens 128 --repeats 1"
   SV="--items 20000 --latency-queries 20 --seconds 1 --concurrency 1 8"
+  FM="--items 20000 --batches 1 8 --threads 1 --repeats 3 --device cpu"
   TEST_DEVICE=cpu
 else
   KB="--items 100000000 --peak-gbs 4800 --scan-configs default t4 t16 128x4:t8 256x8:t8 --topk-batches --mol-configs ieee bf16x3 bf16x3:c128:w8 --mol-cache-dtypes float32 bfloat16"
@@ -60,6 +61,7 @@ else
   S10="--items 10000000 --kprimes 10000 100000 --stage1 avg:int8 --latency-queries 20 --repeats 2"
   ATA="--lengths 1024 2048 4096 8192 --repeats 2 --triton-blocks 128x64 64x32"; ATB="--lengths 8192 --repeats 2"
   SV="--items 10000000 --seconds 4 --threads 8"
+  FM="--items 10000000 --batches 1 8 32 128 --threads 1 --repeats 9 --device cuda"
   TEST_DEVICE=cuda
 fi
 BUNDLE="$REPO/runs/bench-retrieval/mol_bundle.pt"
@@ -83,5 +85,7 @@ fi
 PYTHONPATH=${SERVING_PATH:-$SITE} GENREC_TEST_DEVICE=$TEST_DEVICE step serving_tests 120 $PY -m pytest -q -p no:cacheprovider \
   tests/test_serving.py -k "places_its_index or search_by_user or rank_over_grpc" -rA
 PYTHONPATH=${SERVING_PATH:-$SITE} step serving 150 $PY -m genrec.bench.serving $SV --device $TEST_DEVICE --out-dir "$WORK" --stem serving_gpu
+# FlatMIPS on the GPU (group-max pre-selection, ~40 launches per chunk) vs plain mm + torch.topk per chunk
+step flatmips 60 $PY "$REPO/benchmarks/flat_mips_bench.py" $FM --out-dir "$WORK" --stem flat_mips_gpu
 echo "== done in $(( $(date +%s) - T0 ))s"
 ls -la "$WORK"

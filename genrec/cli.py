@@ -71,12 +71,12 @@ def _train_ranking(cfg, args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
     from genrec.checkpoint import load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
     from genrec.config import apply_overrides, from_dict
     from genrec.data.sequences import leave_one_out
     from genrec.data.source import load_dataset
-    import torch
-
     from genrec.evaluation import evaluate_popularity, format_metrics_table, model_target_ranks, per_user_rank_rows
     from genrec.io import atomic_write_csv
     from genrec.retrieval.metrics import metrics_from_ranks
