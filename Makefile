@@ -41,10 +41,13 @@ bench: setup
 	$(BIN)/python benchmarks/train_quality.py --datasets synthetic --grid model.dropout+model.input_dropout=0.2,0.5 --grid train.lr=0.001,0.002 --seeds 42 43 44 --epochs 101 --set train.patience=10 --threads 1 --stem synthetic_sweep
 	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --grid model.dropout+model.input_dropout=0.2,0.5 --grid train.lr=0.001,0.002 --seeds 42 43 44 --threads 1 --set model.num_blocks=2 --stem ml100k_sweep_$$s; done
 	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --grid model.num_blocks=2,4 --seeds 42 43 44 --threads 1 --stem ml100k_depth_$$s; done
-	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --seeds 45 46 47 48 49 --threads 1 --stem ml100k_more_$$s; done
+	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --seeds 45 46 47 --threads 1 --stem ml100k_more_$$s; done
 	$(BIN)/python benchmarks/paired_compare.py --stem ml100k_paired_hstu_sasrec --a-name hstu --b-name sasrec \
-		--a $(foreach s,42 43 44,runs/bench/ml100k-hstu-g1-s$(s)/checkpoint_best.pt) $(foreach s,45 46 47 48 49,runs/bench/ml100k-hstu-s$(s)/checkpoint_best.pt) \
-		--b $(foreach s,42 43 44,runs/bench/ml100k-sasrec-g1-s$(s)/checkpoint_best.pt) $(foreach s,45 46 47 48 49,runs/bench/ml100k-sasrec-s$(s)/checkpoint_best.pt)
+		--a $(foreach s,42 43 44,runs/bench/ml100k-hstu-g1-s$(s)/checkpoint_best.pt) $(foreach s,45 46 47,runs/bench/ml100k-hstu-s$(s)/checkpoint_best.pt) \
+		--b $(foreach s,42 43 44,runs/bench/ml100k-sasrec-g1-s$(s)/checkpoint_best.pt) $(foreach s,45 46 47,runs/bench/ml100k-sasrec-s$(s)/checkpoint_best.pt)
+	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --seeds 42 43 44 --set train.patience=0 --threads 1 --out-dir runs/bench-e101 --stem ml100k_e101_$$s; done
+	$(BIN)/python benchmarks/paired_compare.py --stem ml100k_paired_hstu_sasrec_epoch101 --a-name hstu --b-name sasrec \
+		--a $(foreach s,42 43 44,runs/bench-e101/ml100k-hstu-s$(s)/checkpoint_last.pt) --b $(foreach s,42 43 44,runs/bench-e101/ml100k-sasrec-s$(s)/checkpoint_last.pt)
 	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --grid model.num_blocks=8 --set model.num_heads=2 --set model.dqk=25 --set model.dv=25 --seeds 42 --threads 1 --stem ml100k_large_$$s; done
 	$(BIN)/genrec bench retrieval --items 100000
 	$(BIN)/genrec bench retrieval --items 1000000 --budgets 16 --repeats 1 --skip-qps mol-exact:128 mol-topk-per-embedding mol-combined

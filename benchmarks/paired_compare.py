@@ -34,8 +34,8 @@ from genrec.retrieval.metrics import paired_bootstrap, per_user_metric  # noqa: 
 METRICS = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr")
 
 
-def test_ranks(path: str, datasets: dict) -> tuple[int, str, np.ndarray, np.ndarray]:
-    """(seed, data path, users, 0-based test ranks) of one checkpoint."""
+def test_ranks(path: str, datasets: dict) -> tuple[int, str, np.ndarray, np.ndarray, int]:
+    """(seed, data path, users, 0-based test ranks, the epoch the weights are from) of one checkpoint."""
     state = load_checkpoint(path)
     model, cfg = model_from_checkpoint(state)
     key = str(cfg.data.path)
@@ -45,17 +45,19 @@ def test_ranks(path: str, datasets: dict) -> tuple[int, str, np.ndarray, np.ndar
     ds, split = datasets[key]
     users, ranks = model_target_ranks(model, ds, split, "test", cfg.eval.batch_size, cfg.eval.exclude_history,
                                       similarity=similarity_from_checkpoint(state))
-    return cfg.train.seed, key, users, ranks
+    return cfg.train.seed, key, users, ranks, state.get("epoch")
 
 
-def compare(label: str, ranks_a: list[np.ndarray], ranks_b: list[np.ndarray], resamples: int) -> list[dict]:
+def compare(label: str, ranks_a: list[np.ndarray], ranks_b: list[np.ndarray], resamples: int,
+            epochs: tuple = ("", "")) -> list[dict]:
     """Rows for one comparison: per metric, A and B means (over users, and over the given seeds) and A - B."""
     rows = []
     for m in METRICS:
         a = np.mean([per_user_metric(r, m) for r in ranks_a], axis=0)
         b = np.mean([per_user_metric(r, m) for r in ranks_b], axis=0)
         stats = paired_bootstrap(a, b, num_resamples=resamples)
-        rows.append({"seeds": label, "metric": m, "a": a.mean(), "b": b.mean(), "a_minus_b": stats["delta"],
+        rows.append({"seeds": label, "a_epoch": epochs[0], "b_epoch": epochs[1], "metric": m, "a": a.mean(), "b": b.mean(),
+                     "a_minus_b": stats["delta"],
                      "ci95_lo": stats["lo"], "ci95_hi": stats["hi"], "p": stats["p"], "users": len(a)})
     return rows
 
@@ -91,21 +93,22 @@ def main() -> None:
     ap.add_argument("--b-name", default="B")
     ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples over users")
     ap.add_argument("--stem", default="paired_compare")
+    ap.add_argument("--note", default="", help="how the checkpoints were trained, for the table's provenance")
     args = ap.parse_args()
     if len(args.a) != len(args.b):
         raise SystemExit(f"--a has {len(args.a)} checkpoints but --b has {len(args.b)}: they pair by position")
     datasets: dict = {}
     runs_a = [test_ranks(p, datasets) for p in args.a]
     runs_b = [test_ranks(p, datasets) for p in args.b]
-    for (sa, da, ua, _), (sb, db, ub, _), pa, pb in zip(runs_a, runs_b, args.a, args.b):
+    for (sa, da, ua, *_), (sb, db, ub, *_), pa, pb in zip(runs_a, runs_b, args.a, args.b):
         if (sa, da) != (sb, db) or not np.array_equal(ua, ub):
             raise SystemExit(f"{pa} (seed {sa}, {da}) and {pb} (seed {sb}, {db}) do not pair: same seed and data needed")
     rows = []
-    for (seed, _, _, ra), (_, _, _, rb) in zip(runs_a, runs_b):
-        rows += compare(str(seed), [ra], [rb], args.resamples)
+    for (seed, _, _, ra, ea), (_, _, _, rb, eb) in zip(runs_a, runs_b):
+        rows += compare(str(seed), [ra], [rb], args.resamples, (ea, eb))
     if len(runs_a) > 1:
         rows += compare(f"all {len(runs_a)}", [r[3] for r in runs_a], [r[3] for r in runs_b], args.resamples)
-    meta = {**provenance(), "a": args.a_name, "b": args.b_name, "a_checkpoints": args.a, "b_checkpoints": args.b}
+    meta = {**provenance(), "note": args.note, "a": args.a_name, "b": args.b_name, "a_checkpoints": args.a, "b_checkpoints": args.b}
     write_table([{"a_system": args.a_name, "b_system": args.b_name, **r} for r in rows], args.stem, meta)
     plot(rows, (args.a_name, args.b_name), RESULTS / f"{args.stem}.png")
     print((RESULTS / f"{args.stem}.md").read_text())
