@@ -26,14 +26,15 @@ class ServerMetrics:
         self.index_swaps = Counter("genrec_index_loads", "index loads by outcome", ["index", "outcome"], registry=r)
         self._index_series: dict[str, tuple[str, str, str]] = {}
 
-    def index_active(self, name: str, version: str, device: str, items: int) -> None:
-        """Report the active version of an index, dropping the series of the version it replaced."""
-        labels = (name, version, device)
-        old = self._index_series.get(name)
+    def index_active(self, served) -> None:
+        """Report a registry entry (``Served``) as its index's active version, dropping the series of the
+        version it replaced. The registry calls this under its lock, in swap order."""
+        labels = (served.name, served.version, str(served.index.device))
+        old = self._index_series.get(served.name)
         if old is not None and old != labels:
             self.index_items.remove(*old)
-        self._index_series[name] = labels
-        self.index_items.labels(*labels).set(items)
+        self._index_series[served.name] = labels
+        self.index_items.labels(*labels).set(served.index.ntotal)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics endpoint; returns the bound port (port 0 = any free one)."""

@@ -10,7 +10,7 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -47,10 +47,12 @@ def warm_up(index, count: int, seed: int = 0) -> None:
 
 
 class IndexRegistry:
-    def __init__(self, warmup_queries: int = 4):
+    def __init__(self, warmup_queries: int = 4, on_swap: Callable[[Served], None] | None = None):
+        """on_swap(served) runs as each version becomes active, in swap order (e.g. to update metrics)."""
         self._lock = threading.Lock()
         self._served: dict[str, Served] = {}
         self.warmup_queries = warmup_queries
+        self._on_swap = on_swap or (lambda served: None)
 
     def load(self, name: str, path: str | Path, verify: str = "full", mmap: bool = False, device: str = "cpu") -> Served:
         """Verify, load, place on ``device`` and warm a version, then swap it in. Any failure leaves the
@@ -75,6 +77,7 @@ class IndexRegistry:
         with self._lock:
             old = self._served.get(name)
             self._served[name] = served
+            self._on_swap(served)
         log.info("index %r: serving version %s (%d items, on %s)%s", name, served.version, manifest["count"], dev,
                  f", replaced {old.version}" if old else "")
         return served

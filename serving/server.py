@@ -55,7 +55,7 @@ class RetrievalServer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.metrics = ServerMetrics()
-        self.registry = IndexRegistry(cfg.warmup_queries)
+        self.registry = IndexRegistry(cfg.warmup_queries, on_swap=self.metrics.index_active)
         encoder = None
         if cfg.encoder_checkpoint:
             from genrec.serving.user_encoder import UserEncoder
@@ -115,8 +115,7 @@ class RetrievalServer:
             log.info("broker over %s on %s:%d", ", ".join(self.cfg.broker.shards), self.cfg.host, self.port)
             return self
         for entry in self.cfg.indexes:
-            served = self.registry.load(entry.name, entry.path, entry.verify, entry.mmap, entry.device)
-            self.metrics.index_active(served.name, served.version, str(served.index.device), served.index.ntotal)
+            self.registry.load(entry.name, entry.path, entry.verify, entry.mmap, entry.device)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s:%d%s", ", ".join(self.registry.names()) or "no index", self.cfg.host, self.port,
                  f" (metrics on :{self.metrics_port})" if self.metrics_port else "")

@@ -336,7 +336,6 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 log.warning("LoadIndex %s from %s refused: %s", request.index, request.path, e)
                 raise load_error(e) from None
             self.metrics.index_swaps.labels(request.index, "loaded").inc()
-            self.metrics.index_active(served.name, served.version, str(served.index.device), served.index.ntotal)
             return self._info(served)
 
         return self._call("LoadIndex", context, run)

@@ -231,6 +231,22 @@ def test_hot_swap_under_load_never_fails_and_answers_match_the_reported_version(
     assert gauge("v1") == 300 and gauge("v2") is None and gauge("v3") is None
 
 
+def test_a_sighup_reload_moves_the_size_gauge_to_the_new_version(tmp_path):
+    root = tmp_path / "idx"
+    save_index(FlatMIPS(torch.from_numpy(unit(300, 1))), root, "items", "v1")
+    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(root / "items"), "size"),)))
+    gauge = lambda v: srv.metrics.registry.get_sample_value(  # noqa: E731
+        "genrec_index_items", {"index": "items", "version": v, "device": "cpu"})
+    try:
+        assert gauge("v1") == 300
+        save_index(FlatMIPS(torch.from_numpy(unit(200, 2))), root, "items", "v2")
+        srv.reload()  # what SIGHUP runs
+        assert srv.registry.get("items").version == "v2"
+        assert gauge("v2") == 200 and gauge("v1") is None
+    finally:
+        srv.stop(grace=1)
+
+
 def test_overload_beyond_the_queue_is_refused_fast_and_nothing_hangs(index_root):
     srv = start(ServeConfig(port=0, indexes=(), batching=BatchingConfig(max_batch=1, max_delay_ms=0, queue_size=2),
                             limits=LimitsConfig(workers=16, max_concurrent_rpcs=64)))
