@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from genrec.data.batches import SequenceBatch, eval_batches
+from genrec.data.batches import SequenceBatch, eval_batches, target_positions
 from genrec.data.sequences import SequenceDataset, Split
 from genrec.encoders.model import SequentialEncoder
 from genrec.retrieval.metrics import metrics_from_ranks, target_ranks
@@ -64,8 +64,7 @@ def evaluate_model(model: SequentialEncoder, ds: SequenceDataset, split: Split, 
 
 def per_user_rank_rows(ds: SequenceDataset, stage: str, users: np.ndarray, ranks: np.ndarray) -> list[dict]:
     """One row per evaluation user: raw user id, raw id of the held-out target, its 1-based rank."""
-    target_pos = ds.offsets[users + 1] - (2 if stage == "valid" else 1)
-    targets = ds.items[target_pos]
+    targets = ds.items[target_positions(ds, users, stage)]
     return [{"user": ds.user_ids[u].item(), "target": ds.item_ids[t - 1].item(), "rank": int(r) + 1}
             for u, t, r in zip(users, targets, ranks)]
 

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from genrec.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, similarity_from_checkpoint
 from genrec.config import RunConfig, dump_config
+from genrec.data.batches import target_positions
 from genrec.data.sequences import SequenceDataset, Split, leave_one_out
 from genrec.data.source import load_dataset
 from genrec.encoders.model import SequentialEncoder
@@ -160,8 +161,8 @@ def evaluate_ranking(model: RankingModel, ds: SequenceDataset, split: Split, sta
     model.eval()
     rng = np.random.default_rng(seed)
     aucs, losses = [], []
-    examples = [_example(ds, u, int(ds.offsets[u + 1]) - (2 if stage == "valid" else 1), cfg.data.max_len)
-                for u in split.eval_users]
+    examples = [_example(ds, u, int(t), cfg.data.max_len)
+                for u, t in zip(split.eval_users, target_positions(ds, split.eval_users, stage))]
     cands = [torch.tensor([ex.positive, *_negatives(rng, ds.num_items, cfg.ranking.eval_negatives, ex.positive)])
              for ex in examples]
     for logits in _score_examples(model, examples, cands):
@@ -187,7 +188,7 @@ def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, c
     users = split.eval_users if users is None else users
     for lo in range(0, len(users), EVAL_CHUNK):
         chunk = [int(u) for u in users[lo : lo + EVAL_CHUNK]]
-        targets = [int(ds.offsets[u + 1]) - (2 if stage == "valid" else 1) for u in chunk]
+        targets = target_positions(ds, np.asarray(chunk), stage).tolist()
         tops = list(retriever.top(ds, chunk, targets, k))
         logits = _score_examples(model, [_example(ds, u, t, cfg.data.max_len) for u, t in zip(chunk, targets)], tops)
         for target, top, lg in zip(targets, tops, logits):

@@ -113,13 +113,19 @@ def history_batch(ds: SequenceDataset, users: np.ndarray, history_ends: np.ndarr
     return batch
 
 
+def target_positions(ds: SequenceDataset, users: np.ndarray, stage: str) -> np.ndarray:
+    """Leave-one-out targets' positions in ``ds.items`` (int64, like ``users``): 'valid' the second-to-last
+    event of each user, 'test' the last."""
+    if stage not in ("valid", "test"):
+        raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
+    return ds.offsets[users + 1] - (2 if stage == "valid" else 1)
+
+
 def eval_batches(ds: SequenceDataset, split: Split, stage: str, max_len: int, batch_size: int) -> Iterator[SequenceBatch]:
     """Leave-one-out batches. stage 'valid': history = training part, target = second-to-last event;
     'test': history = all but the last event, target = the last event."""
-    if stage not in ("valid", "test"):
-        raise ValueError(f"stage must be 'valid' or 'test', got {stage!r}")
     users = split.eval_users
-    target_pos = ds.offsets[users + 1] - (2 if stage == "valid" else 1)
+    target_pos = target_positions(ds, users, stage)
     for lo in range(0, len(users), batch_size):
         u, tp = users[lo : lo + batch_size], target_pos[lo : lo + batch_size]
         batch = history_batch(ds, u, tp, max_len)
