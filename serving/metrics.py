@@ -24,19 +24,21 @@ class ServerMetrics:
         self.index_items = Gauge("genrec_index_items", "items in the active version (one series per index)",
                                  ["index", "version", "device"], registry=r)
         self.index_swaps = Counter("genrec_index_loads", "index loads by outcome", ["index", "outcome"], registry=r)
-        self._index_series: dict[str, tuple[str, str, str]] = {}
 
-    def index_active(self, served) -> None:
-        """Report a registry entry (``Served``) as its index's active version, dropping the series of the
-        version it replaced. The registry calls this under its lock, in swap order."""
-        labels = (served.name, served.version, str(served.index.device))
-        old = self._index_series.get(served.name)
-        if old is not None and old != labels:
-            self.index_items.remove(*old)
-        self._index_series[served.name] = labels
-        self.index_items.labels(*labels).set(served.index.ntotal)
+    def index_active(self, old, new) -> None:
+        """Report registry entry ``new`` (``Served``) as its index's active version, dropping the series of
+        ``old``, the version it replaced (None for the first). The registry calls this under its lock."""
+        labels = _index_labels(new)
+        if old is not None and _index_labels(old) != labels:
+            self.index_items.remove(*_index_labels(old))
+        self.index_items.labels(*labels).set(new.index.ntotal)
 
     def serve_http(self, port: int, host: str = "127.0.0.1") -> int:
         """Start the /metrics endpoint; returns the bound port (port 0 = any free one)."""
         server, _ = start_http_server(port, addr=host, registry=self.registry)
         return server.server_port
+
+
+def _index_labels(served) -> tuple[str, str, str]:
+    """genrec_index_items labels of a registry entry: index name, version, device."""
+    return served.name, served.version, str(served.index.device)

@@ -47,12 +47,13 @@ def warm_up(index, count: int, seed: int = 0) -> None:
 
 
 class IndexRegistry:
-    def __init__(self, warmup_queries: int = 4, on_swap: Callable[[Served], None] | None = None):
-        """on_swap(served) runs as each version becomes active, in swap order (e.g. to update metrics)."""
+    def __init__(self, warmup_queries: int = 4, on_swap: Callable[[Served | None, Served], None] | None = None):
+        """on_swap(old, new) runs as each version becomes active, in swap order, with the version it replaced
+        (None for an index's first); e.g. to update metrics."""
         self._lock = threading.Lock()
         self._served: dict[str, Served] = {}
         self.warmup_queries = warmup_queries
-        self._on_swap = on_swap or (lambda served: None)
+        self._on_swap = on_swap or (lambda old, new: None)
 
     def load(self, name: str, path: str | Path, verify: str = "full", mmap: bool = False, device: str = "cpu") -> Served:
         """Verify, load, place on ``device`` and warm a version, then swap it in. Any failure leaves the
@@ -77,7 +78,7 @@ class IndexRegistry:
         with self._lock:
             old = self._served.get(name)
             self._served[name] = served
-            self._on_swap(served)
+            self._on_swap(old, served)
         log.info("index %r: serving version %s (%d items, on %s)%s", name, served.version, manifest["count"], dev,
                  f", replaced {old.version}" if old else "")
         return served
