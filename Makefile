@@ -48,6 +48,9 @@ bench: setup
 	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --seeds 42 43 44 --set train.patience=0 --threads 1 --out-dir runs/bench-e101 --stem ml100k_e101_$$s; done
 	$(BIN)/python benchmarks/paired_compare.py --stem ml100k_paired_hstu_sasrec_epoch101 --a-name hstu --b-name sasrec \
 		--a $(foreach s,42 43 44,runs/bench-e101/ml100k-hstu-s$(s)/checkpoint_last.pt) --b $(foreach s,42 43 44,runs/bench-e101/ml100k-sasrec-s$(s)/checkpoint_last.pt)
+	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --seeds 42 43 44 --set train.validation=false --threads 1 --out-dir runs/bench-ref --stem ml100k_ref_$$s; done
+	$(BIN)/python benchmarks/paired_compare.py --stem ml100k_paired_hstu_sasrec_reference --a-name hstu --b-name sasrec \
+		--a $(foreach s,42 43 44,runs/bench-ref/ml100k-hstu-s$(s)/checkpoint_last.pt) --b $(foreach s,42 43 44,runs/bench-ref/ml100k-sasrec-s$(s)/checkpoint_last.pt)
 	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --grid model.num_blocks=8 --set model.num_heads=2 --set model.dqk=25 --set model.dv=25 --seeds 42 --threads 1 --stem ml100k_large_$$s; done
 	$(BIN)/genrec bench retrieval --items 100000
 	$(BIN)/genrec bench retrieval --items 1000000 --budgets 16 --repeats 1 --skip-qps mol-exact:128 mol-topk-per-embedding mol-combined

@@ -38,10 +38,10 @@ def test_ranks(path: str, datasets: dict) -> tuple[int, str, np.ndarray, np.ndar
     """(seed, data path, users, 0-based test ranks, the epoch the weights are from) of one checkpoint."""
     state = load_checkpoint(path)
     model, cfg = model_from_checkpoint(state)
-    key = str(cfg.data.path)
+    key = f"{cfg.data.path} (validation split: {cfg.train.validation})"  # which users are evaluated depends on both
     if key not in datasets:
         ds = load_dataset(cfg.data)
-        datasets[key] = (ds, leave_one_out(ds))
+        datasets[key] = (ds, leave_one_out(ds, cfg.train.validation))
     ds, split = datasets[key]
     users, ranks = model_target_ranks(model, ds, split, "test", cfg.eval.batch_size, cfg.eval.exclude_history,
                                       similarity=similarity_from_checkpoint(state))

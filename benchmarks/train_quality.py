@@ -137,7 +137,7 @@ def run_one(args, ds: str, encoder: str, cfg_path: str, extra: list[str], seed: 
     result = train(cfg, progress=False)
     epochs_run = len((result.run_dir / "metrics.csv").read_text().strip().splitlines()) - 1
     row = {"dataset": ds, "system": encoder, "seed": cfg.train.seed, **{m: result.test[m] for m in METRICS},
-           "val_hr@10": result.valid["hr@10"], "best_epoch": result.best_epoch, "epochs_run": epochs_run,
+           "val_hr@10": result.valid.get("hr@10", ""), "best_epoch": result.best_epoch, "epochs_run": epochs_run,
            "sec_per_epoch": round(result.seconds_per_epoch, 2)}
     return row, result.popularity_test
 
@@ -160,6 +160,8 @@ def point_label(point: list[str]) -> str:
 def sweep(args) -> None:
     """Grid at the first seed, selection on validation HR@10 per system, the chosen point at every seed."""
     stem = args.stem or "train_quality_sweep"
+    if any(o.replace(" ", "").lower() in ("train.validation=false", "train.validation=0") for o in args.set):
+        raise SystemExit("--grid picks each system's point on validation HR@10: it needs train.validation true")
     seeds = args.seeds or [42]
     points = grid_points(args.grid)
     grid_rows, chosen_rows = [], []

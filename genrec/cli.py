@@ -45,10 +45,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result is None:  # a non-zero torchrun rank: rank 0 reports
         return 0
     ks = tuple(cfg.eval.ks)
-    print(f"\nTest metrics (full corpus, history excluded; best epoch {result.best_epoch}):")
+    chosen = f"best epoch {result.best_epoch}" if cfg.train.validation else f"final weights, epoch {result.best_epoch}"
+    print(f"\nTest metrics (full corpus, history excluded; {chosen}):")
     print(format_metrics_table({cfg.model.encoder: result.test, "popularity": result.popularity_test}, ks))
     print(f"\nrun dir:    {result.run_dir}")
-    print(f"checkpoint: {result.run_dir / 'checkpoint_best.pt'}")
+    print(f"checkpoint: {result.checkpoint}")
     return 0
 
 
@@ -89,7 +90,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ds = load_dataset(cfg.data)
     if ds.num_items != model.num_items:
         raise ValueError(f"dataset has {ds.num_items} items but the checkpoint was trained on {model.num_items}")
-    split = leave_one_out(ds)
+    split = leave_one_out(ds, cfg.train.validation)
     ks = tuple(cfg.eval.ks)
     similarity = similarity_from_checkpoint(state, device)
     users, ranks = model_target_ranks(model, ds, split, args.stage, cfg.eval.batch_size, cfg.eval.exclude_history,

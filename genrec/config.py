@@ -119,6 +119,9 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
     patience: int = 10  # epochs without validation HR@10 improvement before stopping; 0 = never stop
+    # False: the reference's own protocol. No validation split: every event but the last trains, all
+    # epochs run (patience is ignored) and the final weights are tested.
+    validation: bool = True
     eval_every: int = 1
     seed: int = 42
     device: str = "auto"  # auto | cpu | cuda[:i]

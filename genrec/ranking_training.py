@@ -236,6 +236,8 @@ def parameter_groups(model: RankingModel, cfg: RunConfig) -> list[dict]:
 def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
     from genrec.training import make_run_dir, seed_everything
 
+    if not cfg.train.validation:
+        raise ValueError("task: ranking picks its epoch on the validation events; train.validation: false is for retrieval")
     seed_everything(cfg.train.seed)
     ds = load_dataset(cfg.data)
     split = leave_one_out(ds)

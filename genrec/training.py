@@ -49,12 +49,16 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class TrainResult:
+    """best_epoch: the epoch of the tested weights (validation-best; the last epoch without validation),
+    stored in ``checkpoint``. valid is empty without validation."""
+
     run_dir: Path
     best_epoch: int
     valid: dict[str, float]
     test: dict[str, float]
     popularity_test: dict[str, float]
     seconds_per_epoch: float
+    checkpoint: Path | None = None
 
 
 def batch_loss(model: SequentialEncoder, batch: SequenceBatch, cfg: RunConfig, similarity,
@@ -123,7 +127,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
     device = ctx.device if ctx.enabled else device
     seed_everything(cfg.train.seed)
     ds = dataset if dataset is not None else load_dataset(cfg.data)
-    split = leave_one_out(ds)
+    split = leave_one_out(ds, cfg.train.validation)
     log.info("data: %s", ds.describe())
     model = SequentialEncoder(cfg.model, ds.num_items, cfg.data.max_len).to(device)
     d = cfg.model.item_emb_dim
@@ -216,7 +220,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
         row = {"epoch": epoch, "train_loss": total_loss / max(steps, 1), "seconds": round(seconds, 3),
                "positions_per_s": round(tokens / seconds, 1)}
         improved = False
-        if ctx.is_main and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
+        if ctx.is_main and split.validation and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
             val = evaluate_model(model, ds, split, "valid", ks, cfg.eval.batch_size, cfg.eval.exclude_history,
                                  similarity=similarity)
             row.update({f"val_{k}": v for k, v in val.items()})
@@ -234,7 +238,7 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
             checkpoint(run_dir / "checkpoint_last.pt", epoch)
             atomic_write_csv(run_dir / "metrics.csv", history)
             learning_curve(history, run_dir / "learning_curve.png", f"{cfg.name} ({cfg.model.encoder})")
-        stop = bool(cfg.train.patience and bad_epochs >= cfg.train.patience)
+        stop = bool(split.validation and cfg.train.patience and bad_epochs >= cfg.train.patience)
         if broadcast_flag(stop, ctx):
             if ctx.is_main:
                 log.info("early stop: no validation HR@10 gain for %d epochs (best epoch %d)", bad_epochs, best_epoch)
@@ -247,18 +251,24 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
         cleanup(ctx)
         return None
 
-    if best_epoch:
-        best = load_checkpoint(run_dir / "checkpoint_best.pt", map_location=device)
+    tested = run_dir / "checkpoint_last.pt"
+    if not split.validation:  # the reference's protocol: the final weights, whatever validation would say
+        best_epoch = history[-1]["epoch"] if history else 0
+    elif best_epoch:
+        tested = run_dir / "checkpoint_best.pt"
+        best = load_checkpoint(tested, map_location=device)
         model.load_state_dict(best["model"])
         if "similarity" in best:
             similarity.load_state_dict(best["similarity"])
     test = evaluate_model(model, ds, split, "test", ks, cfg.eval.batch_size, cfg.eval.exclude_history, similarity=similarity)
-    valid = evaluate_model(model, ds, split, "valid", ks, cfg.eval.batch_size, cfg.eval.exclude_history, similarity=similarity)
+    valid = (evaluate_model(model, ds, split, "valid", ks, cfg.eval.batch_size, cfg.eval.exclude_history, similarity=similarity)
+             if split.validation else {})
     popularity = evaluate_popularity(ds, split, "test", ks, exclude_history=cfg.eval.exclude_history)
     result = TrainResult(run_dir, best_epoch, valid, test, popularity,
-                         float(np.mean(epoch_seconds)) if epoch_seconds else 0.0)
+                         float(np.mean(epoch_seconds)) if epoch_seconds else 0.0, tested)
     atomic_write_json(run_dir / "results.json", {
-        "best_epoch": best_epoch, "valid": valid, "test": test, "popularity_test": popularity,
+        "best_epoch": best_epoch, "selection": "validation hr@10" if split.validation else "final epoch (no validation)",
+        "checkpoint": tested.name, "valid": valid, "test": test, "popularity_test": popularity,
         "seconds_per_epoch": result.seconds_per_epoch, "data": ds.describe(), "device": str(device),
     })
     atomic_write_text(run_dir / "results.md", format_metrics_table(

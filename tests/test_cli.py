@@ -14,10 +14,16 @@ def genrec(*args, cwd):
     return subprocess.run([sys.executable, "-m", "genrec", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_end_to_end_on_tiny_data(tmp_path):
+def write_tiny_udata(path) -> list[str]:
+    """40 users x 8 distinct items each, in ML-100K's u.data layout; returns the lines."""
     lines = [f"{u}\t{i}\t{(u + i) % 5 + 1}\t{1000 * u + 10 * k}" for u in range(1, 41)
              for k, i in enumerate(np.random.default_rng(u).choice(60, size=8, replace=False) + 1)]
-    (tmp_path / "u.data").write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def test_cli_end_to_end_on_tiny_data(tmp_path):
+    lines = write_tiny_udata(tmp_path / "u.data")
     r = genrec("data", "prepare", "--format", "ml-100k", "--input", "u.data", "--out", "prep", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["users"] == 40
@@ -45,6 +51,27 @@ def test_cli_end_to_end_on_tiny_data(tmp_path):
     assert emb.shape == (len(ids), 8) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     assert json.loads((tmp_path / "items.json").read_text())["count"] == len(ids)
+
+
+def test_cli_reference_protocol_trains_without_validation_and_tests_the_final_weights(tmp_path):
+    write_tiny_udata(tmp_path / "u.data")
+    (tmp_path / "cfg.yaml").write_text("name: r\nout_dir: runs\ndata:\n  format: ml-100k\n  path: u.data\n")
+    tiny = [*TINY, "--set", "train.epochs=2", "--set", "train.validation=false", "--set", "train.patience=1"]
+    r = genrec("train", "--config", "cfg.yaml", "--no-progress", *tiny, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "runs" / "r"
+    assert "final weights, epoch 2" in r.stdout and "checkpoint: runs/r/checkpoint_last.pt" in r.stdout
+    assert not (run / "checkpoint_best.pt").exists()
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and not any(c.startswith("val_") for c in rows[0])  # no early stop, nothing validated
+    results = json.loads((run / "results.json").read_text())
+    assert results["valid"] == {} and results["checkpoint"] == "checkpoint_last.pt"
+    r = genrec("eval", "--checkpoint", str(run / "checkpoint_last.pt"), "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["hstu"] == pytest.approx(results["test"])
+    r = genrec("eval", "--checkpoint", str(run / "checkpoint_last.pt"), "--stage", "valid", cwd=tmp_path)
+    assert r.returncode == 2 and "train.validation: false" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.parametrize("args,message", [

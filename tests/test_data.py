@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from genrec.config import SyntheticConfig
+from genrec.data.batches import eval_batches
 from genrec.data.loaders import DataFormatError, load_interactions
 from genrec.data.sequences import build_sequences, kcore_filter, leave_one_out, load_prepared, save_prepared
 from genrec.data.synthetic import generate_synthetic
@@ -111,6 +112,20 @@ def test_leave_one_out_split():
     split = leave_one_out(ds)
     assert split.eval_users.tolist() == [0]  # user 2 has 2 events: training only
     assert split.train_end.tolist() == [2, 6]
+    assert split.validation
+
+
+def test_leave_one_out_without_validation_holds_out_only_the_last_event():
+    inter = load_interactions.__globals__["Interactions"](
+        users=np.array([1, 1, 1, 1, 2, 2, 3]), items=np.array([1, 2, 3, 4, 1, 2, 5]),
+        timestamps=np.arange(7), ratings=None, source="t")
+    ds = build_sequences(inter)
+    split = leave_one_out(ds, validation=False)
+    assert split.eval_users.tolist() == [0, 1]  # 2 events are enough to test; user 3 (1 event) trains only
+    assert split.train_end.tolist() == [3, 5, 7]
+    assert [b.targets.tolist() for b in eval_batches(ds, split, "test", max_len=5, batch_size=8)] == [[4, 2]]
+    with pytest.raises(ValueError, match="train.validation: false"):
+        next(eval_batches(ds, split, "valid", max_len=5, batch_size=8))
 
 
 def test_prepared_round_trip_and_atomicity(tmp_path):

@@ -84,9 +84,12 @@ def test_stochastic_length_keeps_order_and_expected_size():
     assert len(sampled) / len(kept) == pytest.approx(1 - m * m / 200**2, abs=0.04)
 
 
-def test_train_batches_supervise_every_prefix_position():
+@pytest.mark.parametrize("validation", [True, False])
+def test_train_batches_supervise_every_prefix_position(validation):
     ds = build_sequences(generate_synthetic(SyntheticConfig(num_users=30, num_items=80, num_clusters=4, seed=2)))
-    split = leave_one_out(ds)
+    split = leave_one_out(ds, validation)
+    # the held-out tail: test (and validation) targets; without validation the second-to-last event trains
+    assert np.array_equal(split.train_end, ds.offsets[1:] - (2 if validation else 1))
     seen_users = []
     for b in train_batches(ds, split, max_len=10, batch_size=7, rng=np.random.default_rng(0)):
         for row, u in enumerate(b.users):

@@ -124,6 +124,8 @@ def target_positions(ds: SequenceDataset, users: np.ndarray, stage: str) -> np.n
 def eval_batches(ds: SequenceDataset, split: Split, stage: str, max_len: int, batch_size: int) -> Iterator[SequenceBatch]:
     """Leave-one-out batches. stage 'valid': history = training part, target = second-to-last event;
     'test': history = all but the last event, target = the last event."""
+    if stage == "valid" and not split.validation:
+        raise ValueError("no validation targets: this run trained on them (train.validation: false)")
     users = split.eval_users
     target_pos = target_positions(ds, users, stage)
     for lo in range(0, len(users), batch_size):

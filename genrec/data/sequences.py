@@ -111,24 +111,28 @@ def build_sequences(inter: Interactions, kcore: int = 0, kcore_passes: int = 0) 
 
 @dataclass
 class Split:
-    """Leave-one-out split over users with >= 3 events (shorter users only add training data).
+    """Leave-one-out split over the users with enough events (shorter users only add training data).
 
     train_end[u]: exclusive end (absolute index into items) of u's training prefix.
-    valid_users / test_users: user indices evaluated; their target is items[offsets[u+1] - 2] for
-    validation (history = the training prefix) and items[offsets[u+1] - 1] for test (history = all
-    but the last event).
+    eval_users: user indices evaluated; their test target is items[offsets[u+1] - 1] (history = all but
+    the last event) and, when ``validation``, their validation target items[offsets[u+1] - 2] (history =
+    the training prefix). Without validation the second-to-last event is training data.
     """
 
     train_end: np.ndarray
     eval_users: np.ndarray
+    validation: bool = True
 
 
-def leave_one_out(ds: SequenceDataset) -> Split:
-    lengths = ds.lengths
-    eval_users = np.flatnonzero(lengths >= 3)
+def leave_one_out(ds: SequenceDataset, validation: bool = True) -> Split:
+    """validation=True: the last event is the test target, the second-to-last the validation target, and
+    users need >= 3 events to be evaluated. validation=False (the reference's protocol: it has no
+    validation split): only the last event is held out, users with >= 2 events are evaluated."""
+    held_out = 2 if validation else 1
+    eval_users = np.flatnonzero(ds.lengths >= held_out + 1)
     train_end = ds.offsets[1:].copy()
-    train_end[eval_users] -= 2
-    return Split(train_end=train_end, eval_users=eval_users)
+    train_end[eval_users] -= held_out
+    return Split(train_end=train_end, eval_users=eval_users, validation=validation)
 
 
 def save_prepared(ds: SequenceDataset, out_dir: str | Path, meta: dict | None = None, overwrite: bool = False) -> Path:
