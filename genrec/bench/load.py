@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import socket
 import time
 
 import grpc
@@ -107,3 +108,36 @@ def _latency_process(port: int, queries: np.ndarray, k: int, n: int, warmup: int
         compute.append(reply.timing.compute_ms if method == "search" else 0.0)
     channel.close()
     results.put((np.array(total[warmup:]), np.array(compute[warmup:])))
+
+
+def tcp_echo_wait_ms(wait_s: float, n: int, warmup: int = 10) -> np.ndarray:
+    """Round trips of a raw loopback TCP echo whose server (a spawned process) sleeps ``wait_s`` before each
+    reply, minus that wait: (n,) ms. What a blocking wait of that length costs on this machine by itself
+    (waking an idle CPU or thread), with no gRPC or Python handler work."""
+    ctx = mp.get_context("spawn")
+    ports = ctx.Queue()
+    p = ctx.Process(target=_echo_server, args=(wait_s, ports), daemon=True)
+    p.start()
+    out = []
+    with socket.create_connection(("127.0.0.1", ports.get(timeout=60)), timeout=30) as c:
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(warmup + n):
+            t = time.perf_counter()
+            c.sendall(b"q" * 64)
+            got = 0
+            while got < 64:
+                got += len(c.recv(64 - got))
+            out.append((time.perf_counter() - t - wait_s) * 1e3)
+    p.join(timeout=10)
+    return np.array(out[warmup:])
+
+
+def _echo_server(wait_s: float, ports) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as s:
+        ports.put(s.getsockname()[1])
+        conn, _ = s.accept()
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while data := conn.recv(64):
+                time.sleep(wait_s)
+                conn.sendall(data)

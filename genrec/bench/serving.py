@@ -6,7 +6,10 @@ loopback, one with dynamic batching and one without. Measured:
   and on), p50/p99. overhead_p50_ms is the gRPC p50 minus the in-process p50; rpc_overhead_p50_ms the
   p50 over requests of (round trip - the server's own compute time of that request), which does not
   move with the search's run-to-run noise. grpc.health.v1 Check from the same client: the transport's
-  floor on this machine;
+  floor on this machine. A raw TCP echo whose server sleeps the in-process p50 before replying (minus
+  that sleep): what a wait as long as the search costs by itself (an idle CPU or thread waking up),
+  which the health check, answered at once, does not pay. The servicer's Search called in-process with
+  no transport: its rpc_overhead_p50_ms is what the handler itself adds to the search;
   throughput: closed-loop clients at concurrency 1/16/64 for --seconds each, QPS with batching on vs off;
   with batching, the mean batch (queries per search), batcher_busy, the fraction of the run the search
   workers spent searching (near 1 per worker: compute-bound; well below: starved by per-request costs),
@@ -15,7 +18,10 @@ loopback, one with dynamic batching and one without. Measured:
 Clients (genrec.bench.load: separate processes, asyncio, no torch) and servers share the machine's
 cores, as a sidecar deployment would.
 
-    genrec bench serving [--items 200000] [--dim 64] [--seconds 5] [--device cuda]
+    genrec bench serving [--items 200000 ...] [--dim 64] [--seconds 5] [--concurrency 1 16 64] [--device cuda]
+
+Several --items sizes run one after another into one table (an items column); --concurrency with no value
+measures batch-1 latency only.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from __future__ import annotations
 import argparse
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from genrec.bench.load import closed_loop, remote_latencies_ms
+from genrec.bench.load import closed_loop, remote_latencies_ms, search_request, tcp_echo_wait_ms
 from genrec.bench.report import provenance, random_unit, write_table
 from genrec.bench.timing import best_seconds, latencies_ms
 
@@ -38,11 +45,13 @@ log = logging.getLogger("genrec.bench")
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="genrec bench serving", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", type=int, default=200_000)
+    ap.add_argument("--items", type=int, nargs="+", default=[200_000],
+                    help="index sizes, each measured in turn (one table, an items column)")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--latency-queries", type=int, default=300)
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 16, 64],
+                    help="closed-loop client counts for the QPS part; none: batch-1 latency only")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
@@ -54,20 +63,34 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    rows: list[dict] = []
+    for n in args.items:
+        rows += measure(args, n)
+    meta = {**provenance(), "threads": args.threads, "items": args.items if len(args.items) > 1 else args.items[0],
+            "dim": args.dim, "k": args.k, "index": "flat MIPS (exact)", "max_batch": args.max_batch,
+            "max_delay_ms": args.max_delay_ms, "batch_workers": args.batch_workers, "index_device": args.device,
+            "note": "clients and servers on the same machine; loopback gRPC"}
+    md = write_table(rows, args.out_dir, args.stem, meta)
+    plot(rows, Path(args.out_dir) / f"{args.stem}.png", meta)
+    print(md.read_text())
+    return 0
 
+
+def measure(args, num_items: int) -> list[dict]:
+    """The batch-1 latency rows and (for each --concurrency) the QPS rows of one index size."""
     from genrec.index.mips import FlatMIPS
     from genrec.index.storage import save_index
     from genrec.serving.config import BatchingConfig, IndexEntry, LimitsConfig, ServeConfig
     from genrec.serving.server import RetrievalServer
 
     rng = np.random.default_rng(0)
-    items = random_unit(rng, args.items, args.dim)
+    items = random_unit(rng, num_items, args.dim)
     queries = random_unit(rng, 1024, args.dim)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         path = save_index(FlatMIPS(torch.from_numpy(items)), tmp, "bench", "v1")
         index = FlatMIPS(torch.from_numpy(items)).to(args.device)
-        limits = LimitsConfig(max_concurrent_rpcs=1024, workers=max(args.concurrency) + 8)
+        limits = LimitsConfig(max_concurrent_rpcs=1024, workers=max(args.concurrency, default=1) + 8)
         servers = {}
         for batching in (False, True):
             cfg = ServeConfig(port=0, indexes=(IndexEntry("bench", str(path), "size", device=args.device),), limits=limits,
@@ -84,23 +107,28 @@ def main(argv: list[str] | None = None) -> int:
             lat["grpc health check (transport floor)"], _ = remote_latencies_ms(
                 servers[False].port, queries, args.k, args.latency_queries, method="health")
             base = float(np.percentile(lat["in-process"], 50))
+            lat["tcp echo after a wait of the search's p50, minus the wait (machine floor)"] = tcp_echo_wait_ms(
+                base / 1e3, args.latency_queries)
+            handler, server_compute["Search handler, no gRPC (servicer called in-process)"] = servicer_latencies_ms(
+                servers[False], queries, args.k, args.latency_queries)
+            lat["Search handler, no gRPC (servicer called in-process)"] = handler
             for name, v in lat.items():
                 p50 = float(np.percentile(v, 50))
-                row = {"measure": "latency_b1", "system": name, "concurrency": 1, "p50_ms": round(p50, 3),
-                       "p99_ms": round(float(np.percentile(v, 99)), 3)}
+                row = {"items": num_items, "measure": "latency_b1", "system": name, "concurrency": 1,
+                       "p50_ms": round(p50, 3), "p99_ms": round(float(np.percentile(v, 99)), 3)}
                 if name in server_compute:  # vs in-process; and per request, minus the server's own compute
                     row["overhead_p50_ms"] = round(p50 - base, 3)
                     row["server_compute_p50_ms"] = round(float(np.percentile(server_compute[name], 50)), 3)
                     row["rpc_overhead_p50_ms"] = round(float(np.percentile(v - server_compute[name], 50)), 3)
                 rows.append(row)
-                log.info("%s: p50 %.3f ms", name, p50)
+                log.info("%d items, %s: p50 %.3f ms", num_items, name, p50)
             for conc in args.concurrency:
                 qps = {}
                 for batching, srv in servers.items():
                     before = batcher_counters(srv)
                     done, failed = closed_loop(srv.port, queries, args.k, conc, args.seconds)
                     qps[batching] = done / args.seconds
-                    row = {"measure": "throughput", "system": f"grpc batching={'on' if batching else 'off'}",
+                    row = {"items": num_items, "measure": "throughput", "system": f"grpc batching={'on' if batching else 'off'}",
                            "concurrency": conc, "qps": round(qps[batching], 1), "failed": failed}
                     if batching:  # how full the batches were, how busy the search workers, and a batch's
                         # time in the loaded server vs the same search alone in this process
@@ -112,20 +140,38 @@ def main(argv: list[str] | None = None) -> int:
                         row["in_process_ms_per_batch"] = round(float(np.median(
                             [best_seconds(lambda: index.search(queries[:nq], args.k), 1) for _ in range(5)])) * 1e3, 1)
                     rows.append(row)
-                    log.info("concurrency %d batching %s: %.1f QPS (%d failed)", conc, batching, qps[batching], failed)
-                rows.append({"measure": "throughput_ratio", "system": "batching on / off", "concurrency": conc,
-                             "qps": round(qps[True] / max(qps[False], 1e-9), 2)})
+                    log.info("%d items, concurrency %d batching %s: %.1f QPS (%d failed)", num_items, conc, batching,
+                             qps[batching], failed)
+                rows.append({"items": num_items, "measure": "throughput_ratio", "system": "batching on / off",
+                             "concurrency": conc, "qps": round(qps[True] / max(qps[False], 1e-9), 2)})
         finally:
             for srv in servers.values():
                 srv.stop(grace=1)
-    meta = {**provenance(), "threads": args.threads, "items": args.items, "dim": args.dim, "k": args.k,
-            "index": "flat MIPS (exact)", "max_batch": args.max_batch, "max_delay_ms": args.max_delay_ms,
-            "batch_workers": args.batch_workers, "index_device": args.device,
-            "note": "clients and servers on the same machine; loopback gRPC"}
-    md = write_table(rows, args.out_dir, args.stem, meta)
-    plot(rows, Path(args.out_dir) / f"{args.stem}.png", meta)
-    print(md.read_text())
-    return 0
+    return rows
+
+
+class _LocalContext:
+    """The little of a grpc.ServicerContext that a Search without a deadline uses."""
+
+    def time_remaining(self):
+        return None
+
+    def abort(self, code, message):
+        raise RuntimeError(f"{code}: {message}")
+
+
+def servicer_latencies_ms(srv, queries: np.ndarray, k: int, n: int, warmup: int = 5) -> tuple[np.ndarray, np.ndarray]:
+    """n batch-1 Search calls straight into ``srv``'s servicer (request objects built beforehand, no
+    transport): (call ms, the search's own compute_ms), each (n,). Their difference is what the handler
+    itself adds: validation, the batcher's bookkeeping, metrics, building the reply."""
+    requests = [search_request(queries[i % len(queries)], k) for i in range(warmup + n)]
+    total, compute = [], []
+    for request in requests:
+        t = time.perf_counter()
+        reply = srv.service.Search(request, _LocalContext())
+        total.append((time.perf_counter() - t) * 1e3)
+        compute.append(reply.timing.compute_ms)
+    return np.array(total[warmup:]), np.array(compute[warmup:])
 
 
 def batcher_counters(srv) -> tuple[float, float, float]:
@@ -136,6 +182,7 @@ def batcher_counters(srv) -> tuple[float, float, float]:
 
 
 def plot(rows: list[dict], path: Path, meta: dict) -> None:
+    """QPS vs clients per index size and batching; with several sizes, also batch-1 p50 vs index size."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,16 +190,26 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
 
     from genrec.plots import save_figure
 
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for system in ("grpc batching=off", "grpc batching=on"):
-        pts = [(r["concurrency"], r["qps"]) for r in rows if r["measure"] == "throughput" and r["system"] == system]
-        if pts:
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, marker="o", label=system)
-    ax.set(xlabel="concurrent clients", ylabel="QPS", xscale="log", yscale="log",
-           title=f"gRPC Search, flat MIPS {meta['items']:,} x {meta['dim']}, {meta['device']}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
+    sizes = sorted({r["items"] for r in rows})
+    qps_rows = [r for r in rows if r["measure"] == "throughput"]
+    panels = (["qps"] if qps_rows else []) + (["latency"] if len(sizes) > 1 or not qps_rows else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "qps":
+            for n in sizes:
+                for system in ("grpc batching=off", "grpc batching=on"):
+                    pts = [(r["concurrency"], r["qps"]) for r in qps_rows if r["system"] == system and r["items"] == n]
+                    if pts:
+                        ax.plot(*zip(*pts), marker="o", label=f"{n:,} items, {system}")
+            ax.set(xlabel="concurrent clients", ylabel="QPS", xscale="log", yscale="log", title="closed-loop QPS")
+        else:
+            for system in dict.fromkeys(r["system"] for r in rows if r["measure"] == "latency_b1"):
+                pts = [(r["items"], r["p50_ms"]) for r in rows if r["measure"] == "latency_b1" and r["system"] == system]
+                ax.plot(*zip(*pts), marker="o", label=system)
+            ax.set(xlabel="index items", ylabel="batch-1 p50 (ms)", xscale="log", yscale="log", title="batch-1 latency")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.suptitle(f"gRPC Search, flat MIPS x {meta['dim']}, {meta['device']}")
     save_figure(fig, path)
 
 
