@@ -160,8 +160,6 @@ def point_label(point: list[str]) -> str:
 def sweep(args) -> None:
     """Grid at the first seed, selection on validation HR@10 per system, the chosen point at every seed."""
     stem = args.stem or "train_quality_sweep"
-    if any(o.replace(" ", "").lower() in ("train.validation=false", "train.validation=0") for o in args.set):
-        raise SystemExit("--grid picks each system's point on validation HR@10: it needs train.validation true")
     seeds = args.seeds or [42]
     points = grid_points(args.grid)
     grid_rows, chosen_rows = [], []
@@ -172,6 +170,8 @@ def sweep(args) -> None:
             if args.systems and encoder not in args.systems:
                 continue
             extra = [f"model.encoder={encoder}"]
+            if not load_config(ROOT / cfg_path, [*extra, *args.set]).train.validation:
+                raise SystemExit("--grid picks each system's point on validation HR@10: it needs train.validation true")
             results = []
             for i, point in enumerate(points):
                 row, _ = run_one(args, ds, encoder, cfg_path, extra, seeds[0], point, tag=f"-g{i}")
