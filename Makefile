@@ -54,8 +54,9 @@ bench: setup
 	for s in hstu sasrec; do $(BIN)/python benchmarks/train_quality.py --datasets ml100k --systems $$s --grid model.num_blocks=8 --set model.num_heads=2 --set model.dqk=25 --set model.dv=25 --seeds 42 --threads 1 --stem ml100k_large_$$s; done
 	$(BIN)/genrec bench retrieval --items 100000
 	$(BIN)/genrec bench retrieval --items 1000000 --budgets 16 --repeats 1 --skip-qps mol-exact:128 mol-topk-per-embedding mol-combined
-	$(BIN)/genrec bench serving --stem serving_200k
-	$(BIN)/genrec bench serving --items 1000000 --stem serving_1m
+	$(BIN)/genrec bench serving --repeats 3 --stem serving_200k
+	$(BIN)/genrec bench serving --items 1000000 --repeats 3 --stem serving_1m
+	$(BIN)/genrec bench serving --items 1000 20000 200000 --concurrency --stem serving_b1_sizes
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis *.egg-info

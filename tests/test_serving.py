@@ -556,18 +556,21 @@ def test_soak_harness_short_run_finds_no_errors_leaks_or_wrong_answers(tmp_path)
 
 
 def test_load_generator_processes_drive_a_server_and_report_its_compute(server):
-    """The benchmark's client processes (asyncio closed loop, remote latency probe) complete real searches."""
+    """The benchmark's client processes (asyncio closed loop, remote latency probe) complete real searches,
+    and report CPU over their timed windows: the clients' own and this process's (the server runs here)."""
     from genrec.bench.load import client_shares, closed_loop, remote_latencies_ms
 
     assert client_shares(5, 2) == [3, 2] and client_shares(1, 4) == [1]
     q = unit(16, 9)
-    done, failed = closed_loop(server.port, q, 5, concurrency=3, seconds=0.5, processes=2)
-    assert done > 0 and failed == 0
-    total, compute = remote_latencies_ms(server.port, q, 5, n=7)
-    assert total.shape == compute.shape == (7,)
-    assert (compute > 0).all() and (compute < total).all()
-    floor, zero = remote_latencies_ms(server.port, q, 5, n=3, method="health")
-    assert (floor > 0).all() and (zero == 0).all()
+    run = closed_loop(server.port, q, 5, concurrency=3, seconds=0.5, processes=2)
+    assert run.done > 0 and run.failed == 0
+    assert 0 < run.client_cpu_s < 2 * 0.5 + 1 and run.process_cpu_s > 0  # the server answered every call here
+    lat = remote_latencies_ms(server.port, q, 5, n=7)
+    assert lat.total_ms.shape == lat.compute_ms.shape == (7,)
+    assert (lat.compute_ms > 0).all() and (lat.compute_ms < lat.total_ms).all()
+    assert lat.client_cpu_ms > 0 and lat.process_cpu_ms > 0
+    floor = remote_latencies_ms(server.port, q, 5, n=3, method="health")
+    assert (floor.total_ms > 0).all() and (floor.compute_ms == 0).all()
 
 
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/maps"), reason="needs /proc/self/maps")
@@ -635,3 +638,24 @@ def test_a_device_the_machine_lacks_is_refused_by_name_and_the_old_version_keeps
     with pytest.raises(PlacementError, match="index 'hnsw': mips-faiss indexes search on the CPU only"):
         registry.load("hnsw", index_root / "hnsw", "size", device="cuda")
     assert registry.get("hnsw") is None
+
+
+def test_bench_serving_reports_cpu_per_call_and_a_median_ratio_over_repeats(tmp_path):
+    """`genrec bench serving` end to end on a tiny index: every row kind, CPU per call beside the timings,
+    and with --repeats one QPS pair per repeat plus their median ratio."""
+    from genrec.bench import serving as bench
+
+    rc = bench.main(["--items", "500", "--dim", "8", "--latency-queries", "5", "--concurrency", "2", "--seconds", "0.3",
+                     "--repeats", "2", "--out-dir", str(tmp_path), "--stem", "s"])
+    rows = json.loads((tmp_path / "s.json").read_text())["rows"]
+    assert rc == 0 and (tmp_path / "s.png").stat().st_size
+    health = next(r for r in rows if r["system"] == "grpc health check (transport floor)")
+    assert health["client_cpu_ms"] > 0 and health["server_cpu_ms"] > 0
+    qps = [r for r in rows if r["measure"] == "throughput"]
+    assert sorted((r["rep"], r["system"]) for r in qps) == [(0, "grpc batching=off"), (0, "grpc batching=on"),
+                                                           (1, "grpc batching=off"), (1, "grpc batching=on")]
+    assert all(r["qps"] > 0 and r["failed"] == 0 and r["server_cpu_ms"] > 0 and r["client_cpu_ms"] > 0 for r in qps)
+    ratios = [r["qps"] for r in rows if r["measure"] == "throughput_ratio"]
+    median = next(r for r in rows if r["measure"] == "throughput_ratio_median")
+    assert len(ratios) == 2 and median["ratio_min"] <= median["qps"] <= median["ratio_max"]
+    assert median["qps"] == pytest.approx(float(np.median(ratios)), abs=0.01)

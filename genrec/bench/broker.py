@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     lat = latencies_ms(lambda q: c.search(q, args.k, timeout=30), queries, args.latency_queries, warmup=5)
                     ids_now = c.search(queries[:64], args.k, timeout=30)[1]
                 reference = ids_now if reference is None else reference
-                done, failed = closed_loop(front.port, queries, args.k, args.concurrency, args.seconds)
+                done, failed, *_ = closed_loop(front.port, queries, args.k, args.concurrency, args.seconds)
                 rows.append({"setup": "single server" if s == 0 else f"broker + {s} shard(s)", "shards": s,
                              "items_per_shard": args.items // max(s, 1),
                              "p50_ms_b1": round(float(np.percentile(lat, 50)), 3),

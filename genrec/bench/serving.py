@@ -15,10 +15,15 @@ loopback, one with dynamic batching and one without. Measured:
   workers spent searching (near 1 per worker: compute-bound; well below: starved by per-request costs),
   and server_ms_per_batch (busy time / batches) beside in_process_ms_per_batch, the same index searching
   a batch of that size in this process with the servers idle: what the load costs each search.
+CPU per call (ms), beside the timings: client_cpu_ms, the client processes' CPU per completed call, and
+server_cpu_ms, this process's (both servers and their threads live here) per call over the same window;
+cpu_cores_busy, both together per second of a QPS run. With clients and servers on the same cores,
+QPS can't exceed cores * 1000 / (client_cpu_ms + server_cpu_ms), and the health check's two figures are
+what the transport alone costs per call, before any handler runs.
 Clients (genrec.bench.load: separate processes, asyncio, no torch) and servers share the machine's
 cores, as a sidecar deployment would.
 
-    genrec bench serving [--items 200000 ...] [--dim 64] [--seconds 5] [--concurrency 1 16 64] [--device cuda]
+    genrec bench serving [--items 200000 ...] [--dim 64] [--seconds 5] [--concurrency 1 16 64] [--repeats 1] [--device cuda]
 
 Several --items sizes run one after another into one table (an items column); --concurrency with no value
 measures batch-1 latency only.
@@ -35,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.bench.load import closed_loop, remote_latencies_ms, search_request, tcp_echo_wait_ms
+from genrec.bench.load import closed_loop, process_cpu_s, remote_latencies_ms, search_request, tcp_echo_wait_ms
 from genrec.bench.report import provenance, random_unit, write_table
 from genrec.bench.timing import best_seconds, latencies_ms
 
@@ -53,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="*", default=[1, 16, 64],
                     help="closed-loop client counts for the QPS part; none: batch-1 latency only")
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="QPS runs per concurrency (on and off back to back, order alternating); > 1 adds a median ratio row")
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--max-delay-ms", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (both servers)")
@@ -68,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += measure(args, n)
     meta = {**provenance(), "threads": args.threads, "items": args.items if len(args.items) > 1 else args.items[0],
             "dim": args.dim, "k": args.k, "index": "flat MIPS (exact)", "max_batch": args.max_batch,
-            "max_delay_ms": args.max_delay_ms, "batch_workers": args.batch_workers, "index_device": args.device,
+            "max_delay_ms": args.max_delay_ms, "batch_workers": args.batch_workers, "seconds": args.seconds,
+            "repeats": args.repeats, "index_device": args.device,
             "note": "clients and servers on the same machine; loopback gRPC"}
     md = write_table(rows, args.out_dir, args.stem, meta)
     plot(rows, Path(args.out_dir) / f"{args.stem}.png", meta)
@@ -100,18 +108,21 @@ def measure(args, num_items: int) -> list[dict]:
             servers[batching] = RetrievalServer(cfg).start()
         try:
             lat = {"in-process": latencies_ms(lambda q: index.search(q, args.k), queries, args.latency_queries, warmup=5)}
-            server_compute = {}
+            server_compute, cpu = {}, {}  # cpu: (client, server) CPU ms per call
             for batching, srv in servers.items():
                 name = f"grpc batching={'on' if batching else 'off'}"
-                lat[name], server_compute[name] = remote_latencies_ms(srv.port, queries, args.k, args.latency_queries)
-            lat["grpc health check (transport floor)"], _ = remote_latencies_ms(
-                servers[False].port, queries, args.k, args.latency_queries, method="health")
+                run = remote_latencies_ms(srv.port, queries, args.k, args.latency_queries)
+                lat[name], server_compute[name], cpu[name] = run.total_ms, run.compute_ms, run[2:]
+            name = "grpc health check (transport floor)"
+            run = remote_latencies_ms(servers[False].port, queries, args.k, args.latency_queries, method="health")
+            lat[name], cpu[name] = run.total_ms, run[2:]
             base = float(np.percentile(lat["in-process"], 50))
             lat["tcp echo after a wait of the search's p50, minus the wait (machine floor)"] = tcp_echo_wait_ms(
                 base / 1e3, args.latency_queries)
-            handler, server_compute["Search handler, no gRPC (servicer called in-process)"] = servicer_latencies_ms(
-                servers[False], queries, args.k, args.latency_queries)
-            lat["Search handler, no gRPC (servicer called in-process)"] = handler
+            name = "Search handler, no gRPC (servicer called in-process)"
+            lat[name], server_compute[name], handler_cpu = servicer_latencies_ms(servers[False], queries, args.k,
+                                                                                 args.latency_queries)
+            cpu[name] = (None, handler_cpu)  # no client: the calls are made in this process
             for name, v in lat.items():
                 p50 = float(np.percentile(v, 50))
                 row = {"items": num_items, "measure": "latency_b1", "system": name, "concurrency": 1,
@@ -120,34 +131,59 @@ def measure(args, num_items: int) -> list[dict]:
                     row["overhead_p50_ms"] = round(p50 - base, 3)
                     row["server_compute_p50_ms"] = round(float(np.percentile(server_compute[name], 50)), 3)
                     row["rpc_overhead_p50_ms"] = round(float(np.percentile(v - server_compute[name], 50)), 3)
+                if name in cpu:
+                    client_ms, server_ms = cpu[name]
+                    if client_ms is not None:
+                        row["client_cpu_ms"] = round(client_ms, 3)
+                    row["server_cpu_ms"] = round(server_ms, 3)
                 rows.append(row)
                 log.info("%d items, %s: p50 %.3f ms", num_items, name, p50)
-            for conc in args.concurrency:
-                qps = {}
-                for batching, srv in servers.items():
-                    before = batcher_counters(srv)
-                    done, failed = closed_loop(srv.port, queries, args.k, conc, args.seconds)
-                    qps[batching] = done / args.seconds
-                    row = {"items": num_items, "measure": "throughput", "system": f"grpc batching={'on' if batching else 'off'}",
-                           "concurrency": conc, "qps": round(qps[batching], 1), "failed": failed}
-                    if batching:  # how full the batches were, how busy the search workers, and a batch's
-                        # time in the loaded server vs the same search alone in this process
-                        (b0, n0, t0), (b1, n1, t1) = before, batcher_counters(srv)
-                        row["mean_batch"] = round((b1 - b0) / max(n1 - n0, 1), 1)
-                        row["batcher_busy"] = round((t1 - t0) / args.seconds, 2)
-                        row["server_ms_per_batch"] = round((t1 - t0) / max(n1 - n0, 1) * 1e3, 1)
-                        nq = max(1, round(row["mean_batch"]))
-                        row["in_process_ms_per_batch"] = round(float(np.median(
-                            [best_seconds(lambda: index.search(queries[:nq], args.k), 1) for _ in range(5)])) * 1e3, 1)
-                    rows.append(row)
-                    log.info("%d items, concurrency %d batching %s: %.1f QPS (%d failed)", num_items, conc, batching,
-                             qps[batching], failed)
-                rows.append({"items": num_items, "measure": "throughput_ratio", "system": "batching on / off",
-                             "concurrency": conc, "qps": round(qps[True] / max(qps[False], 1e-9), 2)})
+            ratios: dict[int, list[float]] = {}
+            for rep in range(args.repeats):  # each repeat runs on and off back to back, the order alternating
+                for conc in args.concurrency:
+                    qps = {}
+                    for batching in ((False, True) if rep % 2 == 0 else (True, False)):
+                        row = throughput_row(args, servers[batching], batching, index, queries, conc)
+                        qps[batching] = row["qps"]
+                        rows.append({"items": num_items, **({"rep": rep} if args.repeats > 1 else {}), **row})
+                    ratios.setdefault(conc, []).append(qps[True] / max(qps[False], 1e-9))
+                    rows.append({"items": num_items, **({"rep": rep} if args.repeats > 1 else {}),
+                                 "measure": "throughput_ratio", "system": "batching on / off", "concurrency": conc,
+                                 "qps": round(ratios[conc][-1], 2)})
+            if args.repeats > 1:
+                for conc, r in ratios.items():
+                    rows.append({"items": num_items, "measure": "throughput_ratio_median",
+                                 "system": f"batching on / off, median of {len(r)}", "concurrency": conc,
+                                 "qps": round(float(np.median(r)), 2), "ratio_min": round(min(r), 2),
+                                 "ratio_max": round(max(r), 2)})
         finally:
             for srv in servers.values():
                 srv.stop(grace=1)
     return rows
+
+
+def throughput_row(args, srv, batching: bool, index, queries: np.ndarray, conc: int) -> dict:
+    """One closed-loop QPS run against ``srv``: QPS, CPU per query (clients', this process's) and, with
+    batching, how full the batches were, how busy the search workers, and a batch's time in the loaded
+    server vs the same search alone in this process."""
+    before = batcher_counters(srv)
+    run = closed_loop(srv.port, queries, args.k, conc, args.seconds)
+    row = {"measure": "throughput", "system": f"grpc batching={'on' if batching else 'off'}", "concurrency": conc,
+           "qps": round(run.done / args.seconds, 1), "failed": run.failed,
+           "client_cpu_ms": round(run.client_cpu_s / max(run.done, 1) * 1e3, 3),
+           "server_cpu_ms": round(run.process_cpu_s / max(run.done, 1) * 1e3, 3),
+           "cpu_cores_busy": round((run.client_cpu_s + run.process_cpu_s) / run.window_s, 2)}
+    if batching:
+        (b0, n0, t0), (b1, n1, t1) = before, batcher_counters(srv)
+        row["mean_batch"] = round((b1 - b0) / max(n1 - n0, 1), 1)
+        row["batcher_busy"] = round((t1 - t0) / args.seconds, 2)
+        row["server_ms_per_batch"] = round((t1 - t0) / max(n1 - n0, 1) * 1e3, 1)
+        nq = max(1, round(row["mean_batch"]))
+        row["in_process_ms_per_batch"] = round(float(np.median(
+            [best_seconds(lambda: index.search(queries[:nq], args.k), 1) for _ in range(5)])) * 1e3, 1)
+    log.info("%d items, concurrency %d batching %s: %.1f QPS (%d failed)", index.ntotal, conc, batching,
+             row["qps"], run.failed)
+    return row
 
 
 class _LocalContext:
@@ -160,18 +196,20 @@ class _LocalContext:
         raise RuntimeError(f"{code}: {message}")
 
 
-def servicer_latencies_ms(srv, queries: np.ndarray, k: int, n: int, warmup: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def servicer_latencies_ms(srv, queries: np.ndarray, k: int, n: int, warmup: int = 5) -> tuple[np.ndarray, np.ndarray, float]:
     """n batch-1 Search calls straight into ``srv``'s servicer (request objects built beforehand, no
-    transport): (call ms, the search's own compute_ms), each (n,). Their difference is what the handler
-    itself adds: validation, the batcher's bookkeeping, metrics, building the reply."""
+    transport): (call ms, the search's own compute_ms, each (n,); this process's CPU ms per call). Their
+    difference is what the handler itself adds: validation, the batcher's bookkeeping, metrics, the reply."""
     requests = [search_request(queries[i % len(queries)], k) for i in range(warmup + n)]
     total, compute = [], []
-    for request in requests:
+    for i, request in enumerate(requests):
+        if i == warmup:
+            cpu0 = process_cpu_s()
         t = time.perf_counter()
         reply = srv.service.Search(request, _LocalContext())
         total.append((time.perf_counter() - t) * 1e3)
         compute.append(reply.timing.compute_ms)
-    return np.array(total[warmup:]), np.array(compute[warmup:])
+    return np.array(total[warmup:]), np.array(compute[warmup:]), (process_cpu_s() - cpu0) / n * 1e3
 
 
 def batcher_counters(srv) -> tuple[float, float, float]:
@@ -198,10 +236,15 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
         if panel == "qps":
             for n in sizes:
                 for system in ("grpc batching=off", "grpc batching=on"):
-                    pts = [(r["concurrency"], r["qps"]) for r in qps_rows if r["system"] == system and r["items"] == n]
+                    runs: dict[int, list[float]] = {}  # concurrency -> QPS of each repeat
+                    for r in qps_rows:
+                        if r["system"] == system and r["items"] == n:
+                            runs.setdefault(r["concurrency"], []).append(r["qps"])
+                    pts = [(c, float(np.median(v))) for c, v in sorted(runs.items())]
                     if pts:
                         ax.plot(*zip(*pts), marker="o", label=f"{n:,} items, {system}")
-            ax.set(xlabel="concurrent clients", ylabel="QPS", xscale="log", yscale="log", title="closed-loop QPS")
+            ax.set(xlabel="concurrent clients", ylabel="QPS (median of repeats)", xscale="log", yscale="log",
+                   title="closed-loop QPS")
         else:
             for system in dict.fromkeys(r["system"] for r in rows if r["measure"] == "latency_b1"):
                 pts = [(r["items"], r["p50_ms"]) for r in rows if r["measure"] == "latency_b1" and r["system"] == system]
