@@ -13,11 +13,13 @@ import torch
 from genrec.index.base import Index, IndexState
 from genrec.index.stage1 import from_numpy
 from genrec.retrieval.search import SearchResult, validate_queries
-from genrec.retrieval.topk import chunked_topk_columns, mask_excluded, select_topk
+from genrec.retrieval.topk import chunked_topk_columns, empty_topk, mask_excluded, pad_invalid, select_topk
 
 
 SCORE_BLOCK_FLOATS = 1 << 22  # one chunk's (width, c) score block: 16 MiB (measured best of 2^20..2^24 over nq 1-64; 32 MiB+ blocks fault in fresh pages each call)
 GPU_SCORE_BLOCK_FLOATS = 1 << 26  # on CUDA: 256 MiB blocks, so 100M items take ~400 chunks' launches at nq 1, not ~25,000
+SMALL_SEARCH_SCORES = 1 << 17  # up to nq x N scores this many, one mm + one selection: the chunked scan's fixed
+# per-call cost (~60 small ops) is then most of the time (1K items, nq 1: 0.37 vs 0.74 ms; 16K x 8: 1.1 vs 1.5 ms)
 
 
 def mm_width(nq: int) -> int:
@@ -71,6 +73,9 @@ class FlatMIPS(Index):
             excl = [e.to(dev) for e in excl]
 
         nq = len(q)
+        if nq * self.ntotal <= SMALL_SEARCH_SCORES:
+            s, rows = self._search_small(q, k, excl)
+            return self._result(s.cpu(), rows.cpu(), torch.ones(nq, dtype=torch.bool), torch.full((nq,), float("-inf")))
         if dev.type == "cuda":  # MKL's width quirk is a CPU matter; a GPU wants few, large chunks
             width = nq
             chunk = max(1024, GPU_SCORE_BLOCK_FLOATS // width)
@@ -86,6 +91,17 @@ class FlatMIPS(Index):
         s, rows = chunked_topk_columns(score, self.ntotal, nq, k, chunk, dtype=q.dtype, device=dev, width=width)
         s, rows = s.cpu(), rows.cpu()
         return self._result(s, rows, torch.ones(len(q), dtype=torch.bool), torch.full((len(q),), float("-inf")))
+
+    def _search_small(self, q: torch.Tensor, k: int, excl: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """All (nq, N) scores at once, then the top k by (score desc, row asc), -1 / -inf padded to k."""
+        nq = len(q)
+        scores = torch.mm(q, self.items.float().T)
+        mask_excluded(scores, 0, excl)
+        s, rows = select_topk(scores, torch.arange(self.ntotal, device=q.device).expand(nq, -1), k)
+        if s.shape[1] < k:  # fewer items than k
+            pad_s, pad_rows = empty_topk(nq, k - s.shape[1], q.device)
+            s, rows = torch.cat([s, pad_s], 1), torch.cat([rows, pad_rows], 1)
+        return pad_invalid(s, rows)
 
     def state(self) -> IndexState:
         return IndexState(self.kind, {"factory": "Flat", "chunk_size": self.chunk_size},

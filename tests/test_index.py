@@ -225,23 +225,24 @@ def test_flat_and_faiss_mips_round_trip(tmp_path):
         assert 100 not in loaded.search(q, 7, exclude=[[100], [], [], []])[1][0]
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 3000), nq=st.integers(1, 40), k=st.integers(1, 50), block=st.sampled_from([64, 1 << 20]),
-       chunk_size=st.sampled_from([7, 262144]), seed=st.integers(0, 99))
-def test_flat_mips_batch_sized_chunks_equal_a_full_sort(n, nq, k, block, chunk_size, seed):
-    """Whatever chunk the batch size picks, the answer is the full sort (score desc, id asc) with ties,
-    exclusions and -1 padding."""
+       chunk_size=st.sampled_from([7, 262144]), small=st.sampled_from([0, 1 << 17]), seed=st.integers(0, 99))
+def test_flat_mips_batch_sized_chunks_equal_a_full_sort(n, nq, k, block, chunk_size, small, seed):
+    """Whatever chunk the batch size picks, and with the small-search path (all scores at once) on or
+    off, the answer is the full sort (score desc, id asc) with ties, exclusions and -1 padding."""
     import genrec.index.mips as mips
 
     g = torch.Generator().manual_seed(seed)
     items = torch.randint(-2, 3, (n, 4), generator=g).float()  # integer scores: many ties
     q = torch.randint(-2, 3, (nq, 4), generator=g).float()
     exclude = [list(range(r % 3)) for r in range(nq)]
-    saved, mips.SCORE_BLOCK_FLOATS = mips.SCORE_BLOCK_FLOATS, block
+    saved = mips.SCORE_BLOCK_FLOATS, mips.SMALL_SEARCH_SCORES
+    mips.SCORE_BLOCK_FLOATS, mips.SMALL_SEARCH_SCORES = block, small
     try:
         D, I = FlatMIPS(items, chunk_size=chunk_size).search(q.numpy(), k, exclude=exclude)
     finally:
-        mips.SCORE_BLOCK_FLOATS = saved
+        mips.SCORE_BLOCK_FLOATS, mips.SMALL_SEARCH_SCORES = saved
     scores = q @ items.T
     for r in range(nq):
         order = sorted((j for j in range(n) if j not in exclude[r]), key=lambda j: (-scores[r, j].item(), j))[:k]

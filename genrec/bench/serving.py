@@ -112,10 +112,11 @@ def measure(args, num_items: int) -> list[dict]:
             for batching, srv in servers.items():
                 name = f"grpc batching={'on' if batching else 'off'}"
                 run = remote_latencies_ms(srv.port, queries, args.k, args.latency_queries)
-                lat[name], server_compute[name], cpu[name] = run.total_ms, run.compute_ms, run[2:]
+                lat[name], server_compute[name] = run.total_ms, run.compute_ms
+                cpu[name] = (run.client_cpu_ms, run.process_cpu_ms)
             name = "grpc health check (transport floor)"
             run = remote_latencies_ms(servers[False].port, queries, args.k, args.latency_queries, method="health")
-            lat[name], cpu[name] = run.total_ms, run[2:]
+            lat[name], cpu[name] = run.total_ms, (run.client_cpu_ms, run.process_cpu_ms)
             base = float(np.percentile(lat["in-process"], 50))
             lat["tcp echo after a wait of the search's p50, minus the wait (machine floor)"] = tcp_echo_wait_ms(
                 base / 1e3, args.latency_queries)
@@ -140,15 +141,15 @@ def measure(args, num_items: int) -> list[dict]:
                 log.info("%d items, %s: p50 %.3f ms", num_items, name, p50)
             ratios: dict[int, list[float]] = {}
             for rep in range(args.repeats):  # each repeat runs on and off back to back, the order alternating
+                tag = {"items": num_items, **({"rep": rep} if args.repeats > 1 else {})}
                 for conc in args.concurrency:
                     qps = {}
                     for batching in ((False, True) if rep % 2 == 0 else (True, False)):
                         row = throughput_row(args, servers[batching], batching, index, queries, conc)
                         qps[batching] = row["qps"]
-                        rows.append({"items": num_items, **({"rep": rep} if args.repeats > 1 else {}), **row})
+                        rows.append({**tag, **row})
                     ratios.setdefault(conc, []).append(qps[True] / max(qps[False], 1e-9))
-                    rows.append({"items": num_items, **({"rep": rep} if args.repeats > 1 else {}),
-                                 "measure": "throughput_ratio", "system": "batching on / off", "concurrency": conc,
+                    rows.append({**tag, "measure": "throughput_ratio", "system": "batching on / off", "concurrency": conc,
                                  "qps": round(ratios[conc][-1], 2)})
             if args.repeats > 1:
                 for conc, r in ratios.items():
