@@ -56,6 +56,7 @@ bench: setup
 	$(BIN)/genrec bench retrieval --items 1000000 --budgets 16 --repeats 1 --skip-qps mol-exact:128 mol-topk-per-embedding mol-combined
 	$(BIN)/genrec bench serving --repeats 3 --stem serving_200k
 	$(BIN)/genrec bench serving --items 1000000 --repeats 3 --stem serving_1m
+	$(BIN)/genrec bench serving --items 2000000 --concurrency 16 64 --repeats 3 --latency-queries 100 --stem serving_2m
 	$(BIN)/genrec bench serving --items 1000 20000 200000 --concurrency --stem serving_b1_sizes
 
 clean:
