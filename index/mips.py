@@ -36,7 +36,8 @@ class FlatMIPS(Index):
     A batch of nq queries scans ``min(chunk_size, max(1024, SCORE_BLOCK_FLOATS / nq))`` items per chunk into one
     reused score buffer: a large batch then never writes (and faults in) an (nq, N) matrix, which on CPU
     costs more than the mm itself. Scores are made item-major (items @ q.T, ~1.5x faster than q @ items.T
-    on CPU at small nq) and each chunk is cut by a group-max pre-selection (``column_block_topk``)."""
+    on CPU at small nq) and each chunk is cut by a group-max pre-selection (``column_block_topk``). Up to
+    ``SMALL_SEARCH_SCORES`` scores (nq x N) in all, one mm and one exact selection do it instead."""
 
     kind = "mips"
 
@@ -73,9 +74,13 @@ class FlatMIPS(Index):
             excl = [e.to(dev) for e in excl]
 
         nq = len(q)
-        if nq * self.ntotal <= SMALL_SEARCH_SCORES:
-            s, rows = self._search_small(q, k, excl)
-            return self._result(s.cpu(), rows.cpu(), torch.ones(nq, dtype=torch.bool), torch.full((nq,), float("-inf")))
+        small = nq * self.ntotal <= SMALL_SEARCH_SCORES
+        s, rows = self._search_small(q, k, excl) if small else self._search_chunked(q, k, excl)
+        return self._result(s.cpu(), rows.cpu(), torch.ones(nq, dtype=torch.bool), torch.full((nq,), float("-inf")))
+
+    def _search_chunked(self, q: torch.Tensor, k: int, excl: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Item-major score chunks into one reused buffer, each cut by the group-max pre-selection."""
+        nq, dev = len(q), q.device
         if dev.type == "cuda":  # MKL's width quirk is a CPU matter; a GPU wants few, large chunks
             width = nq
             chunk = max(1024, GPU_SCORE_BLOCK_FLOATS // width)
@@ -88,9 +93,7 @@ class FlatMIPS(Index):
             torch.mm(self.items[start:end].float(), qt, out=out)
             mask_excluded(out.T, start, excl)
 
-        s, rows = chunked_topk_columns(score, self.ntotal, nq, k, chunk, dtype=q.dtype, device=dev, width=width)
-        s, rows = s.cpu(), rows.cpu()
-        return self._result(s, rows, torch.ones(len(q), dtype=torch.bool), torch.full((len(q),), float("-inf")))
+        return chunked_topk_columns(score, self.ntotal, nq, k, chunk, dtype=q.dtype, device=dev, width=width)
 
     def _search_small(self, q: torch.Tensor, k: int, excl: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """All (nq, N) scores at once, then the top k by (score desc, row asc), -1 / -inf padded to k."""
