@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/genrec embed --checkpoint runs/demo/checkpoint_best.pt --out runs/demo/items.npy
 	$(BIN)/genrec build-index --name demo --root runs/demo/indexes --embeddings runs/demo/items.npy \
 	    --checkpoint runs/demo/checkpoint_best.pt --spec "mips:factory=HNSW32,ef_search=64" --no-progress
-	$(BIN)/python -m genrec.serving.demo --index runs/demo/indexes/demo --checkpoint runs/demo/checkpoint_best.pt
+	$(BIN)/python -m genrec.demo --index runs/demo/indexes/demo --checkpoint runs/demo/checkpoint_best.pt
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -27,7 +27,7 @@ from common import RESULTS  # noqa: E402
 
 from genrec.bench.report import provenance, write_table  # noqa: E402
 from genrec.bench.timing import best_seconds  # noqa: E402
-from genrec.encoders.jagged import complete_cumsum, jagged_to_padded  # noqa: E402
+from genrec.kernels.jagged import complete_cumsum, jagged_to_padded  # noqa: E402
 from genrec.kernels.hstu_attention_reference import hstu_attention_reference  # noqa: E402
 
 

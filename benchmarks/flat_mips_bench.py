@@ -27,7 +27,7 @@ import torch
 from genrec.bench.report import provenance, random_unit, write_table
 import genrec.index.mips as mips
 from genrec.index.mips import GPU_SCORE_BLOCK_FLOATS, FlatMIPS
-from genrec.retrieval.topk import chunked_topk
+from genrec.kernels.topk import chunked_topk
 
 
 def query_major(items: torch.Tensor, q: torch.Tensor, k: int, block_floats: int = 1 << 20,

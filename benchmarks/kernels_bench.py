@@ -142,6 +142,7 @@ def mol_rows(kprimes, batches, device, repeats: int, configs: list[str], n_items
         items = torch.nn.functional.normalize(torch.randn(n_items, 64, device=device), dim=-1)
         enc = mol.encode_items(items)
         cache = ItemCache(enc.components.to(cache_dtype).contiguous(), enc.gate.to(cache_dtype).contiguous())
+    gating = mol.gating()
     rows = []
     variants = {"reference": None, **({f"triton {c}": parse_config(c, MOL_KNOBS) for c in configs} if with_kernel else {})}
     for kp in kprimes:
@@ -149,8 +150,8 @@ def mol_rows(kprimes, batches, device, repeats: int, configs: list[str], n_items
             with torch.no_grad():
                 q = mol.encode_queries(torch.nn.functional.normalize(torch.randn(b, 64, device=device), dim=-1))
                 cand = torch.randint(0, n_items, (b, kp), device=device).sort(dim=1).values
-                times = {name: timed((lambda: mol_candidate_scores(mol, q, cache, cand, backend="reference")) if kw is None
-                                     else (lambda kw=kw: mol_candidate_scores_triton(mol, q, cache, cand, **kw)),
+                times = {name: timed((lambda: mol_candidate_scores(gating, q, cache, cand, backend="reference")) if kw is None
+                                     else (lambda kw=kw: mol_candidate_scores_triton(gating, q, cache, cand, **kw)),
                                      device, repeats)
                          for name, kw in variants.items()}
             for name, ms in times.items():

@@ -1,6 +1,6 @@
 """Sequential user encoders (HSTU, SASRec) over jagged item histories.
 
-``SequentialEncoder`` is imported lazily: kernels import ``genrec.encoders.jagged``, and the encoder
+``SequentialEncoder`` is imported lazily: kernels import ``genrec.kernels.jagged``, and the encoder
 imports kernels, so an eager import here would be circular.
 """
 

@@ -10,9 +10,9 @@ from torch import nn
 
 from genrec.config import ModelConfig
 from genrec.encoders.hstu import HSTULayer
-from genrec.encoders.jagged import jagged_to_padded, padded_to_jagged, positions
 from genrec.encoders.sasrec import SASRecBlock
 from genrec.kernels.hstu_attention_reference import time_bucket
+from genrec.kernels.jagged import jagged_to_padded, padded_to_jagged, positions
 
 
 class SequentialEncoder(nn.Module):
@@ -47,6 +47,19 @@ class SequentialEncoder(nn.Module):
         w = self.item_emb.weight if ids is None else self.item_emb(ids)
         return F.normalize(w, dim=-1, eps=1e-6)
 
+    def input_features(self, items: torch.Tensor, pos: torch.Tensor, timestamps: torch.Tensor | None = None,
+                       next_timestamps: torch.Tensor | None = None, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows the blocks see: scaled item embedding + position (+ extra, e.g. the ranker's rating
+        embedding) (+ time-gap bucket when the model has a time embedding and timestamps are given),
+        then input dropout. items, pos (L,) int64; timestamps, next_timestamps (L,) int64; extra (L, D).
+        Returns (L, D) float32."""
+        x = self.item_emb(items) * math.sqrt(self.cfg.item_emb_dim) + self.pos_emb(pos)
+        if extra is not None:
+            x = x + extra
+        if self.time_emb is not None and timestamps is not None:
+            x = x + self.time_emb(time_bucket(next_timestamps - timestamps, self.cfg.time_bucket_divisor, self.cfg.num_time_buckets))
+        return F.dropout(x, p=self.cfg.input_dropout, training=self.training)
+
     def forward(self, items: torch.Tensor, offsets: torch.Tensor, max_len: int,
                 timestamps: torch.Tensor | None = None, next_timestamps: torch.Tensor | None = None) -> torch.Tensor:
         """items: (L,) int64; offsets: (B+1,) int64; max_len: longest row (<= self.max_len);
@@ -54,11 +67,7 @@ class SequentialEncoder(nn.Module):
         each position (the next event's time in training). Returns (L, D) float32, unit-norm rows."""
         if max_len > self.max_len:
             raise ValueError(f"batch row length {max_len} exceeds the model's max_len {self.max_len}")
-        x = self.item_emb(items) * math.sqrt(self.cfg.item_emb_dim)
-        x = x + self.pos_emb(positions(offsets, items.numel()))
-        if self.time_emb is not None and timestamps is not None:
-            x = x + self.time_emb(time_bucket(next_timestamps - timestamps, self.cfg.time_bucket_divisor, self.cfg.num_time_buckets))
-        x = F.dropout(x, p=self.cfg.input_dropout, training=self.training)
+        x = self.input_features(items, positions(offsets, items.numel()), timestamps, next_timestamps)
         if self.cfg.encoder == "hstu":
             use_time = self.cfg.relative_time_bias and timestamps is not None
             rab_cache: dict = {}

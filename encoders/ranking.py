@@ -23,7 +23,6 @@ state is the last history row, the retrieval query) plus a per-item bias -> one 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +32,6 @@ from torch import nn
 from genrec.encoders.hstu import HSTULayer
 from genrec.encoders.model import SequentialEncoder
 from genrec.kernels import hstu_attention
-from genrec.kernels.hstu_attention_reference import time_bucket
 
 
 RATING_LEVELS = 10  # round(2 x rating) clamped to 1..10 covers 1-5 stars and half stars; 0 = no rating
@@ -103,13 +101,8 @@ class RankingModel(nn.Module):
     def _inputs(self, items: torch.Tensor, pos: torch.Tensor, ts: torch.Tensor | None, next_ts: torch.Tensor | None,
                 ratings: torch.Tensor | None = None):
         """ratings: (L,) int64 rating rows (0 = none) or None."""
-        enc = self.encoder
-        x = enc.item_emb(items) * math.sqrt(enc.cfg.item_emb_dim) + enc.pos_emb(pos)
-        if self.rating_emb is not None and ratings is not None:
-            x = x + self.rating_emb(ratings)
-        if enc.time_emb is not None and ts is not None:
-            x = x + enc.time_emb(time_bucket(next_ts - ts, enc.cfg.time_bucket_divisor, enc.cfg.num_time_buckets))
-        return F.dropout(x, p=enc.cfg.input_dropout, training=self.training)
+        extra = self.rating_emb(ratings) if self.rating_emb is not None and ratings is not None else None
+        return self.encoder.input_features(items, pos, ts, next_ts, extra)
 
     @staticmethod
     def _times(history_ts: torch.Tensor | None, request_time: int | None, n: int, m: int, device):

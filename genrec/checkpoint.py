@@ -11,7 +11,9 @@ import torch
 from genrec import __version__
 from genrec.config import RunConfig, from_dict, to_dict
 from genrec.encoders.model import SequentialEncoder
+from genrec.encoders.ranking import RankingModel
 from genrec.io import atomic_write
+from genrec.retrieval.similarity import build_similarity
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -52,8 +54,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def similarity_from_checkpoint(state: dict[str, Any], device: str | torch.device = "cpu"):
     """The trained similarity of a checkpoint: DotProductSimilarity, or an eval-mode MoLSimilarity."""
-    from genrec.retrieval.similarity import build_similarity
-
     cfg = from_dict(state["config"])
     d = cfg.model.item_emb_dim
     sim = build_similarity(cfg.similarity, d, d)
@@ -71,3 +71,17 @@ def model_from_checkpoint(state: dict[str, Any], device: str | torch.device = "c
     model.load_state_dict(state["model"])
     model.eval()
     return model, cfg
+
+
+def ranking_model_from_checkpoint(state: dict[str, Any]) -> RankingModel:
+    """The eval-mode ranker of a ``task: ranking`` checkpoint: its encoder + head, item bias, rating
+    embedding and retrieval weight."""
+    encoder, cfg = model_from_checkpoint(state)
+    model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden, rating_input=cfg.ranking.rating_input)
+    model.head.load_state_dict(state["ranking_head"])
+    if model.rating_emb is not None:
+        model.rating_emb.load_state_dict(state["ranking_rating_emb"])
+    model.item_bias.load_state_dict(state["ranking_item_bias"])
+    with torch.no_grad():
+        model.retrieval_weight.copy_(state["ranking_retrieval_weight"])
+    return model.eval()

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from genrec.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint, similarity_from_checkpoint
+from genrec.checkpoint import (load_checkpoint, model_from_checkpoint, ranking_model_from_checkpoint, save_checkpoint,
+                               similarity_from_checkpoint)
 from genrec.config import RunConfig, dump_config
 from genrec.data.batches import target_positions
 from genrec.data.sequences import SequenceDataset, Split, leave_one_out
@@ -203,18 +204,6 @@ def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, c
     ks = tuple(x for x in cfg.eval.ks if x <= k)
     return {"retrieval": metrics_from_ranks(torch.tensor(ranks_retrieval), ks),
             "retrieval+ranking": metrics_from_ranks(torch.tensor(ranks_reranked), ks)}
-
-
-def ranking_model_from_checkpoint(state: dict) -> RankingModel:
-    encoder, cfg = model_from_checkpoint(state)
-    model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden, rating_input=cfg.ranking.rating_input)
-    model.head.load_state_dict(state["ranking_head"])
-    if model.rating_emb is not None:
-        model.rating_emb.load_state_dict(state["ranking_rating_emb"])
-    model.item_bias.load_state_dict(state["ranking_item_bias"])
-    with torch.no_grad():
-        model.retrieval_weight.copy_(state["ranking_retrieval_weight"])
-    return model.eval()
 
 
 def parameter_groups(model: RankingModel, cfg: RunConfig) -> list[dict]:

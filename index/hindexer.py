@@ -28,7 +28,7 @@ from genrec.index.stage1 import Stage1Table, encode, fit_stage1, from_numpy, ite
 from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits
 from genrec.retrieval.search import SearchResult, rescore_candidates, validate_queries
-from genrec.retrieval.topk import ascending_rows
+from genrec.kernels.topk import ascending_rows
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class MoLHIndexer(Index):
         if len(stage1) != len(cache):
             raise ValueError(f"stage-1 table has {len(stage1)} items, MoL cache {len(cache)}")
         self.mol, self.cache, self.stage1 = mol.eval(), cache, stage1
+        self.gating = self.mol.gating()
         self.kprime, self.sample_size, self.chunk_size, self.rescore_chunk = kprime, sample_size, chunk_size, rescore_chunk
         self._score_sample = stage1.sample_scorer(sample_rows(len(cache), sample_size))
         self.last_stats = SelectionStats()
@@ -121,6 +122,7 @@ class MoLHIndexer(Index):
         CUDA through the fused kernels: one scan launch per ``GPU_SCAN_CHUNK`` items into a fixed hit
         buffer, stage 2 in ``GPU_RESCORE_CHUNK`` candidates per launch). Results come back on the CPU."""
         self.mol = self.mol.to(device)
+        self.gating = self.gating.to(device)
         self.cache = ItemCache(self.cache.components.to(device), self.cache.gate.to(device))
         self.stage1 = self.stage1.to(device)
         self._score_sample = self.stage1.sample_scorer(sample_rows(len(self.cache), self.sample_size))
@@ -196,7 +198,7 @@ class MoLHIndexer(Index):
                                      stats=self.last_stats, final_chunk_size=GPU_FINAL_CHUNK if gpu else None,
                                      order_ties=False)
         cand = ascending_rows(cand)  # an in-order gather; rows are distinct (each item is scanned once)
-        scores, rows = rescore_candidates(self.mol, q, self.cache, cand, k, excl,
+        scores, rows = rescore_candidates(self.gating, q, self.cache, cand, k, excl,
                                           max(self.rescore_chunk, GPU_RESCORE_CHUNK) if gpu else self.rescore_chunk)
         scores, rows = scores.cpu(), rows.cpu()
         exact = kp >= self.ntotal

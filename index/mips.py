@@ -13,7 +13,7 @@ import torch
 from genrec.index.base import Index, IndexState
 from genrec.index.stage1 import from_numpy
 from genrec.retrieval.search import SearchResult, validate_queries
-from genrec.retrieval.topk import chunked_topk_columns, empty_topk, mask_excluded, pad_invalid, select_topk
+from genrec.kernels.topk import chunked_topk_columns, empty_topk, mask_excluded, pad_invalid, select_topk
 
 
 SCORE_BLOCK_FLOATS = 1 << 22  # one chunk's (width, c) score block: 16 MiB (measured best of 2^20..2^24 over nq 1-64; 32 MiB+ blocks fault in fresh pages each call)

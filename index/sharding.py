@@ -24,7 +24,7 @@ import torch
 from genrec.index.storage import FORMAT_VERSION, MANIFEST, IndexFormatError, load_index, package_versions, read_manifest
 from genrec.io import atomic_directory, sha256_file
 from genrec.retrieval.search import SearchResult
-from genrec.retrieval.topk import select_topk
+from genrec.kernels.topk import select_topk
 
 SHARED_STAGE1_FILES = ("stage1_projection.npy", "stage1_scales.npy", "stage1_query_projection.npy")
 

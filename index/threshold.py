@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from genrec.retrieval.topk import select_topk
+from genrec.kernels.topk import select_topk
 
 # (queries, start, end, thresholds (B,), capacity | None) -> (scores (B, W), ids (B, W), counts (B,)):
 # every item of start..end-1 scoring >= its query's threshold (kernels.dispatch.stage1_threshold_scan)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from genrec.encoders.jagged import jagged_to_padded, padded_to_jagged
+from genrec.kernels.jagged import jagged_to_padded, padded_to_jagged
 
 
 def time_bucket(delta: torch.Tensor, divisor: float, num_buckets: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ Per query b and a tile of BLOCK_C candidate rows r:
 Logit columns are ordered j-major (p' = j * P_Q + i) so one matmul against F_b yields them all; the host
 permutes W1, W2, b2, a and the item gate columns to match (phi does not depend on the order).
 Only the (B, C) scores are written (C floats per query against C * P_X * d_P read); the top-k of
-those runs after (``retrieval.topk``).
+those runs after (``kernels.topk``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from genrec.kernels.dispatch import triton_interpreted
+from genrec.kernels.mol_state import ItemCache, MoLGating, QueryState
 
 
 @triton.jit
@@ -92,11 +93,24 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def mol_candidate_scores_triton(mol, q, cache, cand: torch.Tensor | None, block_c: int = 64, num_warps: int = 4,
-                                precision: str = "ieee") -> torch.Tensor:
+def _packed(gating: MoLGating, pq: int, px: int, dev: torch.device) -> tuple[torch.Tensor, ...]:
+    """The gating weights in the kernel's j-major logit order (p' = j * P_Q + i <-> the module's
+    p = i * P_X + j), built once per (weights, shape, device) and kept on the MoLGating."""
+    key = ("triton", pq, px, str(dev))
+    if key not in gating.packed:
+        perm = (torch.arange(pq, device=dev)[None, :] * px + torch.arange(px, device=dev)[:, None]).reshape(-1)
+        w1t = gating.w1.to(dev).float()[:, perm].T.contiguous()  # (P, H)
+        w2t = gating.w2.to(dev).float()[perm, :].T.contiguous()  # (H, P)
+        b1, b2 = gating.b1.to(dev).float().contiguous(), gating.b2.to(dev).float()[perm].contiguous()
+        gating.packed[key] = (perm, perm.to(torch.int32).contiguous(), w1t, b1, w2t, b2)
+    return gating.packed[key]
+
+
+def mol_candidate_scores_triton(gating: MoLGating, q: QueryState, cache: ItemCache, cand: torch.Tensor | None,
+                                block_c: int = 64, num_warps: int = 4, precision: str = "ieee") -> torch.Tensor:
     """Same contract as :func:`mol_candidate_scores_reference`; cand None scores every cached item.
     precision 'ieee' (fp32 dots, within ~1e-6 of the reference) or 'bf16x3' (tensor-core dots, ~1e-4 of max |phi|;
-    see ``_dot``); block_c and num_warps are tuning knobs (``benchmarks/kernels_bench.py``)."""
+    see ``_dot``); block_c and num_warps are tuning knobs (``genrec bench kernels``)."""
     if precision not in ("ieee", "bf16x3"):
         raise ValueError(f"unknown precision {precision!r}; use ieee or bf16x3")
     comps = cache.components
@@ -104,16 +118,11 @@ def mol_candidate_scores_triton(mol, q, cache, cand: torch.Tensor | None, block_
     pq = q.components.shape[1]
     p_total = pq * px
     dev = q.components.device
-    # j-major order: p' = j * P_Q + i  <->  the module's p = i * P_X + j
-    perm = (torch.arange(pq, device=dev)[None, :] * px + torch.arange(px, device=dev)[:, None]).reshape(-1)
-    f = q.components.float() / mol.tau  # (B, P_Q, d_P)
+    perm, perm32, w1t, b1, w2t, b2 = _packed(gating, pq, px, dev)
+    f = q.components.float() / gating.tau  # (B, P_Q, d_P)
     fbd = torch.zeros(len(q), px * dp, p_total, device=dev)
     for j in range(px):
         fbd[:, j * dp : (j + 1) * dp, j * pq : (j + 1) * pq] = f.transpose(1, 2)
-    lin1, lin2 = mol.gate_pair[0], mol.gate_pair[2]
-    w1t = lin1.weight.detach().float()[:, perm].T.contiguous()  # (P, H)
-    w2t = lin2.weight.detach().float()[perm, :].T.contiguous()  # (H, P)
-    b1, b2 = lin1.bias.detach().float().contiguous(), lin2.bias.detach().float()[perm].contiguous()
     qgate = q.gate.float()[:, perm].contiguous()
     flat = comps.reshape(n_items, px * dp)
     if not flat.is_contiguous():
@@ -125,7 +134,7 @@ def mol_candidate_scores_triton(mol, q, cache, cand: torch.Tensor | None, block_
     out = torch.empty(len(q), n_cand, dtype=torch.float32, device=dev)
     if len(q) and n_cand:
         grid = (triton.cdiv(n_cand, block_c), len(q))
-        _mol_stage2_kernel[grid](cand_t, flat, gate, perm.to(torch.int32).contiguous(), fbd, qgate, w1t, b1, w2t, b2, out,
+        _mol_stage2_kernel[grid](cand_t, flat, gate, perm32, fbd, qgate, w1t, b1, w2t, b2, out,
                                  n_cand, px * dp, p_total, w1t.shape[1],
                                  cand_t.stride(0), flat.stride(0), gate.stride(0), fbd.stride(0), fbd.stride(1),
                                  qgate.stride(0), out.stride(0),

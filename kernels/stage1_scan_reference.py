@@ -37,7 +37,7 @@ def stage1_topk_reference(qv: torch.Tensor, codes: torch.Tensor, k: int, id_offs
                           chunk_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best items per query by stage-1 score, ties by smaller id: (B, k) float32 scores and int64
     ids (+ id_offset), -inf / -1 padded when there are fewer than k items. Chunked: never (B, N)."""
-    from genrec.retrieval.topk import chunked_topk
+    from genrec.kernels.topk import chunked_topk
 
     q = qv.float()
     scores, ids = chunked_topk(lambda a, b: q @ codes[a:b].float().T, codes.shape[0], q.shape[0], k, chunk_size, q.device)

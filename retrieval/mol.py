@@ -4,46 +4,16 @@ Query components f(u) (B, P_Q, d_P) come from a SwiGLU MLP; item components g(x)
 linear map; both are L2-normalised, so each of the P = P_Q * P_X logits l_ij = <f_i, g_j> / tau lies in
 [-1/tau, 1/tau]. Gating weights pi = softmax(SiLU(a(u) * b(x) + c(l))) mix them, so
 min_p l_p <= phi <= max_p l_p. Everything item-side (g(x) and the gating partial b(x)) is cacheable.
+The state containers (``ItemCache``, ``QueryState``, ``MoLGating``) live in ``kernels.mol_state``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-@dataclass
-class ItemCache:
-    """Item-side MoL state, computed once per corpus.
-
-    components: (N, P_X, d_P) unit-norm (float32 or bf16); gate: (N, P) item-only gating partial b(x).
-    """
-
-    components: torch.Tensor
-    gate: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.components.shape[0]
-
-    def take(self, ids: torch.Tensor) -> "ItemCache":
-        return ItemCache(self.components[ids], self.gate[ids])
-
-    def slice(self, start: int, end: int) -> "ItemCache":
-        return ItemCache(self.components[start:end], self.gate[start:end])
-
-
-@dataclass
-class QueryState:
-    """Query-side MoL state: components (B, P_Q, d_P) unit-norm; gate (B, P) query-only partial a(u)."""
-
-    components: torch.Tensor
-    gate: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.components.shape[0]
+from genrec.kernels.mol_state import ItemCache, MoLGating, QueryState
 
 
 def topk_avg_vectors(components: torch.Tensor, query: bool) -> torch.Tensor:
@@ -109,6 +79,13 @@ class MixtureOfLogits(nn.Module):
             extra = self.user_id_emb(user_ids % self.user_id_emb.num_embeddings).view(u.shape[0], -1, self.dp)
             f = torch.cat([f, extra], dim=1)
         return QueryState(F.normalize(f, dim=-1, eps=1e-6), self.gate_query(u))
+
+    def gating(self) -> MoLGating:
+        """The frozen pair-gating weights stage 2 scores with (``kernels.dispatch.mol_candidate_scores``),
+        detached float32 copies: take them again after further training."""
+        lin1, lin2 = self.gate_pair[0], self.gate_pair[2]
+        return MoLGating(lin1.weight.detach().float(), lin1.bias.detach().float(), lin2.weight.detach().float(),
+                         lin2.bias.detach().float(), float(self.tau))
 
     # ---- scoring ----
     def logits(self, q: QueryState, items: ItemCache, aligned: bool = False) -> torch.Tensor:

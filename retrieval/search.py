@@ -20,8 +20,8 @@ import torch
 
 from genrec.kernels.dispatch import mol_candidate_scores
 from genrec.retrieval.ids import IdMap
-from genrec.retrieval.mol import ItemCache, MixtureOfLogits, QueryState, topk_avg_vectors
-from genrec.retrieval.topk import (chunked_topk, empty_topk, mask_excluded, merge_topk, pad_invalid, select_topk,
+from genrec.retrieval.mol import ItemCache, MixtureOfLogits, MoLGating, QueryState, topk_avg_vectors
+from genrec.kernels.topk import (chunked_topk, empty_topk, mask_excluded, merge_topk, pad_invalid, select_topk,
                                    unique_rows)
 
 Method = Literal["exact", "topk_per_embedding", "topk_avg", "combined"]
@@ -77,6 +77,7 @@ class MoLSearcher:
     def __init__(self, mol: MixtureOfLogits, items: torch.Tensor | ItemCache, ids: Sequence[int] | np.ndarray | None = None,
                  chunk_size: int = 8192, cache_dtype: torch.dtype = torch.float32):
         self.mol = mol.eval()
+        self.gating = mol.gating()
         with torch.no_grad():
             cache = items if isinstance(items, ItemCache) else mol.encode_items(torch.as_tensor(items, dtype=torch.float32))
         self.cache = ItemCache(cache.components.to(cache_dtype), cache.gate.to(cache_dtype))
@@ -124,7 +125,7 @@ class MoLSearcher:
     # ---- internals (row = internal 0..N-1 index) ----
     def _exact(self, q: QueryState, k: int, excl) -> tuple[torch.Tensor, torch.Tensor]:
         def score(start: int, end: int) -> torch.Tensor:
-            return mask_excluded(mol_candidate_scores(self.mol, q, self.cache.slice(start, end), None), start, excl)
+            return mask_excluded(mol_candidate_scores(self.gating, q, self.cache.slice(start, end), None), start, excl)
 
         return chunked_topk(score, self.ntotal, len(q), k, self.chunk_size)
 
@@ -155,18 +156,18 @@ class MoLSearcher:
         return chunked_topk(score, self.ntotal, len(q), budget, self.chunk_size)[1]
 
     def _rescore(self, q: QueryState, cand: torch.Tensor, k: int, excl) -> tuple[torch.Tensor, torch.Tensor]:
-        return rescore_candidates(self.mol, q, self.cache, cand, k, excl, max(1, self.chunk_size // 4))
+        return rescore_candidates(self.gating, q, self.cache, cand, k, excl, max(1, self.chunk_size // 4))
 
 
-def rescore_candidates(mol: MixtureOfLogits, q: QueryState, cache: ItemCache, cand: torch.Tensor, k: int,
+def rescore_candidates(gating: MoLGating, q: QueryState, cache: ItemCache, cand: torch.Tensor, k: int,
                        excl: list[torch.Tensor] | None, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact MoL of each query against its own candidate rows, top-k.
 
-    cand (B, C) int64 internal rows, -1 = none (sorted ascending per row gathers memory in order);
+    gating: the MoL's frozen weights (``MixtureOfLogits.gating()``); cand (B, C) int64 internal rows, -1 = none (sorted ascending per row gathers memory in order);
     excl: per query rows never to return. Returns (B, k) float32 scores and rows, -inf / -1 padded.
     """
     def scores(rows: torch.Tensor) -> torch.Tensor:  # -inf where rows < 0 or excluded
-        s = mol_candidate_scores(mol, q, cache, rows)
+        s = mol_candidate_scores(gating, q, cache, rows)
         for r, ex in enumerate(excl or []):
             if ex.numel():
                 s[r, torch.isin(rows[r], ex)] = float("-inf")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from genrec.retrieval.topk import select_topk
+from genrec.kernels.topk import select_topk
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
 from genrec.serving.config import ServeConfig

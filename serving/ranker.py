@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from genrec.checkpoint import load_checkpoint
+from genrec.checkpoint import load_checkpoint, ranking_model_from_checkpoint
 from genrec.retrieval.ids import IdMap
 from genrec.serving.placement import resolve_device
 
@@ -14,8 +14,6 @@ class Ranker:
     """The ranking stage of a ``task: ranking`` checkpoint, run on ``device`` (cpu, cuda, cuda:N)."""
 
     def __init__(self, checkpoint: str, device: str = "cpu"):
-        from genrec.ranking_training import ranking_model_from_checkpoint
-
         self.device = resolve_device(device)
         state = load_checkpoint(checkpoint)
         if "ranking_head" not in state:

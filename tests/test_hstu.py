@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genrec.config import ModelConfig
-from genrec.encoders.jagged import complete_cumsum
+from genrec.kernels.jagged import complete_cumsum
 from genrec.encoders.model import SequentialEncoder
 from genrec.kernels import hstu_attention
 from genrec.kernels.hstu_attention_reference import table_lookup, time_bucket

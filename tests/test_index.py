@@ -26,7 +26,7 @@ from genrec.index.storage import (IndexFormatError, latest_version, load_index, 
 from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
 from genrec.retrieval.mol import MixtureOfLogits
 from genrec.retrieval.search import MoLSearcher
-from genrec.retrieval.topk import select_topk
+from genrec.kernels.topk import select_topk
 
 
 def vector_scorers(q: torch.Tensor, codes: torch.Tensor, sample_size: int = 37):

@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genrec.encoders.jagged import (
+from genrec.kernels.jagged import (
     complete_cumsum,
     jagged_to_padded,
     last_of_each_row,

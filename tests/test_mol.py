@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from genrec.retrieval.mol import MixtureOfLogits, mutual_information_loss
 from genrec.retrieval.search import MoLSearcher
-from genrec.retrieval.topk import (chunked_topk, chunked_topk_columns, column_block_topk, merge_topk, select_topk,
+from genrec.kernels.topk import (chunked_topk, chunked_topk_columns, column_block_topk, merge_topk, select_topk,
                                   sort_by_score_then_id, unique_rows)
 
 

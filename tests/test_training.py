@@ -198,7 +198,8 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
 def test_rating_aware_ranking_trains_on_rated_csv_and_round_trips(tmp_path, tiny_synthetic_cfg):
     """ranking.rating_input on a rated interactions CSV: the rating embedding learns, is saved with the
     checkpoint and restored; on data without ratings it is refused with a clear error."""
-    from genrec.ranking_training import ranking_model_from_checkpoint, train_ranking
+    from genrec.checkpoint import ranking_model_from_checkpoint
+    from genrec.ranking_training import train_ranking
 
     rng = np.random.default_rng(0)
     rows = ["user_id,item_id,timestamp,rating"]

@@ -90,12 +90,13 @@ def exact_mol_topk(mol, q, cache, k: int, chunk: int = 1 << 22) -> np.ndarray:
     """Exact MoL top-k rows (ties by smaller row) over the whole cache, chunk by chunk: (B, k) int64."""
     from genrec.kernels.dispatch import mol_candidate_scores
     from genrec.retrieval.mol import ItemCache
-    from genrec.retrieval.topk import chunked_topk
+    from genrec.kernels.topk import chunked_topk
 
     backend = "triton" if q.components.device.type == "cuda" else "reference"  # the kernel never holds (B, chunk, P)
+    gating = mol.gating()
 
     def score(s: int, e: int) -> torch.Tensor:
-        return mol_candidate_scores(mol, q, ItemCache(cache.components[s:e], cache.gate[s:e]), None, backend=backend)
+        return mol_candidate_scores(gating, q, cache.slice(s, e), None, backend=backend)
 
     return chunked_topk(score, len(cache), len(q), k, chunk, device=q.components.device)[1].cpu().numpy()
 

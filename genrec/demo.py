@@ -1,7 +1,7 @@
 """The serving half of ``make demo``: start ``genrec serve`` on a built index, query it over gRPC,
 compare with exact MIPS in-process, shut it down cleanly.
 
-    python -m genrec.serving.demo --index runs/demo/indexes/demo --checkpoint runs/demo/checkpoint_best.pt
+    python -m genrec.demo --index runs/demo/indexes/demo --checkpoint runs/demo/checkpoint_best.pt
 """
 
 from __future__ import annotations
