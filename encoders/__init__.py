@@ -1,15 +1,6 @@
-"""Sequential user encoders (HSTU, SASRec) over jagged item histories.
+"""Sequential user encoders (HSTU, SASRec) over jagged item histories, the ranking model, and the
+history packer that turns raw histories into encoder input."""
 
-``SequentialEncoder`` is imported lazily: kernels import ``genrec.kernels.jagged``, and the encoder
-imports kernels, so an eager import here would be circular.
-"""
+from genrec.encoders.model import SequentialEncoder
 
 __all__ = ["SequentialEncoder"]
-
-
-def __getattr__(name: str):
-    if name == "SequentialEncoder":
-        from genrec.encoders.model import SequentialEncoder
-
-        return SequentialEncoder
-    raise AttributeError(name)

@@ -73,15 +73,29 @@ def model_from_checkpoint(state: dict[str, Any], device: str | torch.device = "c
     return model, cfg
 
 
-def ranking_model_from_checkpoint(state: dict[str, Any]) -> RankingModel:
-    """The eval-mode ranker of a ``task: ranking`` checkpoint: its encoder + head, item bias, rating
-    embedding and retrieval weight."""
-    encoder, cfg = model_from_checkpoint(state)
-    model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden, rating_input=cfg.ranking.rating_input)
+def ranking_state(model: RankingModel) -> dict[str, Any]:
+    """What a ``task: ranking`` checkpoint holds besides the encoder (saved as ``model``)."""
+    state = {"ranking_head": model.head.state_dict(), "ranking_item_bias": model.item_bias.state_dict(),
+             "ranking_retrieval_weight": model.retrieval_weight.detach()}
+    if model.rating_emb is not None:
+        state["ranking_rating_emb"] = model.rating_emb.state_dict()
+    return state
+
+
+def load_ranking_weights(model: RankingModel, state: dict[str, Any]) -> RankingModel:
+    """Copy a ranking checkpoint's encoder, head, item bias, rating embedding and retrieval weight into ``model``."""
+    model.encoder.load_state_dict(state["model"])
     model.head.load_state_dict(state["ranking_head"])
     if model.rating_emb is not None:
         model.rating_emb.load_state_dict(state["ranking_rating_emb"])
     model.item_bias.load_state_dict(state["ranking_item_bias"])
     with torch.no_grad():
         model.retrieval_weight.copy_(state["ranking_retrieval_weight"])
-    return model.eval()
+    return model
+
+
+def ranking_model_from_checkpoint(state: dict[str, Any]) -> RankingModel:
+    """The eval-mode ranker of a ``task: ranking`` checkpoint."""
+    encoder, cfg = model_from_checkpoint(state)
+    model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden, rating_input=cfg.ranking.rating_input)
+    return load_ranking_weights(model, state).eval()

@@ -57,9 +57,7 @@ def _train_ranking(cfg, args: argparse.Namespace) -> int:
     from genrec.evaluation import format_metrics_table
     from genrec.ranking_training import train_ranking
 
-    if args.resume:
-        raise ValueError("--resume is not supported for task: ranking yet")
-    r = train_ranking(cfg, progress=not args.no_progress)
+    r = train_ranking(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"\nRanking (best epoch {r.best_epoch}): test AUC {r.test['auc']:.4f}, logloss {r.test['logloss']:.4f} "
           f"(valid AUC {r.valid['auc']:.4f})")
     if r.two_stage:
@@ -81,7 +79,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from genrec.evaluation import evaluate_popularity, format_metrics_table, model_target_ranks, per_user_rank_rows
     from genrec.io import atomic_write_csv
     from genrec.retrieval.metrics import metrics_from_ranks
-    from genrec.training import select_device
+    from genrec.trainer import select_device
 
     state = load_checkpoint(args.checkpoint)
     cfg = from_dict(apply_overrides(state["config"], args.overrides))

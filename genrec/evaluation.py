@@ -7,6 +7,7 @@ import torch
 
 from genrec.data.batches import SequenceBatch, eval_batches, target_positions
 from genrec.data.sequences import SequenceDataset, Split
+from genrec.encoders.history import last_states
 from genrec.encoders.model import SequentialEncoder
 from genrec.retrieval.metrics import metrics_from_ranks, target_ranks
 from genrec.retrieval.similarity import DotProductSimilarity
@@ -40,8 +41,7 @@ def model_target_ranks(model: SequentialEncoder, ds: SequenceDataset, split: Spl
     ranks = []
     for batch in eval_batches(ds, split, stage, model.max_len, batch_size):
         batch = batch.to(device)
-        states = model(batch.items, batch.offsets, batch.max_len, batch.timestamps, batch.next_timestamps)
-        users = states[batch.offsets[1:] - 1].float()
+        users = last_states(model, batch.packed()).float()
         scores = similarity.pairwise(users, items)
         if exclude_history:
             _mask_history(scores, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib
 
@@ -12,16 +13,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from genrec.io import atomic_write  # noqa: E402
 
 
-def learning_curve(history: list[dict], path: str | Path, title: str) -> Path:
-    """Training loss and validation HR@10 / NDCG@10 per epoch."""
-    epochs = [r["epoch"] for r in history]
+def learning_curve(history: list[dict], path: str | Path, title: str,
+                   metrics: Sequence[str] = ("val_hr@10", "val_ndcg@10")) -> Path:
+    """Training loss and the validation ``metrics`` (history keys) per epoch."""
+    trained = [r for r in history if r["train_loss"] != ""]  # epoch 0 rows (untrained) have no loss
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_loss.plot(epochs, [r["train_loss"] for r in history], marker="o", ms=3)
-    ax_loss.set(xlabel="epoch", ylabel="sampled-softmax loss", title="training loss")
-    val = [r for r in history if "val_hr@10" in r]
-    ax_val.plot([r["epoch"] for r in val], [r["val_hr@10"] for r in val], marker="o", ms=3, label="HR@10")
-    ax_val.plot([r["epoch"] for r in val], [r["val_ndcg@10"] for r in val], marker="o", ms=3, label="NDCG@10")
-    ax_val.set(xlabel="epoch", title="validation (full corpus)")
+    ax_loss.plot([r["epoch"] for r in trained], [r["train_loss"] for r in trained], marker="o", ms=3)
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss")
+    for key in metrics:
+        rows = [r for r in history if key in r]
+        ax_val.plot([r["epoch"] for r in rows], [r[key] for r in rows], marker="o", ms=3,
+                    label=key.removeprefix("val_"))
+    ax_val.set(xlabel="epoch", title="validation")
     ax_val.legend()
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)

@@ -23,25 +23,25 @@ pipeline's validation HR@10 (on ``select_users`` users) instead of AUC.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-from genrec.checkpoint import (load_checkpoint, model_from_checkpoint, ranking_model_from_checkpoint, save_checkpoint,
-                               similarity_from_checkpoint)
-from genrec.config import RunConfig, dump_config
-from genrec.data.batches import target_positions
+from genrec.checkpoint import (load_checkpoint, load_ranking_weights, model_from_checkpoint, ranking_state,
+                               save_checkpoint, similarity_from_checkpoint)
+from genrec.config import RunConfig
+from genrec.data.batches import history_batch, target_positions
 from genrec.data.sequences import SequenceDataset, Split, leave_one_out
 from genrec.data.source import load_dataset
+from genrec.encoders.history import last_states
 from genrec.encoders.model import SequentialEncoder
 from genrec.encoders.ranking import RankingModel, warm_start
-from genrec.io import atomic_write_csv, atomic_write_json
+from genrec.io import atomic_write_json
 from genrec.retrieval.metrics import metrics_from_ranks
+from genrec.trainer import TrainTask, fit, seed_everything
 
 log = logging.getLogger(__name__)
 EVAL_CHUNK = 32  # users per packed forward pass (retrieval top-K, ranking) in evaluation
@@ -110,15 +110,10 @@ class Retriever:
     def top(self, ds: SequenceDataset, users, targets, k: int) -> torch.Tensor:
         """(B, k) item ids ranked for position targets[b] of user users[b] (the items before it are the
         history, excluded from the answer), all B histories in one jagged forward pass."""
-        spans = [(max(int(ds.offsets[u]), t - self.model.max_len), t) for u, t in zip(users, targets)]
-        items = torch.from_numpy(np.concatenate([ds.items[a:b] for a, b in spans]))
-        lens = torch.tensor([b - a for a, b in spans])
-        offsets = F.pad(torch.cumsum(lens, 0), (1, 0))
-        ts = nts = None
-        if ds.timestamps is not None:  # next_ts: each row predicts the following event; the last, the target's
-            ts = torch.from_numpy(np.concatenate([ds.timestamps[a:b] for a, b in spans]))
-            nts = torch.from_numpy(np.concatenate([ds.timestamps[a + 1 : b + 1] for a, b in spans]))
-        states = self.model(items, offsets, int(lens.max()), ts, nts)[offsets[1:] - 1]
+        ends = np.asarray(targets, dtype=np.int64)
+        query_times = ds.timestamps[ends] if ds.timestamps is not None else None  # the target's time
+        batch = history_batch(ds, np.asarray(users, dtype=np.int64), ends, self.model.max_len, query_times)
+        states = last_states(self.model, batch.packed())
         scores = self.similarity.pairwise(states, self.items)
         scores[:, 0] = float("-inf")
         for row, (u, t) in enumerate(zip(users, targets)):
@@ -222,93 +217,82 @@ def parameter_groups(model: RankingModel, cfg: RunConfig) -> list[dict]:
     return groups
 
 
-def train_ranking(cfg: RunConfig, progress: bool = True) -> RankingResult:
-    from genrec.training import make_run_dir, seed_everything
+class RankingTask(TrainTask):
+    """The ranking stage in ``fit``: batches of (user, random cut) examples; validation every epoch by
+    AUC, or with ``select_on: two_stage`` by the pipeline's HR@10 on ``select_users`` users (then also
+    for the untrained ranker, epoch 0)."""
 
+    def __init__(self, cfg: RunConfig, ds: SequenceDataset, split: Split, model: RankingModel,
+                 retriever: Retriever | None):
+        self.cfg, self.ds, self.split, self.model, self.retriever = cfg, ds, split, model, retriever
+        self.two_stage = cfg.ranking.select_on == "two_stage"
+        self.select_key = "two_stage_hr@10" if self.two_stage else "auc"
+        self.curve_metrics = ("two_stage_hr@10", "retrieval_hr@10") if self.two_stage else ("auc",)
+        self.users = np.repeat(np.flatnonzero(split.train_end - ds.offsets[:-1] >= 2), cfg.ranking.cuts_per_user)
+        self.select_users = np.random.default_rng(cfg.train.seed + 2).permutation(split.eval_users)[: cfg.ranking.select_users]
+
+    def epoch_batches(self, rng):
+        order, size = rng.permutation(self.users), self.cfg.train.batch_size
+
+        def batches():
+            for lo in range(0, len(order), size):
+                users = order[lo : lo + size]
+                yield users, [int(rng.integers(self.ds.offsets[u] + 1, self.split.train_end[u])) for u in users]
+
+        return batches(), -(-len(order) // size)
+
+    def step(self, batch, rng):
+        users, targets = batch
+        return batch_loss(self.model, self.ds, users, targets, self.cfg, rng, self.retriever), len(users)
+
+    def validate(self, epoch: int):
+        val = evaluate_ranking(self.model, self.ds, self.split, "valid", self.cfg) if epoch > 0 else {}
+        if self.two_stage:
+            two = evaluate_two_stage(self.model, self.ds, self.split, self.cfg, self.retriever, "valid", self.select_users)
+            val["two_stage_hr@10"] = two["retrieval+ranking"]["hr@10"]
+            val["retrieval_hr@10"] = two["retrieval"]["hr@10"]
+        return val or None
+
+    def save(self, path, **loop_state) -> None:
+        save_checkpoint(path, self.model.encoder, self.cfg, self.ds.item_ids, **ranking_state(self.model), **loop_state)
+
+    def load(self, state, resume: bool) -> None:
+        load_ranking_weights(self.model, state)
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+
+
+def train_ranking(cfg: RunConfig, resume: str | Path | None = None, progress: bool = True) -> RankingResult:
+    """Train the ranker per ``cfg`` (``task: ranking``); with ``resume``, continue that checkpoint_last.pt."""
     if not cfg.train.validation:
         raise ValueError("task: ranking picks its epoch on the validation events; train.validation: false is for retrieval")
+    if cfg.ranking.cuts_per_user < 1:
+        raise ValueError(f"ranking.cuts_per_user must be >= 1, got {cfg.ranking.cuts_per_user}")
+    if cfg.ranking.hard_negatives and not cfg.ranking.retrieval_checkpoint:
+        raise ValueError("ranking.hard_negatives needs ranking.retrieval_checkpoint")
+    if cfg.ranking.select_on == "two_stage" and not cfg.ranking.retrieval_checkpoint:
+        raise ValueError("ranking.select_on: two_stage needs ranking.retrieval_checkpoint")
     seed_everything(cfg.train.seed)
     ds = load_dataset(cfg.data)
     split = leave_one_out(ds)
-    # candidates sit at position n, one past the longest history
     if cfg.ranking.rating_input and ds.ratings is None:
         raise ValueError(f"ranking.rating_input needs ratings, and {cfg.data.path or cfg.data.format} has none")
+    # candidates sit at position n, one past the longest history
     model = RankingModel(SequentialEncoder(cfg.model, ds.num_items, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden,
                          rating_input=cfg.ranking.rating_input)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay)
-    rng = np.random.default_rng(cfg.train.seed)
-    run_dir = make_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    if cfg.ranking.cuts_per_user < 1:
-        raise ValueError(f"ranking.cuts_per_user must be >= 1, got {cfg.ranking.cuts_per_user}")
-    users = np.repeat(np.flatnonzero(split.train_end - ds.offsets[:-1] >= 2), cfg.ranking.cuts_per_user)
     retriever = Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items) if cfg.ranking.retrieval_checkpoint else None
     if retriever is not None and cfg.ranking.warm_start:
         with torch.no_grad():
             skipped = warm_start(model.encoder, retriever.model.state_dict())
         log.info("ranker initialised from %s%s", cfg.ranking.retrieval_checkpoint,
                  f" (not copied: {', '.join(skipped)})" if skipped else "")
-    if cfg.ranking.hard_negatives and retriever is None:
-        raise ValueError("ranking.hard_negatives needs ranking.retrieval_checkpoint")
-    if cfg.ranking.select_on == "two_stage" and retriever is None:
-        raise ValueError("ranking.select_on: two_stage needs ranking.retrieval_checkpoint")
-    select_users = np.random.default_rng(cfg.train.seed + 2).permutation(split.eval_users)[: cfg.ranking.select_users]
-    history: list[dict] = []
-    best_epoch, best_score, bad = 0, -1.0, 0
-
-    def save_best(epoch: int) -> None:
-        save_checkpoint(run_dir / "checkpoint_best.pt", model.encoder, cfg, ds.item_ids,
-                        ranking_head=model.head.state_dict(), ranking_item_bias=model.item_bias.state_dict(),
-                        ranking_retrieval_weight=model.retrieval_weight.detach(), epoch=epoch,
-                        **({"ranking_rating_emb": model.rating_emb.state_dict()} if model.rating_emb is not None else {}))
-
-    if cfg.ranking.select_on == "two_stage":  # epoch 0: the untrained ranker (~ retrieval's order when warm-started)
-        two = evaluate_two_stage(model, ds, split, cfg, retriever, "valid", select_users)
-        best_score = two["retrieval+ranking"]["hr@10"]
-        history.append({"epoch": 0, "train_loss": "", "seconds": 0.0, "val_two_stage_hr@10": best_score,
-                        "val_retrieval_hr@10": two["retrieval"]["hr@10"]})
-        log.info("epoch 0 (untrained): val two_stage_hr@10 %.4f, retrieval_hr@10 %.4f", best_score, two["retrieval"]["hr@10"])
-        save_best(0)
-    for epoch in range(1, cfg.train.epochs + 1):
-        t0 = time.perf_counter()
-        rng.shuffle(users)
-        total, steps = 0.0, 0
-        bar = tqdm(range(0, len(users), cfg.train.batch_size), desc=f"epoch {epoch}", disable=not progress, leave=False)
-        for lo in bar:
-            batch = users[lo : lo + cfg.train.batch_size]
-            targets = [int(rng.integers(ds.offsets[u] + 1, split.train_end[u])) for u in batch]
-            loss = batch_loss(model, ds, batch, targets, cfg, rng, retriever)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total, steps = total + loss.item(), steps + 1
-            if cfg.train.max_steps_per_epoch and steps >= cfg.train.max_steps_per_epoch:
-                break
-        val = evaluate_ranking(model, ds, split, "valid", cfg)
-        if cfg.ranking.select_on == "two_stage":
-            two = evaluate_two_stage(model, ds, split, cfg, retriever, "valid", select_users)
-            val["two_stage_hr@10"] = two["retrieval+ranking"]["hr@10"]
-            val["retrieval_hr@10"] = two["retrieval"]["hr@10"]
-        score = val["two_stage_hr@10"] if cfg.ranking.select_on == "two_stage" else val["auc"]
-        seconds = time.perf_counter() - t0
-        history.append({"epoch": epoch, "train_loss": total / max(steps, 1), "seconds": round(seconds, 2),
-                        **{f"val_{k}": v for k, v in val.items()}})
-        log.info("epoch %d: loss %.4f, %.1fs, val %s", epoch, history[-1]["train_loss"], seconds,
-                 ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-        if score > best_score:
-            best_score, best_epoch, bad = score, epoch, 0
-            save_best(epoch)
-        else:
-            bad += 1
-        atomic_write_csv(run_dir / "metrics.csv", history)
-        if cfg.train.patience and bad >= cfg.train.patience:
-            log.info("early stop: no validation %s gain for %d epochs (best epoch %d)", cfg.ranking.select_on, bad, best_epoch)
-            break
-    model = ranking_model_from_checkpoint(load_checkpoint(run_dir / "checkpoint_best.pt"))
+    outcome = fit(RankingTask(cfg, ds, split, model, retriever), cfg, optimizer, resume=resume, progress=progress)
     valid = evaluate_ranking(model, ds, split, "valid", cfg)
     test = evaluate_ranking(model, ds, split, "test", cfg)
     two_stage = evaluate_two_stage(model, ds, split, cfg, retriever) if retriever is not None else {}
-    atomic_write_json(run_dir / "results.json", {"best_epoch": best_epoch, "valid": valid, "test": test,
-                                                 "two_stage_test": two_stage})
-    return RankingResult(run_dir, best_epoch, valid, test, two_stage)
+    atomic_write_json(outcome.run_dir / "results.json", {"best_epoch": outcome.best_epoch, "valid": valid, "test": test,
+                                                         "two_stage_test": two_stage})
+    return RankingResult(outcome.run_dir, outcome.best_epoch, valid, test, two_stage)

@@ -1,50 +1,35 @@
-"""Training loop: sampled softmax on every prefix position, validation each epoch, early stopping,
-best-checkpoint restore, full-corpus test evaluation. Resumable from its last checkpoint."""
+"""Retrieval training: sampled softmax on every prefix position, validation each epoch, early stopping,
+best-checkpoint restore, full-corpus test evaluation; resumable. The loop is ``genrec.trainer.fit``;
+this module plugs the retrieval task into it."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from genrec.checkpoint import load_checkpoint, save_checkpoint
-from genrec.config import RunConfig, dump_config
+from genrec.checkpoint import save_checkpoint
+from genrec.config import RunConfig
 from genrec.data.batches import SequenceBatch, train_batches
-from genrec.data.sequences import SequenceDataset, leave_one_out
+from genrec.data.sequences import SequenceDataset, Split, leave_one_out
 from genrec.data.source import load_dataset
+from genrec.distributed import DistContext, cleanup, init_from_env, slice_batch, user_slice
 from genrec.encoders.model import SequentialEncoder
 from genrec.evaluation import evaluate_model, evaluate_popularity, format_metrics_table
-from genrec.io import atomic_write_csv, atomic_write_json, atomic_write_text
-from genrec.plots import learning_curve
-from genrec.distributed import all_reduce_mean, broadcast_flag, cleanup, init_from_env, slice_batch, user_slice
+from genrec.io import atomic_write_json, atomic_write_text
 from genrec.retrieval.losses import sample_negatives, sampled_softmax_loss
 from genrec.retrieval.mol import mutual_information_loss
 from genrec.retrieval.similarity import build_similarity
+from genrec.trainer import TrainTask, fit, make_run_dir, seed_everything, select_device
 
+__all__ = ["TrainResult", "batch_loss", "make_run_dir", "seed_everything", "select_device", "train"]
 log = logging.getLogger("genrec.train")
 DENSE_NEGATIVES_MAX_RATIO = 32  # score the whole catalogue when it has <= 32x as many items as negatives
-
-
-def select_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={spec!r} but CUDA is not available")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 @dataclass
@@ -106,12 +91,84 @@ class LossModule(torch.nn.Module):
         return batch_loss(self.model, batch, self.cfg, self.similarity, neg_ids=neg_ids)
 
 
-def make_run_dir(cfg: RunConfig) -> Path:
-    run_dir = Path(cfg.out_dir) / cfg.name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        run_dir = Path(cfg.out_dir) / f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+class RetrievalTask(TrainTask):
+    """Next-item retrieval: every rank trains its slice of each global batch (DDP under torchrun);
+    validation (rank 0) is full-corpus HR@10 every ``eval_every`` epochs and at the last one."""
+
+    select_key = "hr@10"
+    curve_metrics = ("hr@10", "ndcg@10")
+
+    def __init__(self, cfg: RunConfig, ds: SequenceDataset, split: Split, model: SequentialEncoder, similarity,
+                 ctx: DistContext, device: torch.device):
+        self.cfg, self.ds, self.split, self.model, self.similarity = cfg, ds, split, model, similarity
+        self.ctx, self.device = ctx, device
+        # One negative stream that every rank advances alike (dropout and friends use the global RNG).
+        self.neg_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
+        self.step_module: torch.nn.Module | None = LossModule(model, similarity, cfg)
+        if ctx.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.step_module = DistributedDataParallel(self.step_module, find_unused_parameters=True)
+        self.use_amp = device.type == "cuda" and cfg.train.bf16
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        params = list(self.model.parameters())
+        if isinstance(self.similarity, torch.nn.Module):
+            params += list(self.similarity.parameters())
+        return params
+
+    def epoch_batches(self, rng):
+        cfg, ds, split = self.cfg, self.ds, self.split
+        count = int(np.ceil(np.sum(split.train_end - ds.offsets[:-1] >= 2) / cfg.train.batch_size))
+        return train_batches(ds, split, cfg.data.max_len, cfg.train.batch_size, rng,
+                             cfg.train.stochastic_length_alpha), count
+
+    def step(self, batch: SequenceBatch, rng):
+        cfg, ctx = self.cfg, self.ctx
+        r = cfg.loss.num_negatives
+        shape = (len(batch.items), r) if cfg.loss.negatives == "per_position" else (r,)
+        negs = sample_negatives(self.ds.num_items, shape, torch.device("cpu"), self.neg_gen)
+        scale = 1.0
+        if ctx.enabled:  # this rank's users; the scale makes DDP's average the global position mean
+            n_users = len(batch.offsets) - 1
+            if n_users < ctx.world_size:
+                return None, 0  # a final sliver smaller than the world: every rank skips it alike
+            global_positions = len(batch.items)
+            batch, lo = slice_batch(batch, *user_slice(n_users, ctx.rank, ctx.world_size))
+            if cfg.loss.negatives == "per_position":
+                negs = negs[lo : lo + len(batch.items)]
+            scale = len(batch.items) / global_positions * ctx.world_size
+        batch = batch.to(self.device)
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else contextlib.nullcontext():
+            loss = self.step_module(batch, negs.to(self.device)) * scale
+        return loss, len(batch.items) * ctx.world_size
+
+    def evaluate(self, stage: str) -> dict[str, float]:
+        cfg = self.cfg
+        return evaluate_model(self.model, self.ds, self.split, stage, tuple(cfg.eval.ks), cfg.eval.batch_size,
+                              cfg.eval.exclude_history, similarity=self.similarity)
+
+    def validate(self, epoch: int):
+        due = epoch > 0 and (epoch % self.cfg.train.eval_every == 0 or epoch == self.cfg.train.epochs)
+        return self.evaluate("valid") if self.split.validation and due else None
+
+    def save(self, path: Path, **loop_state: Any) -> None:
+        if isinstance(self.similarity, torch.nn.Module):
+            loop_state["similarity"] = self.similarity.state_dict()
+        save_checkpoint(path, self.model, self.cfg, self.ds.item_ids, negatives_rng=self.neg_gen.get_state(),
+                        **loop_state)
+
+    def load(self, state: dict[str, Any], resume: bool) -> None:
+        self.model.load_state_dict(state["model"])
+        if "similarity" in state:
+            self.similarity.load_state_dict(state["similarity"])
+        if resume and "negatives_rng" in state:
+            self.neg_gen.set_state(state["negatives_rng"])
+
+    def train_mode(self, training: bool) -> None:
+        self.model.train(training)
+        if isinstance(self.similarity, torch.nn.Module):
+            self.similarity.train(training)
 
 
 def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDataset | None = None,
@@ -132,143 +189,30 @@ def train(cfg: RunConfig, resume: str | Path | None = None, dataset: SequenceDat
     model = SequentialEncoder(cfg.model, ds.num_items, cfg.data.max_len).to(device)
     d = cfg.model.item_emb_dim
     similarity = build_similarity(cfg.similarity, d, d)
-    params = list(model.parameters())
     if isinstance(similarity, torch.nn.Module):
         similarity.to(device)
-        params += list(similarity.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg.train.lr, betas=cfg.train.betas, weight_decay=cfg.train.weight_decay)
-    rng = np.random.default_rng(cfg.train.seed)
-    history: list[dict] = []
-    start_epoch, best_epoch, best_score, bad_epochs = 1, 0, -1.0, 0
-
-    if resume is not None:
-        state = load_checkpoint(resume, map_location=device)
-        model.load_state_dict(state["model"])
-        if "similarity" in state:
-            similarity.load_state_dict(state["similarity"])
-        optimizer.load_state_dict(state["optimizer"])
-        rng.bit_generator.state = state["numpy_rng"]
-        torch.set_rng_state(state["torch_rng"])
-        history = state["history"]
-        start_epoch = state["epoch"] + 1
-        best_epoch, best_score, bad_epochs = state["best_epoch"], state["best_score"], state["bad_epochs"]
-        run_dir = Path(resume).parent
-        log.info("resuming from %s at epoch %d", resume, start_epoch)
-    elif ctx.is_main:
-        run_dir = make_run_dir(cfg)
-    else:
-        run_dir = None
-    if ctx.is_main:
-        atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    # One negative stream that every rank advances alike (dropout and friends use the global RNG).
-    neg_gen = torch.Generator().manual_seed(cfg.train.seed + 1)
-    if resume is not None and "negatives_rng" in state:
-        neg_gen.set_state(state["negatives_rng"])
-    step_module = LossModule(model, similarity, cfg)
-    if ctx.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_module = DistributedDataParallel(step_module, find_unused_parameters=True)
-    use_amp = device.type == "cuda" and cfg.train.bf16
-    ks = tuple(cfg.eval.ks)
-
-    def checkpoint(path: Path, epoch: int) -> None:
-        extra = {"similarity": similarity.state_dict()} if isinstance(similarity, torch.nn.Module) else {}
-        save_checkpoint(path, model, cfg, ds.item_ids, optimizer=optimizer.state_dict(), epoch=epoch, **extra,
-                        history=history, best_epoch=best_epoch, best_score=best_score, bad_epochs=bad_epochs,
-                        numpy_rng=rng.bit_generator.state, torch_rng=torch.get_rng_state(),
-                        negatives_rng=neg_gen.get_state())
-
-    epoch_seconds: list[float] = []
-    for epoch in range(start_epoch, cfg.train.epochs + 1):
-        model.train()
-        if isinstance(similarity, torch.nn.Module):
-            similarity.train()
-        t0 = time.perf_counter()
-        total_loss, steps, tokens = 0.0, 0, 0
-        batches = train_batches(ds, split, cfg.data.max_len, cfg.train.batch_size, rng, cfg.train.stochastic_length_alpha)
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=not progress, leave=False,
-                   total=int(np.ceil(np.sum(split.train_end - ds.offsets[:-1] >= 2) / cfg.train.batch_size)))
-        for batch in bar:
-            r = cfg.loss.num_negatives
-            shape = (len(batch.items), r) if cfg.loss.negatives == "per_position" else (r,)
-            negs = sample_negatives(ds.num_items, shape, torch.device("cpu"), neg_gen)
-            scale = 1.0
-            if ctx.enabled:  # this rank's users; the scale makes DDP's average the global position mean
-                n_users = len(batch.offsets) - 1
-                if n_users < ctx.world_size:
-                    continue  # a final sliver smaller than the world: every rank skips it alike
-                global_positions = len(batch.items)
-                batch, lo = slice_batch(batch, *user_slice(n_users, ctx.rank, ctx.world_size))
-                if cfg.loss.negatives == "per_position":
-                    negs = negs[lo : lo + len(batch.items)]
-                scale = len(batch.items) / global_positions * ctx.world_size
-            batch = batch.to(device)
-            with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else contextlib.nullcontext():
-                loss = step_module(batch, negs.to(device)) * scale
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total_loss += all_reduce_mean(loss.item(), ctx)
-            steps += 1
-            tokens += len(batch.items) * ctx.world_size
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if cfg.train.max_steps_per_epoch and steps >= cfg.train.max_steps_per_epoch:
-                break
-        seconds = time.perf_counter() - t0
-        epoch_seconds.append(seconds)
-        row = {"epoch": epoch, "train_loss": total_loss / max(steps, 1), "seconds": round(seconds, 3),
-               "positions_per_s": round(tokens / seconds, 1)}
-        improved = False
-        if ctx.is_main and split.validation and (epoch % cfg.train.eval_every == 0 or epoch == cfg.train.epochs):
-            val = evaluate_model(model, ds, split, "valid", ks, cfg.eval.batch_size, cfg.eval.exclude_history,
-                                 similarity=similarity)
-            row.update({f"val_{k}": v for k, v in val.items()})
-            improved = val["hr@10"] > best_score
-            if improved:
-                best_score, best_epoch, bad_epochs = val["hr@10"], epoch, 0
-            else:
-                bad_epochs += 1
-        history.append(row)
-        if ctx.is_main:
-            log.info("epoch %d: loss %.4f, %.1fs (%.0f positions/s)%s", epoch, row["train_loss"], seconds,
-                     row["positions_per_s"], f", val HR@10 {row['val_hr@10']:.4f}" if "val_hr@10" in row else "")
-            if improved:
-                checkpoint(run_dir / "checkpoint_best.pt", epoch)
-            checkpoint(run_dir / "checkpoint_last.pt", epoch)
-            atomic_write_csv(run_dir / "metrics.csv", history)
-            learning_curve(history, run_dir / "learning_curve.png", f"{cfg.name} ({cfg.model.encoder})")
-        stop = bool(split.validation and cfg.train.patience and bad_epochs >= cfg.train.patience)
-        if broadcast_flag(stop, ctx):
-            if ctx.is_main:
-                log.info("early stop: no validation HR@10 gain for %d epochs (best epoch %d)", bad_epochs, best_epoch)
-            break
-
+    task = RetrievalTask(cfg, ds, split, model, similarity, ctx, device)
+    optimizer = torch.optim.AdamW(task.parameters(), lr=cfg.train.lr, betas=cfg.train.betas,
+                                  weight_decay=cfg.train.weight_decay)
+    outcome = fit(task, cfg, optimizer, resume=resume, progress=progress, ctx=ctx, device=device)
     # The DDP reducer must go before its process group does: destroying the group first aborts the
     # process at exit ("terminate called without an active exception").
-    del step_module
+    task.step_module = None
     if not ctx.is_main:
         cleanup(ctx)
         return None
 
-    tested = run_dir / "checkpoint_last.pt"
-    if not split.validation:  # the reference's protocol: the final weights, whatever validation would say
-        best_epoch = history[-1]["epoch"] if history else 0
-    elif best_epoch:
-        tested = run_dir / "checkpoint_best.pt"
-        best = load_checkpoint(tested, map_location=device)
-        model.load_state_dict(best["model"])
-        if "similarity" in best:
-            similarity.load_state_dict(best["similarity"])
-    test = evaluate_model(model, ds, split, "test", ks, cfg.eval.batch_size, cfg.eval.exclude_history, similarity=similarity)
-    valid = (evaluate_model(model, ds, split, "valid", ks, cfg.eval.batch_size, cfg.eval.exclude_history, similarity=similarity)
-             if split.validation else {})
+    ks = tuple(cfg.eval.ks)
+    test = task.evaluate("test")
+    valid = task.evaluate("valid") if split.validation else {}
     popularity = evaluate_popularity(ds, split, "test", ks, exclude_history=cfg.eval.exclude_history)
-    result = TrainResult(run_dir, best_epoch, valid, test, popularity,
-                         float(np.mean(epoch_seconds)) if epoch_seconds else 0.0, tested)
+    run_dir = outcome.run_dir
+    result = TrainResult(run_dir, outcome.best_epoch, valid, test, popularity, outcome.seconds_per_epoch,
+                         outcome.checkpoint)
     atomic_write_json(run_dir / "results.json", {
-        "best_epoch": best_epoch, "selection": "validation hr@10" if split.validation else "final epoch (no validation)",
-        "checkpoint": tested.name, "valid": valid, "test": test, "popularity_test": popularity,
+        "best_epoch": outcome.best_epoch,
+        "selection": "validation hr@10" if split.validation else "final epoch (no validation)",
+        "checkpoint": outcome.checkpoint.name, "valid": valid, "test": test, "popularity_test": popularity,
         "seconds_per_epoch": result.seconds_per_epoch, "data": ds.describe(), "device": str(device),
     })
     atomic_write_text(run_dir / "results.md", format_metrics_table(

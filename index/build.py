@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,10 @@ def exact_reference(index, inputs: ItemInputs, rows: tuple[int, int] | None = No
     if isinstance(index, FlatMIPS):
         return index
     start, end = rows or (0, len(inputs.items))
-    return FlatMIPS(torch.from_numpy(np.ascontiguousarray(inputs.items[start:end], dtype=np.float32)), inputs.ids[start:end])
+    items = np.ascontiguousarray(inputs.items[start:end], dtype=np.float32)
+    with warnings.catch_warnings():  # a read-only memory map: FlatMIPS only reads it, so no copy is needed
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return FlatMIPS(torch.from_numpy(items), inputs.ids[start:end])
 
 
 def proxy_queries(inputs: ItemInputs, count: int, dim: int, seed: int = 0) -> np.ndarray:

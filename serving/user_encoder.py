@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from genrec.checkpoint import load_checkpoint, model_from_checkpoint
+from genrec.encoders.history import last_states, pack_histories
 from genrec.retrieval.ids import IdMap
 from genrec.serving.placement import resolve_device
 
@@ -37,7 +38,7 @@ class UserEncoder:
     @torch.no_grad()
     def encode(self, histories: list[list[int]], timestamps: list[list[int]] | None = None,
                query_times: list[int | None] | None = None) -> EncodedUsers:
-        items, times, next_times, offsets, known, unknown = [], [], [], [0], [], []
+        rows_kept, times, known, unknown = [], [], [], []
         for u, hist in enumerate(histories):
             raw = np.asarray(hist, dtype=np.int64)
             rows = self.items.lookup(raw).numpy()
@@ -46,20 +47,9 @@ class UserEncoder:
                 raise KeyError(f"user {u}: none of the {len(raw)} history item ids is known to the encoder")
             known.append(raw[ok])
             unknown.append(raw[~ok])
-            ids = (rows[ok] + 1)[-self.model.max_len :]
-            items.append(ids)
+            rows_kept.append(rows[ok] + 1)
             if timestamps is not None:
-                ts = np.asarray(timestamps[u], dtype=np.int64)[ok][-self.model.max_len :]
-                qt = query_times[u] if query_times and query_times[u] is not None else int(ts[-1])
-                times.append(ts)
-                next_times.append(np.append(ts[1:], qt))
-            offsets.append(offsets[-1] + len(ids))
-        dev = self.device
-        flat = torch.from_numpy(np.concatenate(items)).to(dev)
-        off = torch.tensor(offsets, dtype=torch.int64)
-        ts = torch.from_numpy(np.concatenate(times)).to(dev) if timestamps is not None else None
-        nts = torch.from_numpy(np.concatenate(next_times)).to(dev) if timestamps is not None else None
-        max_len = int((off[1:] - off[:-1]).max())
-        off = off.to(dev)
-        states = self.model(flat, off, max_len, ts, nts)[off[1:] - 1]
+                times.append(np.asarray(timestamps[u], dtype=np.int64)[ok])
+        packed = pack_histories(rows_kept, self.model.max_len, times if timestamps is not None else None, query_times)
+        states = last_states(self.model, packed.to(self.device))
         return EncodedUsers(states.float().cpu().numpy(), known, unknown)

@@ -195,6 +195,34 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
     assert float(rows[2]["train_loss"]) < float(rows[1]["train_loss"]) and r.test["auc"] > 0.5  # it learns
 
 
+def test_ranking_resume_matches_uninterrupted(tmp_path, tiny_synthetic_cfg):
+    """task: ranking runs through the shared loop, so an interrupted run resumes to the same weights,
+    history and learning curve as one that was not interrupted."""
+    from genrec.ranking_training import train_ranking
+
+    cfg = tiny_synthetic_cfg
+    cfg.out_dir, cfg.task = str(tmp_path), "ranking"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.patience = 2, 32, 1e-2, 0
+    cfg.ranking.negatives, cfg.ranking.eval_negatives = 8, 16
+    cfg.name = "full"
+    full = train_ranking(cfg, progress=False)
+    cfg.name, cfg.train.epochs = "part", 1
+    part = train_ranking(cfg, progress=False)
+    cfg.train.epochs = 2
+    resumed = train_ranking(cfg, resume=part.run_dir / "checkpoint_last.pt", progress=False)
+    assert resumed.run_dir == part.run_dir
+    a = torch.load(full.run_dir / "checkpoint_last.pt", weights_only=True)
+    b = torch.load(resumed.run_dir / "checkpoint_last.pt", weights_only=True)
+    assert [r["epoch"] for r in b["history"]] == [1, 2]
+    assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-6)
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k])
+    for k in a["ranking_head"]:
+        torch.testing.assert_close(a["ranking_head"][k], b["ranking_head"][k])
+    assert resumed.test == pytest.approx(full.test)
+    assert (resumed.run_dir / "learning_curve.png").is_file() and (resumed.run_dir / "config.yaml").is_file()
+
+
 def test_rating_aware_ranking_trains_on_rated_csv_and_round_trips(tmp_path, tiny_synthetic_cfg):
     """ranking.rating_input on a rated interactions CSV: the rating embedding learns, is saved with the
     checkpoint and restored; on data without ratings it is refused with a clear error."""

@@ -45,6 +45,7 @@ def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False):
     from genrec.checkpoint import load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
     from genrec.config import load_config
     from genrec.data.batches import history_batch
+    from genrec.encoders.history import last_states
     from genrec.data.sequences import leave_one_out
     from genrec.data.source import load_dataset
     from genrec.training import train
@@ -64,7 +65,7 @@ def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False):
     users = leave_one_out(ds).eval_users
     with torch.no_grad():
         b = history_batch(ds, users, ds.offsets[users + 1] - 1, model.max_len)
-        states = model(b.items, b.offsets, b.max_len, b.timestamps, b.next_timestamps)[b.offsets[1:] - 1]
+        states = last_states(model, b.packed())
         items = model.item_embeddings()[1:]
     return sim.mol, items.numpy(), states.numpy()
 

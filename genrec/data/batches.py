@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from genrec.data.sequences import SequenceDataset, Split
+from genrec.encoders.history import PackedHistories, pack_histories, pack_rows
 
 
 @dataclass
@@ -33,6 +34,10 @@ class SequenceBatch:
         move = lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t  # noqa: E731
         return SequenceBatch(**{k: move(v) for k, v in self.__dict__.items()})
 
+    def packed(self) -> PackedHistories:
+        """The encoder input of this batch (no copy)."""
+        return PackedHistories(self.items, self.offsets, self.max_len, self.timestamps, self.next_timestamps)
+
 
 def stochastic_length(length: int, max_len: int, alpha: float, rng: np.random.Generator) -> np.ndarray | None:
     """Stochastic Length (HSTU): for a history of ``length`` > m = ceil(max_len^(alpha/2)), keep a random
@@ -42,14 +47,6 @@ def stochastic_length(length: int, max_len: int, alpha: float, rng: np.random.Ge
     if length <= m or rng.random() >= 1.0 - (m * m) / (length * length):
         return None
     return np.sort(rng.choice(length, size=m, replace=False))
-
-
-def _pack(pieces: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    lengths = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
-    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
-    values = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
-    return torch.from_numpy(values), torch.from_numpy(offsets)
 
 
 def train_batches(ds: SequenceDataset, split: Split, max_len: int, batch_size: int, rng: np.random.Generator,
@@ -77,11 +74,11 @@ def train_batches(ds: SequenceDataset, split: Split, max_len: int, batch_size: i
                 t = ds.timestamps[idx]
                 ts_in.append(t[:-1])
                 ts_next.append(t[1:])
-        items, offsets = _pack(inputs)
+        items, offsets = pack_rows(inputs)
         batch = SequenceBatch(items=items, offsets=offsets, max_len=max(len(p) for p in inputs),
-                              targets=_pack(targets)[0], users=chunk)
+                              targets=pack_rows(targets)[0], users=chunk)
         if ts_in:
-            batch.timestamps, batch.next_timestamps = _pack(ts_in)[0], _pack(ts_next)[0]
+            batch.timestamps, batch.next_timestamps = pack_rows(ts_in)[0], pack_rows(ts_next)[0]
         yield batch
 
 
@@ -92,25 +89,16 @@ def history_batch(ds: SequenceDataset, users: np.ndarray, history_ends: np.ndarr
     next_timestamps: the next event's time inside the history; at the last position ``query_times``
     (request time) when given, else the last event's own time (as the reference does at inference).
     """
-    pieces, full, ts_in, ts_next = [], [], [], []
-    for row, u in enumerate(users):
-        s, e = ds.offsets[u], history_ends[row]
-        full.append(ds.items[s:e])
-        a = max(s, e - max_len)
-        pieces.append(ds.items[a:e])
-        if ds.timestamps is not None:
-            t = ds.timestamps[a:e]
-            ts_in.append(t)
-            last = query_times[row] if query_times is not None else t[-1]
-            ts_next.append(np.append(t[1:], last))
-    items, offsets = _pack(pieces)
-    hist_items, hist_offsets = _pack(full)
-    batch = SequenceBatch(items=items, offsets=offsets, max_len=max(len(p) for p in pieces),
-                          targets=torch.zeros(0, dtype=torch.int64), users=users,
-                          history_items=hist_items, history_offsets=hist_offsets)
-    if ts_in:
-        batch.timestamps, batch.next_timestamps = _pack(ts_in)[0], _pack(ts_next)[0]
-    return batch
+    full = [ds.items[ds.offsets[u] : history_ends[row]] for row, u in enumerate(users)]
+    times = None
+    if ds.timestamps is not None:
+        times = [ds.timestamps[ds.offsets[u] : history_ends[row]] for row, u in enumerate(users)]
+    packed = pack_histories(full, max_len, times, query_times)
+    hist_items, hist_offsets = pack_rows(full)
+    return SequenceBatch(items=packed.items, offsets=packed.offsets, max_len=packed.max_len,
+                         targets=torch.zeros(0, dtype=torch.int64), timestamps=packed.timestamps,
+                         next_timestamps=packed.next_timestamps, users=users,
+                         history_items=hist_items, history_offsets=hist_offsets)
 
 
 def target_positions(ds: SequenceDataset, users: np.ndarray, stage: str) -> np.ndarray:
