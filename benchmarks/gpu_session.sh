@@ -19,6 +19,7 @@ SMOKE=${SMOKE:-0}
 STEPS=${STEPS:-"env tests kernels scale100m attention scale10m topk serving_tests serving flatmips"}
 BUDGET_S=${BUDGET_S:-540}  # the whole session; each step gets min(its limit, what is left)
 PY=${PY:-python3}
+case "$PY" in */*) PY="$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")" ;; esac  # steps run from $SITE
 WORK=/tmp/gpu_session_work  # every log and table; packed into $OUT/gpu_results.tgz after each step
 rm -rf "$WORK" && mkdir -p "$WORK" "$OUT"
 export PYTHONUNBUFFERED=1
@@ -29,6 +30,7 @@ rm -rf "$SITE" && mkdir -p "$SITE"
 cp -r genrec "$SITE/genrec"
 for p in encoders kernels retrieval index serving; do cp -r "$p" "$SITE/genrec/$p"; done
 cp -r tests "$SITE/tests"
+cp -r configs "$SITE/configs"  # harnesses that train a model first read configs/ beside the package
 export PYTHONPATH="$SITE"
 
 step() {  # step NAME LIMIT_S CMD...: runs CMD from $SITE, log in $WORK/NAME.log
@@ -47,8 +49,8 @@ step() {  # step NAME LIMIT_S CMD...: runs CMD from $SITE, log in $WORK/NAME.log
 if [ "$SMOKE" = 1 ]; then
   export TRITON_INTERPRET=1
   KB="--items 4096 --batches 1 20 --kprimes 100 --backend triton --topk-batches --repeats 1"
-  TK="--items 4096 --dtypes int8 --batches 1 --kprimes 100 --backend triton --topk-batches 1 --skip mol --repeats 1"
-  S100="--items 30000 --kprimes 500 --latency-queries 3 --qps-batches 8 --repeats 1 --device cpu --profile"
+  TK="--items 256 --dtypes int8 --batches 1 --kprimes 16 --topk-kprime 16 --backend triton --topk-batches 1 --skip mol --repeats 1"
+  S100="--items 30000 --kprimes 500 --latency-queries 3 --qps-batches 8 --repeats 1 --device cpu --profile --train-epochs 1"
   S10="--items 20000 --kprimes 500 --latency-queries 3 --qps-batches 8 --repeats 1 --device cpu"
   ATA="--lengths 64 --tokens 256 --repeats 1"; ATB="--lengths 32 --tokens 128 --repeats 1"
   SV="--items 20000 --latency-queries 20 --seconds 1 --concurrency 1 8"
@@ -69,12 +71,12 @@ BUNDLE="$REPO/runs/bench-retrieval/mol_bundle.pt"
 step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))'"
 GENREC_TEST_DEVICE=$TEST_DEVICE step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py \
   tests/test_index.py::test_flat_mips_searches_on_its_device_and_answers_as_on_the_host -rA
-step kernels 120 $PY "$REPO/benchmarks/kernels_bench.py" $KB --out-dir "$WORK" --stem kernels_gpu
-step scale100m 150 $PY -m genrec.bench.retrieval_scale $S100 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_100m_gpu
-step attention 90 $PY "$REPO/benchmarks/attention_bench.py" $ATA --out-dir "$WORK" --stem attention_gpu
-step attention8k 50 $PY "$REPO/benchmarks/attention_bench.py" $ATB --out-dir "$WORK" --stem attention_gpu_8k
-step scale10m 60 $PY -m genrec.bench.retrieval_scale $S10 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_10m_gpu
-step topk 40 $PY "$REPO/benchmarks/kernels_bench.py" $TK --out-dir "$WORK" --stem kernels_topk_gpu
+step kernels 120 $PY -m genrec bench kernels $KB --out-dir "$WORK" --stem kernels_gpu
+step scale100m 150 $PY -m genrec bench retrieval-scale $S100 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_100m_gpu
+step attention 90 $PY -m genrec bench attention $ATA --out-dir "$WORK" --stem attention_gpu
+step attention8k 50 $PY -m genrec bench attention $ATB --out-dir "$WORK" --stem attention_gpu_8k
+step scale10m 60 $PY -m genrec bench retrieval-scale $S10 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_10m_gpu
+step topk 40 $PY -m genrec bench kernels $TK --out-dir "$WORK" --stem kernels_topk_gpu
 # Serving from the GPU: the image's grpcio/protobuf are older than the committed generated code wants, so
 # carry .whl (grpcio, protobuf, grpcio-health-checking, grpcio-reflection for cp312; the fetch command is at
 # the top of this script) and name it in the run's carry list. Without .whl these steps fail at import.
@@ -84,8 +86,8 @@ if [ -d "$REPO/.whl" ]; then
 fi
 PYTHONPATH=${SERVING_PATH:-$SITE} GENREC_TEST_DEVICE=$TEST_DEVICE step serving_tests 120 $PY -m pytest -q -p no:cacheprovider \
   tests/test_serving.py -k "places_its_index or search_by_user or rank_over_grpc" -rA
-PYTHONPATH=${SERVING_PATH:-$SITE} step serving 150 $PY -m genrec.bench.serving $SV --device $TEST_DEVICE --out-dir "$WORK" --stem serving_gpu
+PYTHONPATH=${SERVING_PATH:-$SITE} step serving 150 $PY -m genrec bench serving $SV --device $TEST_DEVICE --out-dir "$WORK" --stem serving_gpu
 # FlatMIPS on the GPU (group-max pre-selection, ~40 launches per chunk) vs plain mm + torch.topk per chunk
-step flatmips 60 $PY "$REPO/benchmarks/flat_mips_bench.py" $FM --out-dir "$WORK" --stem flat_mips_gpu
+step flatmips 60 $PY -m genrec bench flat-mips $FM --out-dir "$WORK" --stem flat_mips_gpu
 echo "== done in $(( $(date +%s) - T0 ))s"
 ls -la "$WORK"

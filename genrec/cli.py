@@ -3,13 +3,33 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
+from pathlib import Path
 
-from genrec.checkpoint import CheckpointError
-from genrec.config import ConfigError
+import numpy as np
+import torch
 
+from genrec.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
+from genrec.config import ConfigError, DataConfig, SyntheticConfig, apply_overrides, from_dict, load_config, load_dataclass
+from genrec.data.loaders import DataFormatError
+from genrec.data.sequences import leave_one_out, save_prepared
+from genrec.data.source import load_dataset
+from genrec.embedding_export import export_item_embeddings
+from genrec.evaluation import evaluate_popularity, format_metrics_table, model_target_ranks, per_user_rank_rows
+from genrec.index.build import build, describe, eval_summary, exact_reference, load_mol, proxy_queries, read_items
+from genrec.index.sharding import merge_shards, shard_range, shard_version
+from genrec.index.spec import from_mapping, load_spec, parse_spec
+from genrec.index.storage import latest_version, load_index, read_manifest, save_index, verify_index
+from genrec.io import atomic_write_csv
+from genrec.ranking_training import train_ranking
+from genrec.retrieval.metrics import metrics_from_ranks
+from genrec.trainer import select_device
+from genrec.training import train
+
+# genrec.serving loads lazily: it needs grpc, which `genrec bench kernels` on a bare GPU image may lack.
 log = logging.getLogger("genrec")
 
 
@@ -19,9 +39,6 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from genrec.config import DataConfig, SyntheticConfig
-    from genrec.data.sequences import save_prepared
-    from genrec.data.source import load_dataset
 
     cfg = DataConfig(format=args.format, path=args.input, user_col=args.user_col, item_col=args.item_col,
                      time_col=args.time_col or None, rating_col=args.rating_col, delimiter=args.delimiter,
@@ -34,9 +51,6 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from genrec.config import load_config
-    from genrec.evaluation import format_metrics_table
-    from genrec.training import train
 
     cfg = load_config(args.config, args.overrides)
     if cfg.task == "ranking":
@@ -54,8 +68,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_ranking(cfg, args: argparse.Namespace) -> int:
-    from genrec.evaluation import format_metrics_table
-    from genrec.ranking_training import train_ranking
 
     r = train_ranking(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"\nRanking (best epoch {r.best_epoch}): test AUC {r.test['auc']:.4f}, logloss {r.test['logloss']:.4f} "
@@ -70,16 +82,6 @@ def _train_ranking(cfg, args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
-    from genrec.checkpoint import load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
-    from genrec.config import apply_overrides, from_dict
-    from genrec.data.sequences import leave_one_out
-    from genrec.data.source import load_dataset
-    from genrec.evaluation import evaluate_popularity, format_metrics_table, model_target_ranks, per_user_rank_rows
-    from genrec.io import atomic_write_csv
-    from genrec.retrieval.metrics import metrics_from_ranks
-    from genrec.trainer import select_device
 
     state = load_checkpoint(args.checkpoint)
     cfg = from_dict(apply_overrides(state["config"], args.overrides))
@@ -102,7 +104,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from genrec.embedding_export import export_item_embeddings
 
     meta = export_item_embeddings(args.checkpoint, args.out)
     print(json.dumps(meta, indent=2))
@@ -110,9 +111,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def _index_path(args: argparse.Namespace):
-    from pathlib import Path
-
-    from genrec.index.storage import latest_version
 
     if args.path:
         return Path(args.path)
@@ -122,12 +120,6 @@ def _index_path(args: argparse.Namespace):
 
 
 def cmd_build_index(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from genrec.index.build import build, describe, eval_summary, exact_reference, load_mol, proxy_queries, read_items
-    from genrec.index.sharding import shard_range, shard_version
-    from genrec.index.spec import from_mapping, load_spec, parse_spec
-    from genrec.index.storage import read_manifest, save_index
 
     spec = load_spec(args.spec_file) if args.spec_file else parse_spec(args.spec)
     if args.overrides:
@@ -160,7 +152,6 @@ def cmd_build_index(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_index(args: argparse.Namespace) -> int:
-    from genrec.index.storage import load_index, verify_index
 
     path = _index_path(args)
     manifest = verify_index(path, args.mode)
@@ -171,9 +162,6 @@ def cmd_verify_index(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_index(args: argparse.Namespace) -> int:
-    from genrec.index.build import describe
-    from genrec.index.sharding import merge_shards
-    from genrec.index.storage import read_manifest
 
     path = merge_shards(args.shards, args.root, args.name, args.version)
     print(describe(read_manifest(path)))
@@ -182,9 +170,6 @@ def cmd_merge_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from genrec.index.storage import load_index
 
     index, manifest = load_index(_index_path(args), args.verify)
     if args.queries:
@@ -203,7 +188,6 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from genrec.config import load_dataclass
     from genrec.serving.config import ServeConfig
     from genrec.serving.server import serve
 
@@ -218,8 +202,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     import grpc
-    import numpy as np
-
     from genrec.serving.client import GenrecClient
 
     with GenrecClient(args.target) as client:
@@ -249,12 +231,17 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from genrec.bench import broker, ranking, retrieval, retrieval_scale, serving, soak
+BENCH_HARNESSES = {  # genrec bench <name> -> module of genrec.bench with main(argv)
+    "retrieval": "retrieval", "retrieval-scale": "retrieval_scale", "flat-mips": "flat_mips", "kernels": "kernels",
+    "attention": "attention", "serving": "serving", "broker": "broker", "soak": "soak", "ranking": "ranking",
+    "ranking-quality": "ranking_quality", "train-quality": "train_quality", "paired": "paired",
+    "epoch-speed": "epoch_speed",
+}
 
-    harnesses = {"retrieval": retrieval.main, "retrieval-scale": retrieval_scale.main, "serving": serving.main,
-                 "broker": broker.main, "ranking": ranking.main, "soak": soak.main}
-    return harnesses[args.harness](args.bench_args)
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    module = importlib.import_module(f"genrec.bench.{BENCH_HARNESSES[args.harness]}")
+    return module.main(args.bench_args) or 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -374,8 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     qu.add_argument("--json", action="store_true")
     qu.set_defaults(func=cmd_query)
 
-    be = sub.add_parser("bench", help="benchmarks (CSV/Markdown/JSON/PNG): `genrec bench retrieval|retrieval-scale|serving|broker|ranking|soak --help`")
-    be.add_argument("harness", choices=["retrieval", "retrieval-scale", "serving", "broker", "ranking", "soak"])
+    be = sub.add_parser("bench", help="benchmarks (CSV/Markdown/JSON/PNG under runs/bench/<topic> unless --out-dir): "
+                        "`genrec bench <harness> --help`")
+    be.add_argument("harness", choices=list(BENCH_HARNESSES))
     be.add_argument("bench_args", nargs=argparse.REMAINDER, help="arguments of the harness")
     be.set_defaults(func=cmd_bench)
     return parser
@@ -386,7 +374,6 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # it narrates every SIMD variant it tries
-    from genrec.data.loaders import DataFormatError
 
     try:
         return args.func(args)

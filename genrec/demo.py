@@ -15,6 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from genrec.checkpoint import load_checkpoint, model_from_checkpoint
+from genrec.data.source import load_dataset
+from genrec.index.mips import FlatMIPS
+from genrec.serving.client import GenrecClient
+from genrec.serving.user_encoder import UserEncoder
 
 
 def wait_for_port(proc: subprocess.Popen, timeout: float = 120.0) -> int:
@@ -40,11 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=10)
     args = ap.parse_args(argv)
 
-    from genrec.checkpoint import load_checkpoint, model_from_checkpoint
-    from genrec.data.source import load_dataset
-    from genrec.index.mips import FlatMIPS
-    from genrec.serving.client import GenrecClient
-    from genrec.serving.user_encoder import UserEncoder
 
     run_dir = Path(args.checkpoint).parent
     cfg_path = run_dir / "serve.yaml"

@@ -32,6 +32,13 @@ def learning_curve(history: list[dict], path: str | Path, title: str,
     return save_figure(fig, path)
 
 
+def save_axes_figure(fig, ax, path: str | Path, legend_size: int = 8) -> Path:
+    """A benchmark plot's common finish: log-friendly grid, legend, atomic PNG write."""
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=legend_size)
+    return save_figure(fig, path)
+
+
 def save_figure(fig, path: str | Path) -> Path:
     """Lay out, write ``fig`` as a PNG atomically (no half-written file on a crash) and close it."""
     fig.tight_layout()

@@ -1,1 +1,1 @@
-"""Offline indexes over item embeddings (MIPS and the MoL h-indexer). Lands with issue 5."""
+"""Offline indexes over item embeddings (flat and faiss MIPS, the MoL h-indexer): specs, builds, storage, shards."""

@@ -21,9 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from genrec.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
 from genrec.index.distill import noisy_item_queries
+from genrec.index.hindexer import MoLHIndexer
+from genrec.index.mips import FaissMIPS, FlatMIPS
 from genrec.index.spec import IndexSpec
+from genrec.io import sha256_file
 from genrec.retrieval.metrics import recall_at, top1_in
+from genrec.retrieval.search import MoLSearcher
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +61,10 @@ def _check_items(items: np.ndarray, ids: np.ndarray, where: str, chunk: int = 1 
 
 
 def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint: str | None = None) -> ItemInputs:
-    from genrec.io import sha256_file
 
     if embeddings is None:
         if checkpoint is None:
             raise ValueError("give --embeddings (.npy/.parquet) or --checkpoint")
-        from genrec.checkpoint import load_checkpoint, model_from_checkpoint
 
         state = load_checkpoint(checkpoint)
         model, _ = model_from_checkpoint(state)
@@ -104,7 +107,6 @@ def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint
 def load_mol(checkpoint: str | None):
     if checkpoint is None:
         raise ValueError("a mol-hindexer needs --checkpoint (a run trained with similarity.type=mol)")
-    from genrec.checkpoint import CheckpointError, load_checkpoint, similarity_from_checkpoint
 
     sim = similarity_from_checkpoint(load_checkpoint(checkpoint))
     if not hasattr(sim, "mol"):
@@ -116,8 +118,6 @@ def build(spec: IndexSpec, inputs: ItemInputs, mol=None, rows: tuple[int, int] |
           train_queries: np.ndarray | None = None):
     """The index ``spec`` names over inputs.items[rows[0]:rows[1]] (all items by default).
     train_queries: (m, D) query states a learned stage 1 is distilled on (default: noisy items)."""
-    from genrec.index.hindexer import MoLHIndexer
-    from genrec.index.mips import FaissMIPS, FlatMIPS
 
     start, end = rows or (0, len(inputs.items))
     if spec.type == "mol-hindexer":
@@ -136,9 +136,6 @@ def build(spec: IndexSpec, inputs: ItemInputs, mol=None, rows: tuple[int, int] |
 
 def exact_reference(index, inputs: ItemInputs, rows: tuple[int, int] | None = None):
     """The exact searcher over the same items and similarity as ``index`` (the recall oracle)."""
-    from genrec.index.hindexer import MoLHIndexer
-    from genrec.index.mips import FlatMIPS
-    from genrec.retrieval.search import MoLSearcher
 
     if isinstance(index, MoLHIndexer):
         return MoLSearcher(index.mol, index.cache, index.ids.numpy())

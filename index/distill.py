@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genrec.index.stage1 import pca_projection
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits, QueryState
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,6 @@ def noisy_item_queries(items, count: int, seed: int = 0, noise: float = 0.5) -> 
 
 def pca_init(item_flat: torch.Tensor, px: int, pq: int, dp: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The pca<dim> proxy written as maps on flattened components: (P_X*d_P, dim), (P_Q*d_P, dim)."""
-    from genrec.index.stage1 import pca_projection
 
     mean = item_flat.view(-1, px, dp).mean(1)
     v = pca_projection(mean, dim)  # (d_P, dim)

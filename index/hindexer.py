@@ -26,9 +26,9 @@ from genrec.index.base import Index, IndexState
 from genrec.index.distill import fit_learned_stage1
 from genrec.index.stage1 import Stage1Table, encode, fit_stage1, from_numpy, item_base_vectors, parse_method, to_numpy
 from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
+from genrec.kernels.topk import ascending_rows
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits
 from genrec.retrieval.search import SearchResult, rescore_candidates, validate_queries
-from genrec.kernels.topk import ascending_rows
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class MoLHIndexer(Index):
         """Whether stage 1 keeps K' with one running top-k pass instead of the threshold selection.
 
         ``auto`` takes the threshold selection everywhere: on CPU it beats the reference top-k scan at
-        equal recall (benchmarks/results/stage1_select_200k_cpu.md), and on an H200 the top-k kernel
+        equal recall (benchmarks/results/retrieval/stage1_select_200k_cpu.md), and on an H200 the top-k kernel
         (a 2,048-wide sort in registers per tile) did not finish one warm-up call over 10M items in
         ~35 s, where the threshold scan takes ~0.5 ms (gpu_h200_2026-11-26.md). ``topk`` forces it
         (K' <= 1,024)."""

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from genrec.index.hindexer import STAGE1_SELECT
+from genrec.index.stage1 import DTYPES, parse_method
 
 TYPES = ("mol-hindexer", "mips")
 
@@ -47,9 +49,7 @@ class IndexSpec:
         if self.cache_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"cache_dtype {self.cache_dtype!r}: use float32 or bfloat16")
         if self.type == "mol-hindexer":
-            from genrec.index.stage1 import DTYPES, parse_method
 
-            from genrec.index.hindexer import STAGE1_SELECT
 
             parse_method(self.stage1)
             if self.stage1_select not in STAGE1_SELECT:

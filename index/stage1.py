@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from genrec.kernels.dispatch import stage1_threshold_scan, stage1_topk
 from genrec.retrieval.mol import QueryState, topk_avg_vectors
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -105,14 +106,12 @@ class Stage1Table:
 
     def scan_range(self, qv: torch.Tensor, start: int, end: int, thr: torch.Tensor, capacity: int | None = None):
         """Items start..end-1 scoring >= thr per query: (scores, ids, counts), see threshold.ScanRange."""
-        from genrec.kernels.dispatch import stage1_threshold_scan
 
         return stage1_threshold_scan(qv, self.codes[start:end], thr, capacity, id_offset=start)
 
     def topk(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) query vectors -> the k best rows by stage-1 score: (B, k) float32, (B, k) int64 (ties by
         smaller row; -inf / -1 padded), one running top-k pass over the codes (``kernels.dispatch.stage1_topk``)."""
-        from genrec.kernels.dispatch import stage1_topk
 
         return stage1_topk(qv, self.codes, k)
 

@@ -23,6 +23,8 @@ import numpy as np
 
 from genrec import __version__
 from genrec.index.base import Index, IndexState
+from genrec.index.hindexer import MoLHIndexer
+from genrec.index.mips import FaissMIPS, FlatMIPS
 from genrec.io import atomic_directory, sha256_file
 
 FORMAT_VERSION = 1
@@ -159,8 +161,6 @@ def verify_index(path: str | Path, mode: str = "full") -> dict[str, Any]:
 
 
 def index_classes() -> dict[str, type]:
-    from genrec.index.hindexer import MoLHIndexer
-    from genrec.index.mips import FaissMIPS, FlatMIPS
 
     return {c.kind: c for c in (MoLHIndexer, FlatMIPS, FaissMIPS)}
 
@@ -170,7 +170,7 @@ def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tup
     path = Path(path)
     manifest = verify_index(path, verify)
     if manifest["kind"] == "sharded":
-        from genrec.index.sharding import ShardedIndex
+        from genrec.index.sharding import ShardedIndex  # sharding builds on this module: import it here
 
         return ShardedIndex.load(path, manifest, verify, mmap), manifest
     classes = index_classes()

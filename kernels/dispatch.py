@@ -14,8 +14,8 @@ from typing import Callable, Literal
 import torch
 
 from genrec.kernels.hstu_attention_reference import hstu_attention_reference
-from genrec.kernels.mol_state import ItemCache, MoLGating, QueryState
 from genrec.kernels.mol_stage2_reference import mol_candidate_scores_reference
+from genrec.kernels.mol_state import ItemCache, MoLGating, QueryState
 from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference, stage1_topk_reference
 
 Backend = Literal["auto", "reference", "triton"]
@@ -43,7 +43,7 @@ def _triton_op(op: str) -> Callable:
 
 TRITON_OPS = ("hstu_attention", "stage1_threshold_scan", "stage1_topk", "mol_candidate_scores")
 # ops whose kernel ``auto`` picks on CUDA. MoL stage 2 is not among them: on an H200 its fp32 kernel
-# ran 3-7x slower than the gather + cuBLAS reference (benchmarks/results/kernels/kernels_gpu.md), so
+# ran 3-7x slower than the gather + cuBLAS reference (benchmarks/results/kernels/kernels_gpu_h200.md), so
 # ``auto`` keeps the reference there until the kernel moves to tensor-core dots.
 _TRITON_AUTO = {"stage1_threshold_scan", "stage1_topk", "hstu_attention"}
 

@@ -8,6 +8,7 @@ int8 scales are folded into qv by the caller); scores accumulate in float32.
 from __future__ import annotations
 
 import torch
+from genrec.kernels.topk import chunked_topk
 
 
 def stage1_threshold_scan_reference(qv: torch.Tensor, codes: torch.Tensor, thr: torch.Tensor, capacity: int | None = None,
@@ -37,7 +38,6 @@ def stage1_topk_reference(qv: torch.Tensor, codes: torch.Tensor, k: int, id_offs
                           chunk_size: int = 65536) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best items per query by stage-1 score, ties by smaller id: (B, k) float32 scores and int64
     ids (+ id_offset), -inf / -1 padded when there are fewer than k items. Chunked: never (B, N)."""
-    from genrec.kernels.topk import chunked_topk
 
     q = qv.float()
     scores, ids = chunked_topk(lambda a, b: q @ codes[a:b].float().T, codes.shape[0], q.shape[0], k, chunk_size, q.device)

@@ -99,8 +99,8 @@ def stage1_threshold_scan_triton(qv: torch.Tensor, codes: torch.Tensor, thr: tor
                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Same contract as :func:`stage1_threshold_scan_reference` (buffer order aside).
     capacity None means "room for every item" (n per query). Block sizes, warps and item tiles per
-    program are tuning knobs (``benchmarks/kernels_bench.py --scan-configs``); the defaults are the best
-    of that sweep on an H200 at 100M x 64 (benchmarks/results/kernels_gpu_h200_tiles.md): 8 tiles per
+    program are tuning knobs (``genrec bench kernels --scan-configs``); the defaults are the best
+    of that sweep on an H200 at 100M x 64 (benchmarks/results/kernels/kernels_gpu_h200_tiles.md): 8 tiles per
     program up to 16 queries, 1 above. precision: see ``_split_bf16``."""
     b, d = qv.shape
     tiles = tiles or (8 if b <= 16 else 1)

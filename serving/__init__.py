@@ -1,1 +1,1 @@
-"""gRPC serving of built indexes and encoders. Lands with issue 7."""
+"""gRPC serving of built indexes, encoders and the ranker: service, batching, metrics, hot swap, broker, client."""

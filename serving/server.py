@@ -18,10 +18,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from genrec.serving import genrec_pb2_grpc as pb_grpc
+from genrec.serving.broker import BrokerService, watch_health
 from genrec.serving.config import ServeConfig
 from genrec.serving.metrics import ServerMetrics
+from genrec.serving.ranker import Ranker
 from genrec.serving.registry import IndexRegistry
-from genrec.serving.service import SERVICE_NAME, RetrievalService
+from genrec.serving.service import RetrievalService, SERVICE_NAME
+from genrec.serving.user_encoder import UserEncoder
 
 log = logging.getLogger(__name__)
 ADMIN_METHODS = {f"/{SERVICE_NAME}/LoadIndex"}
@@ -58,16 +61,13 @@ class RetrievalServer:
         self.registry = IndexRegistry(cfg.warmup_queries, on_swap=self.metrics.index_active)
         encoder = None
         if cfg.encoder_checkpoint:
-            from genrec.serving.user_encoder import UserEncoder
 
             encoder = UserEncoder(cfg.encoder_checkpoint, cfg.model_device)
         ranker = None
         if cfg.ranking_checkpoint:
-            from genrec.serving.ranker import Ranker
 
             ranker = Ranker(cfg.ranking_checkpoint, cfg.model_device)
         if cfg.role == "broker":
-            from genrec.serving.broker import BrokerService
 
             self.service = BrokerService(cfg, self.metrics, encoder)
         elif cfg.role == "server":
@@ -109,7 +109,6 @@ class RetrievalServer:
         if self.cfg.metrics_port >= 0:
             self.metrics_port = self.metrics.serve_http(self.cfg.metrics_port, self.cfg.host)
         if self.cfg.role == "broker":  # health follows the shards'
-            from genrec.serving.broker import watch_health
 
             watch_health(self.service, self._set_health, self.cfg.broker.health_interval_s, self._watch_stop)
             log.info("broker over %s on %s:%d", ", ".join(self.cfg.broker.shards), self.cfg.host, self.port)

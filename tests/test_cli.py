@@ -22,6 +22,7 @@ def write_tiny_udata(path) -> list[str]:
     return lines
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_tiny_data(tmp_path):
     lines = write_tiny_udata(tmp_path / "u.data")
     r = genrec("data", "prepare", "--format", "ml-100k", "--input", "u.data", "--out", "prep", cwd=tmp_path)
@@ -53,6 +54,7 @@ def test_cli_end_to_end_on_tiny_data(tmp_path):
     assert json.loads((tmp_path / "items.json").read_text())["count"] == len(ids)
 
 
+@pytest.mark.slow
 def test_cli_reference_protocol_trains_without_validation_and_tests_the_final_weights(tmp_path):
     write_tiny_udata(tmp_path / "u.data")
     (tmp_path / "cfg.yaml").write_text("name: r\nout_dir: runs\ndata:\n  format: ml-100k\n  path: u.data\n")
@@ -74,6 +76,7 @@ def test_cli_reference_protocol_trains_without_validation_and_tests_the_final_we
     assert r.returncode == 2 and "train.validation: false" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,message", [
     (["train", "--config", "missing.yaml"], "config file not found: missing.yaml"),
     (["train", "--config", "cfg.yaml", "--set", "model.heads=2"], "unknown config key in 'model': heads"),
@@ -91,6 +94,7 @@ def test_cli_bad_input_exits_nonzero_with_a_clear_message(tmp_path, args, messag
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+@pytest.mark.slow
 def test_cli_index_lifecycle_build_verify_search_shard_merge(tmp_path):
     (tmp_path / "cfg.yaml").write_text(
         "name: m\nout_dir: runs\ndata:\n  format: synthetic\n  synthetic:\n    num_users: 120\n    num_items: 150\n"
@@ -162,6 +166,7 @@ def test_cli_index_lifecycle_build_verify_search_shard_merge(tmp_path):
     assert not (tmp_path / "indexes/x").exists()
 
 
+@pytest.mark.slow
 def test_cli_serve_and_query_over_grpc_then_shut_down_cleanly(tmp_path):
     import signal
     import time
@@ -195,3 +200,16 @@ def test_cli_serve_and_query_over_grpc_then_shut_down_cleanly(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("harness", sorted(__import__("genrec.cli", fromlist=["BENCH_HARNESSES"]).BENCH_HARNESSES))
+def test_every_bench_harness_is_reached_through_the_cli_and_writes_under_runs(harness, capsys):
+    """`genrec bench <harness> --help` parses (no sys.path tricks, no script files) and the default
+    --out-dir is under runs/, so a plain run never writes into the committed results."""
+    from genrec.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", harness, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert f"genrec bench {harness}" in text and "runs/bench/" in text

@@ -169,6 +169,7 @@ def test_stage1_recall_grows_with_kprime_on_a_structured_corpus():
     assert recalls == sorted(recalls) and recalls[-1] == 1.0 and recalls[1] > recalls[0]
 
 
+@pytest.mark.slow
 def test_learned_stage1_beats_pca_at_the_same_width_and_round_trips(tmp_path):
     """Distilled from MoL scores on proxy queries (noisy items), the learned proxy keeps far more of the
     exact top-10 inside K' than PCA of the mean component, on queries it never saw; it survives save/load
@@ -332,6 +333,7 @@ def _sharded(tmp_path, spec, items, mol, n_shards):
     return inputs, dirs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", ["mips:factory=Flat", "mol-hindexer:stage1=pca4,stage1_dtype=int8,kprime=100000",
                                   "mol-hindexer:stage1=learned4,stage1_dtype=int8,kprime=100000,distill_steps=40"])
 def test_sharded_build_and_merge_equal_a_single_build(tmp_path, spec):

@@ -391,6 +391,7 @@ def test_graceful_shutdown_finishes_in_flight_work_and_refuses_new(index_root):
         pool.shutdown()
 
 
+@pytest.mark.slow
 def test_search_by_user_encodes_the_history_server_side(tmp_path, tiny_synthetic_cfg):
     from genrec.serving.user_encoder import UserEncoder
     from genrec.training import train
@@ -539,6 +540,7 @@ def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cf
         srv.stop(grace=1)
 
 
+@pytest.mark.slow
 def test_soak_harness_short_run_finds_no_errors_leaks_or_wrong_answers(tmp_path):
     """A few seconds of the soak: mixed traffic while v1/v2 swap; every valid answer checked against the
     exact top-k of the version it names; statuses outside the expected set would fail it."""
@@ -555,6 +557,7 @@ def test_soak_harness_short_run_finds_no_errors_leaks_or_wrong_answers(tmp_path)
     assert any(r["measure"] == "sample" and r["rss_mib"] > 0 for r in rows) and (tmp_path / "s.png").stat().st_size
 
 
+@pytest.mark.slow
 def test_load_generator_processes_drive_a_server_and_report_its_compute(server):
     """The benchmark's client processes (asyncio closed loop, remote latency probe) complete real searches,
     and report CPU over their timed windows: the clients' own and this process's (the server runs here)."""
@@ -640,6 +643,7 @@ def test_a_device_the_machine_lacks_is_refused_by_name_and_the_old_version_keeps
     assert registry.get("hnsw") is None
 
 
+@pytest.mark.slow
 def test_bench_serving_reports_cpu_per_call_and_a_median_ratio_over_repeats(tmp_path):
     """`genrec bench serving` end to end on a tiny index: every row kind, CPU per call beside the timings,
     and with --repeats one QPS pair per repeat plus their median ratio."""

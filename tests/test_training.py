@@ -13,6 +13,7 @@ from genrec.evaluation import evaluate_model
 from genrec.training import train
 
 
+@pytest.mark.slow
 def test_training_on_synthetic_beats_popularity_by_a_wide_margin(tmp_path, tiny_synthetic_cfg):
     cfg = tiny_synthetic_cfg
     cfg.out_dir = str(tmp_path)
@@ -32,6 +33,7 @@ def test_training_on_synthetic_beats_popularity_by_a_wide_margin(tmp_path, tiny_
     assert (result.run_dir / "learning_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_gives_identical_model(tmp_path, tiny_synthetic_cfg):
     cfg = tiny_synthetic_cfg
     cfg.out_dir = str(tmp_path)
@@ -53,25 +55,32 @@ def test_corrupt_checkpoint_is_refused(tmp_path):
         load_checkpoint(p)
 
 
-def test_runs_are_reproducible_and_resume_matches_uninterrupted(tmp_path, tiny_synthetic_cfg):
-    cfg = tiny_synthetic_cfg
-    cfg.out_dir = str(tmp_path)
-    cfg.train.epochs = 2
-    cfg.name = "full"
-    full = train(cfg, progress=False)
-    cfg.name = "again"
-    again = train(cfg, progress=False)
-    assert again.test == full.test
+def interrupted_then_resumed(run, cfg, epochs: int):
+    """Train ``epochs`` straight through, and again as 1 epoch + a resume to ``epochs``; returns (full
+    result, resumed result, their checkpoint_last.pt states)."""
+    cfg.name, cfg.train.epochs = "full", epochs
+    full = run(cfg, progress=False)
     cfg.name, cfg.train.epochs = "part", 1
-    part = train(cfg, progress=False)
-    cfg.train.epochs = 2
-    resumed = train(cfg, resume=part.run_dir / "checkpoint_last.pt", progress=False)
+    part = run(cfg, progress=False)
+    cfg.train.epochs = epochs
+    resumed = run(cfg, resume=part.run_dir / "checkpoint_last.pt", progress=False)
     assert resumed.run_dir == part.run_dir
     a = torch.load(full.run_dir / "checkpoint_last.pt", weights_only=True)
     b = torch.load(resumed.run_dir / "checkpoint_last.pt", weights_only=True)
+    assert [r["epoch"] for r in b["history"]] == [r["epoch"] for r in a["history"]]
     assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-6)
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k])
+    return full, resumed, a, b
+
+
+@pytest.mark.slow
+def test_runs_are_reproducible_and_resume_matches_uninterrupted(tmp_path, tiny_synthetic_cfg):
+    cfg = tiny_synthetic_cfg
+    cfg.out_dir = str(tmp_path)
+    full, *_ = interrupted_then_resumed(train, cfg, 2)
+    cfg.name, cfg.train.epochs = "again", 2
+    assert train(cfg, progress=False).test == full.test
 
 
 def test_stochastic_length_keeps_order_and_expected_size():
@@ -104,6 +113,7 @@ def test_train_batches_supervise_every_prefix_position(validation):
     assert sorted(seen_users) == sorted(set(seen_users))  # no duplicated users in an epoch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("negatives", ["batch_shared", "per_position"])
 def test_mol_trains_jointly_and_round_trips_through_the_checkpoint(tmp_path, tiny_synthetic_cfg, negatives):
     from genrec.checkpoint import similarity_from_checkpoint
@@ -137,6 +147,7 @@ eval: {ks: [1, 10]}
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("negatives", ["per_position", "batch_shared"])
 def test_two_process_ddp_matches_single_process_training(tmp_path, negatives):
     """torchrun with 2 gloo ranks, each on its half of every global batch, ends at the same weights
@@ -164,6 +175,7 @@ def test_two_process_ddp_matches_single_process_training(tmp_path, negatives):
     assert len(list((tmp_path / "ddp").iterdir())) == 1  # only rank 0 made a run directory
 
 
+@pytest.mark.slow
 def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_cfg):
     """task: ranking beats chance AUC on held-out items, and the two-stage evaluation runs end to end
     on a retrieval checkpoint (reranking keeps the retrieved set, so HR@rerank_k is unchanged)."""
@@ -195,6 +207,7 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
     assert float(rows[2]["train_loss"]) < float(rows[1]["train_loss"]) and r.test["auc"] > 0.5  # it learns
 
 
+@pytest.mark.slow
 def test_ranking_resume_matches_uninterrupted(tmp_path, tiny_synthetic_cfg):
     """task: ranking runs through the shared loop, so an interrupted run resumes to the same weights,
     history and learning curve as one that was not interrupted."""
@@ -204,25 +217,14 @@ def test_ranking_resume_matches_uninterrupted(tmp_path, tiny_synthetic_cfg):
     cfg.out_dir, cfg.task = str(tmp_path), "ranking"
     cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.patience = 2, 32, 1e-2, 0
     cfg.ranking.negatives, cfg.ranking.eval_negatives = 8, 16
-    cfg.name = "full"
-    full = train_ranking(cfg, progress=False)
-    cfg.name, cfg.train.epochs = "part", 1
-    part = train_ranking(cfg, progress=False)
-    cfg.train.epochs = 2
-    resumed = train_ranking(cfg, resume=part.run_dir / "checkpoint_last.pt", progress=False)
-    assert resumed.run_dir == part.run_dir
-    a = torch.load(full.run_dir / "checkpoint_last.pt", weights_only=True)
-    b = torch.load(resumed.run_dir / "checkpoint_last.pt", weights_only=True)
-    assert [r["epoch"] for r in b["history"]] == [1, 2]
-    assert a["history"][-1]["train_loss"] == pytest.approx(b["history"][-1]["train_loss"], rel=1e-6)
-    for k in a["model"]:
-        torch.testing.assert_close(a["model"][k], b["model"][k])
+    full, resumed, a, b = interrupted_then_resumed(train_ranking, cfg, 2)
     for k in a["ranking_head"]:
         torch.testing.assert_close(a["ranking_head"][k], b["ranking_head"][k])
     assert resumed.test == pytest.approx(full.test)
     assert (resumed.run_dir / "learning_curve.png").is_file() and (resumed.run_dir / "config.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_rating_aware_ranking_trains_on_rated_csv_and_round_trips(tmp_path, tiny_synthetic_cfg):
     """ranking.rating_input on a rated interactions CSV: the rating embedding learns, is saved with the
     checkpoint and restored; on data without ratings it is refused with a clear error."""

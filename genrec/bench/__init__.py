@@ -1,1 +1,2 @@
-"""Benchmark harnesses behind ``genrec bench``; ``benchmarks/*.py`` are thin entry points to them."""
+"""Benchmark harnesses, each reached as ``genrec bench <name>`` (see ``genrec.cli.BENCH_HARNESSES``); shared
+provenance, table and argparse helpers in ``report``, timing in ``timing``, load generators in ``load``."""

@@ -11,23 +11,26 @@ overhead, not the scaling across hosts the broker exists for.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 
 import numpy as np
 import torch
 
-from genrec.bench.report import provenance, random_unit, write_table
 from genrec.bench.load import closed_loop
+from genrec.bench.report import harness_parser, provenance, random_unit, write_table
 from genrec.bench.timing import latencies_ms
+from genrec.index.mips import FlatMIPS
+from genrec.index.storage import save_index
+from genrec.serving.client import GenrecClient
+from genrec.serving.config import BrokerConfig, IndexEntry, LimitsConfig, ServeConfig
+from genrec.serving.server import RetrievalServer
 
 log = logging.getLogger("genrec.bench")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="genrec bench broker", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness_parser("broker", __doc__, "serving")
     ap.add_argument("--items", type=int, default=400_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--k", type=int, default=10)
@@ -36,17 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per server")
-    ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--stem", default="broker")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
 
-    from genrec.index.mips import FlatMIPS
-    from genrec.index.storage import save_index
-    from genrec.serving.client import GenrecClient
-    from genrec.serving.config import BrokerConfig, IndexEntry, LimitsConfig, ServeConfig
-    from genrec.serving.server import RetrievalServer
 
     rng = np.random.default_rng(0)
     items = random_unit(rng, args.items, args.dim)

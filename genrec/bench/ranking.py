@@ -11,20 +11,21 @@ Reports seconds for all m candidates, candidates/s and the speed-up over per-can
 
 from __future__ import annotations
 
-import argparse
 import logging
 
 import torch
 
-from genrec.bench.report import provenance, write_table
+from genrec.bench.report import harness_parser, provenance, write_table
 from genrec.bench.timing import best_seconds
+from genrec.config import ModelConfig
+from genrec.encoders.model import SequentialEncoder
+from genrec.encoders.ranking import RankingModel
 
 log = logging.getLogger("genrec.bench")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="genrec bench ranking", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness_parser("ranking", __doc__, "ranking")
     ap.add_argument("--history", type=int, default=2000)
     ap.add_argument("--candidates", type=int, default=1024)
     ap.add_argument("--microbatches", type=int, nargs="+", default=[16, 64, 256, 1024])
@@ -33,15 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dim", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--stem", default="ranking_mfalcon")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
 
-    from genrec.config import ModelConfig
-    from genrec.encoders.model import SequentialEncoder
-    from genrec.encoders.ranking import RankingModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = ModelConfig(item_emb_dim=args.dim, num_blocks=args.blocks, num_heads=1, dqk=args.dim, dv=args.dim)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import sys
@@ -39,3 +40,13 @@ def random_unit(rng, n: int, d: int):
     """(n, d) float32 rows drawn uniformly on the unit sphere (synthetic items / queries)."""
     x = rng.standard_normal((n, d)).astype("float32")
     return x / ((x * x).sum(1, keepdims=True) ** 0.5)
+
+
+def harness_parser(name: str, doc: str | None, topic: str) -> argparse.ArgumentParser:
+    """The argparse of ``genrec bench <name>``: its docstring as help, and ``--out-dir`` for the tables and
+    plots (default runs/bench/<topic>; committed figures live in benchmarks/results/<topic>/)."""
+    ap = argparse.ArgumentParser(prog=f"genrec bench {name}", description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out-dir", default=f"runs/bench/{topic}",
+                    help=f"where tables and plots go (default runs/bench/{topic}; commit under benchmarks/results/{topic}/)")
+    return ap

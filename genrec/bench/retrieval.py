@@ -28,33 +28,38 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.bench.report import provenance, write_table
+from genrec.bench.datasets import ROOT
+from genrec.bench.report import harness_parser, provenance, write_table
 from genrec.bench.timing import best_seconds, latencies_ms
+from genrec.checkpoint import load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
+from genrec.config import load_config
+from genrec.data.batches import history_batch
+from genrec.data.sequences import leave_one_out
+from genrec.data.source import load_dataset
+from genrec.encoders.history import last_states
+from genrec.index.hindexer import MoLHIndexer, TOPK_SCAN_MAX
+from genrec.index.mips import FaissMIPS
+from genrec.plots import save_axes_figure
 from genrec.retrieval.metrics import recall_at, top1_in
+from genrec.retrieval.search import MoLSearcher
+from genrec.training import train
 
 log = logging.getLogger("genrec.bench")
 
 SYSTEMS = ("mol-exact", "mol-topk-per-embedding", "mol-topk-avg", "mol-combined", "mol-hindexer",
            "mips-torch", "faiss-flat", "faiss-ivf", "faiss-hnsw")
 BENCH_MOL = ["similarity.type=mol", "loss.negatives=batch_shared", "similarity.query_components=8",
-             "similarity.item_components=4", "similarity.component_dim=32", "train.epochs=15"]
+             "similarity.item_components=4", "similarity.component_dim=32"]
 
 
-def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False):
+def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False, epochs: int = 15):
     """(MixtureOfLogits, item embeddings (N, D) float32, user states (U, D) float32) of a checkpoint."""
-    from genrec.checkpoint import load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
-    from genrec.config import load_config
-    from genrec.data.batches import history_batch
-    from genrec.encoders.history import last_states
-    from genrec.data.sequences import leave_one_out
-    from genrec.data.source import load_dataset
-    from genrec.training import train
 
     if checkpoint is None:
         checkpoint = Path(out_dir) / "retrieval-bench-mol" / "checkpoint_best.pt"
         if retrain or not checkpoint.is_file():
-            cfg = load_config(Path(__file__).resolve().parents[2] / "configs/demo.yaml",
-                              [f"out_dir={out_dir}", "name=retrieval-bench-mol", *BENCH_MOL])
+            cfg = load_config(ROOT / "configs/demo.yaml",
+                              [f"out_dir={out_dir}", "name=retrieval-bench-mol", *BENCH_MOL, f"train.epochs={epochs}"])
             train(cfg, progress=False)
     state = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(state)
@@ -82,8 +87,7 @@ def expand_corpus(items: np.ndarray, n: int, noise: float, rng: np.random.Genera
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="genrec bench retrieval", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness_parser("retrieval", __doc__, "retrieval")
     ap.add_argument("--items", type=int, default=100_000)
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--recall-queries", type=int, default=128)
@@ -97,6 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--embeddings", help="(N, D) float32 .npy items instead of the expanded checkpoint items")
     ap.add_argument("--queries", help="(nq, D) float32 .npy query states instead of the checkpoint's users")
     ap.add_argument("--retrain", action="store_true", help="retrain the default MoL even if cached")
+    ap.add_argument("--train-epochs", type=int, default=15, help="epochs of the default MoL when it is trained here")
     ap.add_argument("--budgets", type=int, nargs="+", default=[16, 64], help="TopKPerEmbedding budgets")
     ap.add_argument("--avg-budgets", type=int, nargs="+", default=[1024, 4096, 16384], help="TopKAvg budgets")
     ap.add_argument("--stage1", nargs="+", default=["avg:float32", "avg:int8", "pca16:int8", "pca8:int8", "learned16:int8"],
@@ -110,7 +115,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--skip-qps", nargs="*", default=[],
                     help="SYSTEM or SYSTEM:BATCH whose batch QPS is not measured (exact MoL at 1M, batch 128: minutes)")
     ap.add_argument("--work-dir", default="runs/bench-retrieval")
-    ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--stem", default=None, help="default retrieval_<items/1000>k")
     return ap.parse_args(argv)
 
@@ -121,12 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     import faiss
 
-    from genrec.index.hindexer import TOPK_SCAN_MAX, MoLHIndexer
-    from genrec.retrieval.search import MoLSearcher
 
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    mol, base_items, states = trained_mol(args.checkpoint, args.work_dir, args.retrain)
+    mol, base_items, states = trained_mol(args.checkpoint, args.work_dir, args.retrain, args.train_epochs)
     corpus = (np.load(args.embeddings, mmap_mode="r") if args.embeddings
               else expand_corpus(base_items, args.items, args.noise, rng))
     queries = (np.load(args.queries) if args.queries else states[rng.permutation(len(states))]).astype(np.float32)
@@ -202,19 +204,12 @@ def main(argv: list[str] | None = None) -> int:
 
     def faiss_system(name: str, factory: str, param: str | None, values: list[int]) -> None:
         t = time.perf_counter()
-        index = faiss.index_factory(d, factory, faiss.METRIC_INNER_PRODUCT)
-        if not index.is_trained:  # k-means on 64 points per list (faiss warns below 39), not all N
-            sample = rng.choice(n, min(n, 64 * nlist), replace=False) if n > 64 * nlist else np.arange(n)
-            index.train(np.ascontiguousarray(corpus[np.sort(sample)]))
-        index.add(np.ascontiguousarray(corpus))
+        index = FaissMIPS.build(corpus, factory, seed=0)  # as `genrec build-index` builds it
         build = time.perf_counter() - t
-        size = len(faiss.serialize_index(index)) / n
-        ps = faiss.ParameterSpace()
         for v in values:
-            if param:
-                ps.set_index_parameter(index, param, v)
-            fn = lambda q: index.search(q, k)  # noqa: E731
-            record(name, f"{param}={v}" if param else factory, fn, fn(rq)[1], build, size, vs_mips=True)
+            params = {param: v} if param else {}
+            fn = lambda q: index.search(q, k, **params)  # noqa: E731
+            record(name, f"{param}={v}" if param else factory, fn, fn(rq)[1], build, index.bytes_per_item, vs_mips=True)
 
     nlist = int(4 * np.sqrt(n))
     if "faiss-flat" in args.systems:
@@ -252,7 +247,6 @@ def plot(rows: list[dict], path: Path, n: int, qps_batch: int | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genrec.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
@@ -272,9 +266,7 @@ def plot(rows: list[dict], path: Path, n: int, qps_batch: int | None) -> None:
               else "1000 / p50 latency at batch 1 (log)")
     ax.set(xlabel="recall@10 vs exact MoL top-10", ylabel=ylabel, yscale="log",
            title=f"MoL retrieval vs MIPS, {n:,} items, {provenance()['device']}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
-    save_figure(fig, path)
+    save_axes_figure(fig, ax, path, legend_size=7)
 
 
 if __name__ == "__main__":

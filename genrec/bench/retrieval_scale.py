@@ -29,20 +29,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.bench.report import provenance, write_table
+from genrec.bench.report import harness_parser, provenance, write_table
+from genrec.bench.retrieval import trained_mol
 from genrec.bench.timing import best_seconds, latencies_ms
+from genrec.index.hindexer import MoLHIndexer
+from genrec.kernels.dispatch import mol_candidate_scores
+from genrec.kernels.topk import chunked_topk
+from genrec.plots import save_axes_figure
 from genrec.retrieval.metrics import recall_at, top1_in
+from genrec.retrieval.mol import MixtureOfLogits
 
 log = logging.getLogger("genrec.bench")
 
 
-def load_bundle(path: Path, checkpoint: str | None, work_dir: str) -> dict:
+def load_bundle(path: Path, checkpoint: str | None, work_dir: str, epochs: int = 15) -> dict:
     """{"mol": {"init_kwargs", "state_dict"}, "items": (N0, D) float32, "states": (U, D) float32}."""
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
-    from genrec.bench.retrieval import trained_mol
 
-    mol, items, states = trained_mol(checkpoint, work_dir)
+    mol, items, states = trained_mol(checkpoint, work_dir, epochs=epochs)
     bundle = {"mol": {"init_kwargs": mol.init_kwargs, "state_dict": mol.state_dict()},
               "items": torch.from_numpy(items), "states": torch.from_numpy(states)}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -88,9 +93,6 @@ def mips_topk(q: torch.Tensor, items: torch.Tensor, k: int, block_bytes: int = 2
 
 def exact_mol_topk(mol, q, cache, k: int, chunk: int = 1 << 22) -> np.ndarray:
     """Exact MoL top-k rows (ties by smaller row) over the whole cache, chunk by chunk: (B, k) int64."""
-    from genrec.kernels.dispatch import mol_candidate_scores
-    from genrec.retrieval.mol import ItemCache
-    from genrec.kernels.topk import chunked_topk
 
     backend = "triton" if q.components.device.type == "cuda" else "reference"  # the kernel never holds (B, chunk, P)
     gating = mol.gating()
@@ -141,8 +143,7 @@ def profile_search(fn, queries: np.ndarray, device: torch.device, path: Path) ->
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="genrec bench retrieval-scale", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness_parser("retrieval-scale", __doc__, "retrieval_scale")
     ap.add_argument("--items", type=int, nargs="+", default=[10_000_000, 100_000_000])
     ap.add_argument("--k", type=int, default=100)
     ap.add_argument("--kprimes", type=int, nargs="+", default=[10_000, 100_000])
@@ -159,7 +160,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="MoL + items + user states (made from --checkpoint, or the harness's default, when missing)")
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--work-dir", default="runs/bench-retrieval")
-    ap.add_argument("--out-dir", default="benchmarks/results")
+    ap.add_argument("--train-epochs", type=int, default=15, help="epochs of the default MoL when no bundle or checkpoint exists")
     ap.add_argument("--stem", default=None, help="default retrieval_scale_<device>")
     return ap.parse_args(argv)
 
@@ -167,11 +168,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    from genrec.index.hindexer import MoLHIndexer
-    from genrec.retrieval.mol import MixtureOfLogits
 
     device = torch.device(args.device)
-    bundle = load_bundle(Path(args.bundle), args.checkpoint, args.work_dir)
+    bundle = load_bundle(Path(args.bundle), args.checkpoint, args.work_dir, args.train_epochs)
     mol = MixtureOfLogits(**bundle["mol"]["init_kwargs"])
     mol.load_state_dict(bundle["mol"]["state_dict"])
     mol = mol.eval().to(device)
@@ -269,7 +268,6 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genrec.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for n in dict.fromkeys(r["items"] for r in rows):
@@ -278,9 +276,7 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.plot(*zip(*pts), marker="o" if system != "mips-torch-bf16" else "s", label=f"{system}, {n / 1e6:g}M items")
     ax.set(xlabel="recall@100 vs exact MoL", ylabel="batch-1 p50 ms (log)", yscale="log",
            title=f"h-indexer vs bf16 MIPS, {provenance()['device']}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
+    save_axes_figure(fig, ax, path, legend_size=8)
 
 
 if __name__ == "__main__":

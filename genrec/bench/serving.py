@@ -31,7 +31,6 @@ measures batch-1 latency only.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import tempfile
 import time
@@ -41,15 +40,19 @@ import numpy as np
 import torch
 
 from genrec.bench.load import closed_loop, process_cpu_s, remote_latencies_ms, search_request, tcp_echo_wait_ms
-from genrec.bench.report import provenance, random_unit, write_table
+from genrec.bench.report import harness_parser, provenance, random_unit, write_table
 from genrec.bench.timing import best_seconds, latencies_ms
+from genrec.index.mips import FlatMIPS
+from genrec.index.storage import save_index
+from genrec.plots import save_figure
+from genrec.serving.config import BatchingConfig, IndexEntry, LimitsConfig, ServeConfig
+from genrec.serving.server import RetrievalServer
 
 log = logging.getLogger("genrec.bench")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="genrec bench serving", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness_parser("serving", __doc__, "serving")
     ap.add_argument("--items", type=int, nargs="+", default=[200_000],
                     help="index sizes, each measured in turn (one table, an items column)")
     ap.add_argument("--dim", type=int, default=64)
@@ -65,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (both servers)")
     ap.add_argument("--batch-workers", type=int, default=1, help="batching workers (threads taking batches)")
     ap.add_argument("--device", default="cpu", help="where the index searches (both servers and in-process): cpu, cuda")
-    ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--stem", default="serving")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -86,10 +88,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def measure(args, num_items: int) -> list[dict]:
     """The batch-1 latency rows and (for each --concurrency) the QPS rows of one index size."""
-    from genrec.index.mips import FlatMIPS
-    from genrec.index.storage import save_index
-    from genrec.serving.config import BatchingConfig, IndexEntry, LimitsConfig, ServeConfig
-    from genrec.serving.server import RetrievalServer
 
     rng = np.random.default_rng(0)
     items = random_unit(rng, num_items, args.dim)
@@ -227,7 +225,6 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genrec.plots import save_figure
 
     sizes = sorted({r["items"] for r in rows})
     qps_rows = [r for r in rows if r["measure"] == "throughput"]

@@ -16,7 +16,6 @@ Writes <stem>.{csv,md,json,png}.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import tempfile
@@ -27,8 +26,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.bench.report import provenance, random_unit, write_table
 from genrec.bench.load import client_shares
+from genrec.bench.report import harness_parser, provenance, random_unit, write_table
+from genrec.index.mips import FlatMIPS
+from genrec.index.storage import save_index
+from genrec.plots import save_figure
+from genrec.serving.client import GenrecClient
+from genrec.serving.config import BatchingConfig, IndexEntry, LimitsConfig, ServeConfig
+from genrec.serving.server import RetrievalServer
 
 log = logging.getLogger("genrec.bench")
 EXPECTED = ("OK", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
@@ -51,8 +56,6 @@ def _client(port: int, n: int, dim: int, k: int, threads: int, seconds: float, b
     """One client process: ``threads`` closed-loop workers; returns counts by status and wrong answers."""
     import grpc
 
-    from genrec.index.mips import FlatMIPS
-    from genrec.serving.client import GenrecClient
 
     torch.set_num_threads(1)
     exact = {v: FlatMIPS(torch.from_numpy(version_items(v, n, dim))) for v in ("v1", "v2")}
@@ -90,8 +93,7 @@ def _client(port: int, n: int, dim: int, k: int, threads: int, seconds: float, b
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="genrec bench soak", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = harness_parser("soak", __doc__, "serving")
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--items", type=int, default=50_000)
     ap.add_argument("--dim", type=int, default=32)
@@ -103,18 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bad-every", type=int, default=20)
     ap.add_argument("--tight-every", type=int, default=25)
     ap.add_argument("--threads", type=int, default=1, help="server torch threads")
-    ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--stem", default="soak")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     import multiprocessing as mp
 
-    from genrec.index.mips import FlatMIPS
-    from genrec.index.storage import save_index
-    from genrec.serving.client import GenrecClient
-    from genrec.serving.config import BatchingConfig, IndexEntry, LimitsConfig, ServeConfig
-    from genrec.serving.server import RetrievalServer
 
     seconds = args.minutes * 60
     rows: list[dict] = []
@@ -186,7 +182,6 @@ def plot(samples: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genrec.plots import save_figure
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     t = [r["t_s"] / 60 for r in samples]

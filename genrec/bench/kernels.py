@@ -6,28 +6,24 @@ stage-1 scan: N items x d codes (int8 with per-dim scales, or bf16), threshold s
   (bf16 on GPU).
 MoL stage 2: K' gathered candidates per query through the fused kernel vs the PyTorch reference.
 
-    python benchmarks/kernels_bench.py                                   # GPU: 10M and 100M items
-    python benchmarks/kernels_bench.py --items 1000000 --kprimes 10000   # CPU: references only
+    genrec bench kernels                                   # GPU: 10M and 100M items
+    genrec bench kernels --items 1000000 --kprimes 10000   # CPU: references only
 
-Writes benchmarks/results/<stem>.{csv,md,json,png}.
+Writes <out-dir>/<stem>.{csv,md,json,png}.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from common import RESULTS  # noqa: E402
-
-from genrec.bench.report import provenance, write_table  # noqa: E402
-from genrec.bench.timing import best_seconds  # noqa: E402
-from genrec.kernels.dispatch import mol_candidate_scores, stage1_threshold_scan, stage1_topk  # noqa: E402
-from genrec.retrieval.mol import ItemCache, MixtureOfLogits  # noqa: E402
+from genrec.bench.report import harness_parser, provenance, write_table
+from genrec.bench.timing import best_seconds
+from genrec.kernels.dispatch import mol_candidate_scores, stage1_threshold_scan, stage1_topk
+from genrec.plots import save_figure
+from genrec.retrieval.mol import ItemCache, MixtureOfLogits
 
 log = logging.getLogger("kernels_bench")
 
@@ -80,7 +76,8 @@ def parse_config(text: str, letters: dict[str, str] = SCAN_KNOBS) -> dict:
 
 
 def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats: int, peak_gbs: float | None,
-              backend: str, configs: list[str], topk_batches, topk_max_items: int, copy_rate: float | None) -> list[dict]:
+              backend: str, configs: list[str], topk_batches, topk_max_items: int, copy_rate: float | None,
+              topk_kprime: int = 1000) -> list[dict]:
     gen = torch.Generator(device="cpu").manual_seed(0)
     chunk = 1 << 22
     codes = device_codes(n, d, dtype, device)
@@ -110,8 +107,8 @@ def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats:
             hits = fn()[2].float().mean().item()
             timings.append(("stage1 scan", cfg, ms, kprime, {"mean_hits": round(hits, 1)}))
         if b in topk_batches and n <= topk_max_items:
-            timings.append(("stage1 topk", "default", timed(lambda: stage1_topk(q, codes, 1000, backend=backend), device, repeats),
-                            1000, {}))
+            timings.append(("stage1 topk", "default", timed(lambda: stage1_topk(q, codes, topk_kprime, backend=backend), device, repeats),
+                            topk_kprime, {}))
         best_scan = min(ms for name, _, ms, _, _ in timings if name == "stage1 scan")
         for name, cfg, ms, kp, extra in timings:
             gbs = nbytes / (ms / 1e3) / 1e9
@@ -169,7 +166,6 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genrec.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(7, 3.8))
     rows = [r for r in rows if r.get("best_config", True) or r["kernel"] != "stage1 scan"]  # the best scan variant per point
@@ -184,8 +180,8 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int | None:
+    ap = harness_parser("kernels", __doc__, "kernels")
     ap.add_argument("--items", type=int, nargs="+", default=None)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--dtypes", nargs="+", default=["int8", "bfloat16"])
@@ -199,13 +195,13 @@ def main() -> None:
     ap.add_argument("--mol-cache-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
     ap.add_argument("--topk-batches", type=int, nargs="*", default=[1, 32, 128], help="batches the top-k scan is timed at")
     ap.add_argument("--topk-max-items", type=int, default=10**9, help="skip the top-k scan above this many items")
+    ap.add_argument("--topk-kprime", type=int, default=1000, help="K' of the running top-k scan (<= 1024)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip", nargs="*", default=[], choices=["scan", "mol"])
     ap.add_argument("--backend", choices=["auto", "reference", "triton"], default="auto",
                     help="auto: triton on GPU, reference on CPU (triton on CPU needs TRITON_INTERPRET=1: smoke runs only)")
     ap.add_argument("--stem", default=None)
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
@@ -224,7 +220,7 @@ def main() -> None:
             for dtype in args.dtypes:
                 rows += scan_rows(n, args.dim, dtype, args.batches, min(args.kprimes), device, args.repeats,
                                   args.peak_gbs, backend, args.scan_configs, args.topk_batches, args.topk_max_items,
-                                  copy_rate)
+                                  copy_rate, args.topk_kprime)
                 write_table(rows, args.out_dir, stem, meta)  # partial tables survive a time limit
                 if gpu:
                     torch.cuda.empty_cache()

@@ -4,31 +4,27 @@ SDPA (causal softmax attention; flash on GPU) over the same batch, padded as SDP
 Row lengths are skewed like real histories: length = max_len * u^3 (u uniform), at least 1, one row at
 max_len, rows added until the batch holds ``--tokens`` tokens. Time is the best of ``--repeats`` fwd+bwd
 steps after a warm-up; peak memory is the CUDA high-water mark above the inputs (GPU only).
-Writes benchmarks/results/<stem>.{csv,md,json,png}.
+Writes <out-dir>/<stem>.{csv,md,json,png}.
 
-    python benchmarks/attention_bench.py                        # GPU: max_len 1k-8k, bf16
-    python benchmarks/attention_bench.py --lengths 128 256 512  # CPU: reference vs SDPA only, fp32
+    genrec bench attention                        # GPU: max_len 1k-8k, bf16
+    genrec bench attention --lengths 128 256 512  # CPU: reference vs SDPA only, fp32
 
 On CPU the Triton column is skipped: the interpreter checks correctness (tests), not speed.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from common import RESULTS  # noqa: E402
-
-from genrec.bench.report import provenance, write_table  # noqa: E402
-from genrec.bench.timing import best_seconds  # noqa: E402
-from genrec.kernels.jagged import complete_cumsum, jagged_to_padded  # noqa: E402
-from genrec.kernels.hstu_attention_reference import hstu_attention_reference  # noqa: E402
+from genrec.bench.report import harness_parser, provenance, write_table
+from genrec.bench.timing import best_seconds
+from genrec.kernels.hstu_attention_reference import hstu_attention_reference
+from genrec.kernels.jagged import complete_cumsum, jagged_to_padded
+from genrec.plots import save_figure
 
 
 def skewed_lengths(max_len: int, tokens: int, gen: torch.Generator) -> torch.Tensor:
@@ -104,7 +100,6 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genrec.plots import save_figure
 
     keys = [("fwd_bwd_ms", "fwd+bwd ms")] + ([("peak_mib", "peak MiB")] if any(r["peak_mib"] != "" for r in rows) else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
@@ -121,8 +116,8 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int | None:
+    ap = harness_parser("attention", __doc__, "attention")
     ap.add_argument("--lengths", type=int, nargs="+", default=None)
     ap.add_argument("--tokens", type=int, default=None, help="tokens per batch (default 65536 GPU, 4096 CPU)")
     ap.add_argument("--heads", type=int, default=4)
@@ -130,8 +125,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--triton-blocks", nargs="*", default=[], help="extra kernel block sizes BMxBN to time, e.g. 128x64 64x32")
     ap.add_argument("--stem", default=None)
-    ap.add_argument("--out-dir", default=str(RESULTS))
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"

@@ -1,4 +1,4 @@
-"""Shared helpers for benchmark scripts: provenance, result writing, the ML-100K fixture."""
+"""Benchmark data: the repository root the harnesses resolve configs against, and the ML-100K fixture."""
 
 from __future__ import annotations
 
@@ -8,11 +8,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from genrec.bench.report import provenance  # noqa: F401 - re-exported for the scripts
-from genrec.bench.report import write_table as _write_table
-
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results"
+ROOT = Path(__file__).resolve().parents[2]  # the checkout (configs/, benchmarks/)
 DATA = ROOT / "benchmarks" / ".data"
 ML100K = DATA / "ml-100k" / "ml-100k.inter"
 
@@ -29,8 +25,3 @@ def ensure_ml100k() -> Path:
     ML100K.parent.mkdir(parents=True, exist_ok=True)
     ML100K.write_bytes(data)
     return ML100K
-
-
-def write_table(rows: list[dict], stem: str, meta: dict) -> Path:
-    """rows -> benchmarks/results/<stem>.csv, .md and .json (with provenance)."""
-    return _write_table(rows, RESULTS, stem, meta)

@@ -7,7 +7,7 @@ of ``genrec eval``) and compares the two systems user by user:
 - per seed pair: the mean difference A - B of each metric with a paired bootstrap 95% interval over users;
 - all seeds: each user's metric averaged over that system's seeds, then the same paired bootstrap.
 
-    python benchmarks/paired_compare.py --stem ml100k_paired \\
+    genrec bench paired --stem ml100k_paired \\
         --a-name hstu --a runs/ml100k-hstu-s42/checkpoint_best.pt runs/ml100k-hstu-s43/checkpoint_best.pt \\
         --b-name sasrec --b runs/ml100k-sasrec-s42/checkpoint_best.pt runs/ml100k-sasrec-s43/checkpoint_best.pt
 
@@ -16,20 +16,17 @@ Checkpoints pair by position (they must have the same seed and data). Writes <st
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+from genrec.bench.report import harness_parser, provenance, write_table
 
-import numpy as np  # noqa: E402
-from common import RESULTS, provenance, write_table  # noqa: E402
-
-from genrec.checkpoint import load_checkpoint, model_from_checkpoint, similarity_from_checkpoint  # noqa: E402
-from genrec.data.sequences import leave_one_out  # noqa: E402
-from genrec.data.source import load_dataset  # noqa: E402
-from genrec.evaluation import model_target_ranks  # noqa: E402
-from genrec.retrieval.metrics import paired_bootstrap, per_user_metric  # noqa: E402
+from genrec.checkpoint import load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
+from genrec.data.sequences import leave_one_out
+from genrec.data.source import load_dataset
+from genrec.evaluation import model_target_ranks
+from genrec.plots import save_figure
+from genrec.retrieval.metrics import paired_bootstrap, per_user_metric
 
 METRICS = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr")
 
@@ -68,7 +65,6 @@ def plot(rows: list[dict], names: tuple[str, str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genrec.plots import save_figure
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, m in zip(axes, ("hr@10", "ndcg@10")):
@@ -85,8 +81,8 @@ def plot(rows: list[dict], names: tuple[str, str], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int | None:
+    ap = harness_parser("paired", __doc__, "quality")
     ap.add_argument("--a", nargs="+", required=True, help="system A's checkpoints, one per seed")
     ap.add_argument("--b", nargs="+", required=True, help="system B's checkpoints, in the same seed order")
     ap.add_argument("--a-name", default="A")
@@ -94,7 +90,7 @@ def main() -> None:
     ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples over users")
     ap.add_argument("--stem", default="paired_compare")
     ap.add_argument("--note", default="", help="how the checkpoints were trained, for the table's provenance")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if len(args.a) != len(args.b):
         raise SystemExit(f"--a has {len(args.a)} checkpoints but --b has {len(args.b)}: they pair by position")
     datasets: dict = {}
@@ -109,9 +105,9 @@ def main() -> None:
     if len(runs_a) > 1:
         rows += compare(f"all {len(runs_a)}", [r[3] for r in runs_a], [r[3] for r in runs_b], args.resamples)
     meta = {**provenance(), "note": args.note, "a": args.a_name, "b": args.b_name, "a_checkpoints": args.a, "b_checkpoints": args.b}
-    write_table([{"a_system": args.a_name, "b_system": args.b_name, **r} for r in rows], args.stem, meta)
-    plot(rows, (args.a_name, args.b_name), RESULTS / f"{args.stem}.png")
-    print((RESULTS / f"{args.stem}.md").read_text())
+    write_table([{"a_system": args.a_name, "b_system": args.b_name, **r} for r in rows], args.out_dir, args.stem, meta)
+    plot(rows, (args.a_name, args.b_name), Path(args.out_dir) / f"{args.stem}.png")
+    print((Path(args.out_dir) / f"{args.stem}.md").read_text())
 
 
 if __name__ == "__main__":

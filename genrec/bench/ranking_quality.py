@@ -1,28 +1,24 @@
 """Tabulate ranking runs (``genrec train`` with ``task: ranking``): AUC / logloss and the two-stage
 HR@k / NDCG@k of retrieval alone vs retrieval + ranking, one row per (run, system).
 
-    python benchmarks/ranking_quality.py RUN_DIR [RUN_DIR ...] --stem ranking_two_stage_synthetic
+    genrec bench ranking-quality RUN_DIR [RUN_DIR ...] --stem ranking_two_stage_synthetic
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import yaml  # noqa: E402
-from common import provenance, write_table  # noqa: E402
+import yaml
+from genrec.bench.report import harness_parser, provenance, write_table
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int | None:
+    ap = harness_parser("ranking-quality", __doc__, "ranking")
     ap.add_argument("runs", nargs="+")
     ap.add_argument("--stem", required=True)
     ap.add_argument("--note", default="", help="how the runs were trained (kept with the figures)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     rows = []
     for run in map(Path, args.runs):
         res = json.loads((run / "results.json").read_text())
@@ -36,7 +32,7 @@ def main() -> None:
                          "best_epoch": res.get("best_epoch", ""), "system": system, "test_auc": res["test"]["auc"],
                          "test_logloss": res["test"]["logloss"], "hr@10": m["hr@10"], "ndcg@10": m["ndcg@10"],
                          "hr@50": m.get("hr@50", ""), "mrr": m["mrr"]})
-    print(write_table(rows, args.stem, {**provenance(), "runs": [str(r) for r in args.runs],
+    print(write_table(rows, args.out_dir, args.stem, {**provenance(), "runs": [str(r) for r in args.runs],
                                        **({"note": args.note} if args.note else {})}).read_text())
 
 

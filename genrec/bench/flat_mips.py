@@ -10,24 +10,24 @@ Where nq x items is small enough for FlatMIPS' one-step path (``SMALL_SEARCH_SCO
 selection), chunked_scan_ms times FlatMIPS' chunked scan on the same batch too, alternately, and
 small_path_speedup is chunked / one-step.
 
-    python benchmarks/flat_mips_bench.py [--items 200000 ...] [--dim 64] [--batches 1 8 32 64] [--threads 1 2]
-    python benchmarks/flat_mips_bench.py --device cuda --items 10000000 --batches 1 8 32 128 --threads 1 \
+    genrec bench flat-mips [--items 200000 ...] [--dim 64] [--batches 1 8 32 64] [--threads 1 2]
+    genrec bench flat-mips --device cuda --items 10000000 --batches 1 8 32 128 --threads 1 \
         --stem flat_mips_gpu
 """
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from genrec.bench.report import provenance, random_unit, write_table
+from genrec.bench.report import harness_parser, provenance, random_unit, write_table
 import genrec.index.mips as mips
-from genrec.index.mips import GPU_SCORE_BLOCK_FLOATS, FlatMIPS
+from genrec.index.mips import FlatMIPS, GPU_SCORE_BLOCK_FLOATS
 from genrec.kernels.topk import chunked_topk
+from genrec.plots import save_axes_figure
 
 
 def query_major(items: torch.Tensor, q: torch.Tensor, k: int, block_floats: int = 1 << 20,
@@ -98,8 +98,8 @@ def measure(args, num_items: int, device: torch.device) -> list[dict]:
     return rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = harness_parser("flat-mips", __doc__, "flat_mips")
     ap.add_argument("--items", type=int, nargs="+", default=[200_000], help="index sizes, one after another")
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--k", type=int, default=10)
@@ -107,9 +107,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--device", default="cpu", help="where both scans run: cpu, cuda")
-    ap.add_argument("--out-dir", default="benchmarks/results")
     ap.add_argument("--stem", default="flat_mips_cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     device = torch.device(args.device)
     rows = []
@@ -129,7 +128,6 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genrec.plots import save_figure
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sizes = sorted({r["items"] for r in rows})
@@ -144,9 +142,7 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     items = ", ".join(f"{n:,}" for n in sizes)
     ax.set(xlabel="queries per batch", ylabel="ms per query", xscale="log", yscale="log",
            title=f"exact flat MIPS, {items} x {meta['dim']}, k={meta['k']}, {meta['device']}")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
-    save_figure(fig, path)
+    save_axes_figure(fig, ax, path, legend_size=8)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
 """HSTU vs SASRec (and popularity) under one protocol on ML-100K and the built-in synthetic data.
 
-Writes benchmarks/results/train_quality.{csv,md,json,png}: test HR@10 / NDCG@10 / HR@200 (full corpus,
+Writes <out-dir>/train_quality.{csv,md,json,png}: test HR@10 / NDCG@10 / HR@200 (full corpus,
 history excluded), best epoch, epochs run, seconds per epoch.
 
-    python benchmarks/train_quality.py [--epochs 101] [--datasets ml100k synthetic] [--seeds 42 43 44]
+    genrec bench train-quality [--epochs 101] [--datasets ml100k synthetic] [--seeds 42 43 44]
 
 With several seeds, per-seed rows go to <stem>_seeds.{csv,md,json} and the main table holds the mean,
 the sample standard deviation and the seed count per (dataset, system).
 
 A hyper-parameter sweep selected on validation, the same for every system:
 
-    python benchmarks/train_quality.py --datasets ml100k --grid model.dropout+model.input_dropout=0.2,0.5 \
+    genrec bench train-quality --datasets ml100k --grid model.dropout+model.input_dropout=0.2,0.5 \
         --grid train.lr=0.001,0.002 --seeds 42 43 44
 
 runs every grid point at the first seed (rows with validation and test metrics in <stem>_grid.*), picks
@@ -20,19 +20,17 @@ the chosen point's test metrics over all seeds. ``a+b=v1,v2`` sets both keys to 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np
+from genrec.bench.datasets import ML100K, ROOT, ensure_ml100k
+from genrec.bench.report import harness_parser, provenance, write_table
 
-import numpy as np  # noqa: E402
-from common import RESULTS, ROOT, ensure_ml100k, provenance, write_table  # noqa: E402
-
-from genrec.config import load_config  # noqa: E402
-from genrec.training import train  # noqa: E402
+from genrec.config import load_config
+from genrec.plots import save_figure
+from genrec.training import train
 
 CONFIGS = {
     "ml100k": {"hstu": "configs/ml100k_hstu.yaml", "sasrec": "configs/ml100k_sasrec.yaml"},
@@ -54,7 +52,6 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from genrec.plots import save_figure
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     systems = list(dict.fromkeys(r["system"] for r in rows))
@@ -72,11 +69,11 @@ def plot(rows: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int | None:
+    ap = harness_parser("train-quality", __doc__, "quality")
     ap.add_argument("--epochs", type=int, default=None, help="cap epochs (default: the config's)")
     ap.add_argument("--datasets", nargs="+", default=["synthetic", "ml100k"], choices=list(CONFIGS))
-    ap.add_argument("--out-dir", default="runs/bench")
+    ap.add_argument("--work-dir", default="runs/bench", help="where the runs train (checkpoints for paired comparisons)")
     ap.add_argument("--mol", action="store_true", help="compare HSTU+dot vs HSTU+MoL (writes mol_quality.*)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="train.seed values (default: the config's)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per run (train.num_threads)")
@@ -87,7 +84,7 @@ def main() -> None:
                     help="sweep axis (repeatable): every system runs every point at the first seed, "
                          "the best point on validation HR@10 goes on to the other seeds")
     ap.add_argument("--systems", nargs="+", default=None, help="only these systems (default: all of the dataset's)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.grid:
         return sweep(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -111,21 +108,21 @@ def main() -> None:
             rows.append({"dataset": ds, "system": "popularity", "seed": "", **{m: popularity[m] for m in METRICS},
                          "best_epoch": "", "epochs_run": "", "sec_per_epoch": ""})
         if len(seeds) > 1:
-            write_table(rows, f"{stem}_seeds", provenance())
+            write_table(rows, args.out_dir, f"{stem}_seeds", provenance())
             table = summarise(rows)
         else:
             table = rows
-        write_table(table, stem, provenance())
-        plot(table, RESULTS / f"{stem}.png")
-    print((RESULTS / f"{stem}.md").read_text())
+        write_table(table, args.out_dir, stem, provenance())
+        plot(table, Path(args.out_dir) / f"{stem}.png")
+    print((Path(args.out_dir) / f"{stem}.md").read_text())
 
 
 def run_one(args, ds: str, encoder: str, cfg_path: str, extra: list[str], seed: int | None,
             point: list[str] = (), tag: str = "") -> tuple[dict, dict]:
     """Train one system once; returns its row (test metrics, validation HR@10, epochs) and the popularity baseline."""
-    overrides = [f"out_dir={args.out_dir}", f"name={ds}-{encoder}{tag}" + (f"-s{seed}" if seed is not None else ""), *extra]
+    overrides = [f"out_dir={args.work_dir}", f"name={ds}-{encoder}{tag}" + (f"-s{seed}" if seed is not None else ""), *extra]
     if ds == "ml100k":
-        overrides.append(f"data.path={ROOT / 'benchmarks/.data/ml-100k/ml-100k.inter'}")
+        overrides.append(f"data.path={ML100K}")
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     if seed is not None:
@@ -178,22 +175,22 @@ def sweep(args) -> None:
                 row = {"point": point_label(point), **row}
                 results.append((row, point, i))
                 grid_rows.append(row)
-                write_table(grid_rows, f"{stem}_grid", provenance())
+                write_table(grid_rows, args.out_dir, f"{stem}_grid", provenance())
             best_row, best_point, i = max(results, key=lambda t: t[0]["val_hr@10"])
             logging.info("%s %s: chose %s (val HR@10 %.4f)", ds, encoder, point_label(best_point), best_row["val_hr@10"])
             chosen_rows.append(best_row)
             for seed in seeds[1:]:
                 row, _ = run_one(args, ds, encoder, cfg_path, extra, seed, best_point, tag=f"-g{i}")
                 chosen_rows.append({"point": point_label(best_point), **row})
-                write_table(chosen_rows, f"{stem}_seeds", provenance())
+                write_table(chosen_rows, args.out_dir, f"{stem}_seeds", provenance())
     table = summarise(chosen_rows)
     for row in table:
         row["point"] = next(r["point"] for r in chosen_rows if (r["dataset"], r["system"]) == (row["dataset"], row["system"]))
-    write_table(chosen_rows, f"{stem}_seeds", provenance())
-    write_table(table, stem, provenance())
-    plot(table, RESULTS / f"{stem}.png")
-    print((RESULTS / f"{stem}_grid.md").read_text())
-    print((RESULTS / f"{stem}.md").read_text())
+    write_table(chosen_rows, args.out_dir, f"{stem}_seeds", provenance())
+    write_table(table, args.out_dir, stem, provenance())
+    plot(table, Path(args.out_dir) / f"{stem}.png")
+    print((Path(args.out_dir) / f"{stem}_grid.md").read_text())
+    print((Path(args.out_dir) / f"{stem}.md").read_text())
 
 
 def summarise(rows: list[dict]) -> list[dict]:
