@@ -41,6 +41,7 @@ bench: setup
 	$(BIN)/genrec bench train-quality --out-dir benchmarks/results/quality --mol --datasets synthetic
 	$(BIN)/genrec bench train-quality --out-dir benchmarks/results/quality --mol --datasets ml100k --epochs 60 --threads 1 --stem mol_quality_ml100k --set model.num_blocks=2 --set model.dropout=0.2 --set model.input_dropout=0.2 --set train.lr=0.001
 	$(BIN)/genrec bench epoch-speed --out-dir benchmarks/results/training
+	$(BIN)/genrec bench train-step --steps 3 --out-dir benchmarks/results/training
 	$(BIN)/genrec bench train-quality --out-dir benchmarks/results/quality --datasets ml100k --seeds 42 43 44 --threads 1 --stem hstu_vs_sasrec_ml100k_3seeds --set model.num_blocks=2 --set model.dropout=0.2 --set model.input_dropout=0.2 --set train.lr=0.001
 	$(BIN)/genrec bench train-quality --out-dir benchmarks/results/quality --datasets synthetic --grid model.dropout+model.input_dropout=0.2,0.5 --grid train.lr=0.001,0.002 --seeds 42 43 44 --epochs 101 --set train.patience=10 --threads 1 --stem synthetic_sweep
 	for s in hstu sasrec; do $(BIN)/genrec bench train-quality --out-dir benchmarks/results/quality --datasets ml100k --systems $$s --grid model.dropout+model.input_dropout=0.2,0.5 --grid train.lr=0.001,0.002 --seeds 42 43 44 --threads 1 --set model.num_blocks=2 --stem ml100k_sweep_$$s; done

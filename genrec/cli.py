@@ -15,6 +15,7 @@ import torch
 from genrec.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
 from genrec.config import ConfigError, DataConfig, SyntheticConfig, apply_overrides, from_dict, load_config, load_dataclass
 from genrec.data.loaders import DataFormatError
+from genrec.data.published import PUBLISHED, ensure_dataset
 from genrec.data.sequences import leave_one_out, save_prepared
 from genrec.data.source import load_dataset
 from genrec.embedding_export import export_item_embeddings
@@ -39,7 +40,6 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-
     cfg = DataConfig(format=args.format, path=args.input, user_col=args.user_col, item_col=args.item_col,
                      time_col=args.time_col or None, rating_col=args.rating_col, delimiter=args.delimiter,
                      kcore=args.kcore, kcore_passes=args.kcore_passes, synthetic=SyntheticConfig(seed=args.seed))
@@ -50,8 +50,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    path = ensure_dataset(args.name, args.data_dir)
+    print(json.dumps({"dataset": args.name, "path": str(path), "format": PUBLISHED[args.name].format}))
+    return 0
 
+
+def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if cfg.task == "ranking":
         return _train_ranking(cfg, args)
@@ -68,7 +73,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_ranking(cfg, args: argparse.Namespace) -> int:
-
     r = train_ranking(cfg, resume=args.resume, progress=not args.no_progress)
     print(f"\nRanking (best epoch {r.best_epoch}): test AUC {r.test['auc']:.4f}, logloss {r.test['logloss']:.4f} "
           f"(valid AUC {r.valid['auc']:.4f})")
@@ -82,7 +86,6 @@ def _train_ranking(cfg, args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-
     state = load_checkpoint(args.checkpoint)
     cfg = from_dict(apply_overrides(state["config"], args.overrides))
     device = select_device(cfg.train.device)
@@ -104,14 +107,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-
     meta = export_item_embeddings(args.checkpoint, args.out)
     print(json.dumps(meta, indent=2))
     return 0
 
 
 def _index_path(args: argparse.Namespace):
-
     if args.path:
         return Path(args.path)
     if not args.name:
@@ -120,7 +121,6 @@ def _index_path(args: argparse.Namespace):
 
 
 def cmd_build_index(args: argparse.Namespace) -> int:
-
     spec = load_spec(args.spec_file) if args.spec_file else parse_spec(args.spec)
     if args.overrides:
         spec = from_mapping({**spec.to_dict(), **dict(o.split("=", 1) for o in args.overrides)})
@@ -152,7 +152,6 @@ def cmd_build_index(args: argparse.Namespace) -> int:
 
 
 def cmd_verify_index(args: argparse.Namespace) -> int:
-
     path = _index_path(args)
     manifest = verify_index(path, args.mode)
     if manifest["kind"] == "sharded":
@@ -162,7 +161,6 @@ def cmd_verify_index(args: argparse.Namespace) -> int:
 
 
 def cmd_merge_index(args: argparse.Namespace) -> int:
-
     path = merge_shards(args.shards, args.root, args.name, args.version)
     print(describe(read_manifest(path)))
     print(f"index: {path}")
@@ -170,7 +168,6 @@ def cmd_merge_index(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-
     index, manifest = load_index(_index_path(args), args.verify)
     if args.queries:
         queries = np.load(args.queries, allow_pickle=False)
@@ -235,7 +232,7 @@ BENCH_HARNESSES = {  # genrec bench <name> -> module of genrec.bench with main(a
     "retrieval": "retrieval", "retrieval-scale": "retrieval_scale", "flat-mips": "flat_mips", "kernels": "kernels",
     "attention": "attention", "serving": "serving", "broker": "broker", "soak": "soak", "ranking": "ranking",
     "ranking-quality": "ranking_quality", "train-quality": "train_quality", "paired": "paired",
-    "epoch-speed": "epoch_speed",
+    "epoch-speed": "epoch_speed", "train-step": "train_step",
 }
 
 
@@ -250,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="dataset preparation").add_subparsers(dest="data_command", required=True)
+    fetch = data.add_parser("fetch", help="a published benchmark set (found in $GENREC_DATA_DIR or ../shared/data, "
+                            "checked, decompressed into data/)")
+    fetch.add_argument("name", choices=sorted(PUBLISHED))
+    fetch.add_argument("--data-dir", default="data")
+    fetch.set_defaults(func=cmd_data_fetch)
     prep = data.add_parser("prepare", help="raw interactions -> chronological per-user sequences + id map")
     prep.add_argument("--format", required=True,
                       help="ml-1m | ml-20m | ml-100k | recbole | csv | parquet | sasrec | synthetic")

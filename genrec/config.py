@@ -43,6 +43,9 @@ class DataConfig:
     # synthetic | ml-1m | ml-20m | ml-100k | recbole | csv | parquet | sasrec | prepared
     format: str = "synthetic"
     path: str | None = None
+    # A published benchmark set (genrec.data.published) instead of format + path: found in $GENREC_DATA_DIR
+    # or ../shared/data, checked, decompressed once into data/.
+    dataset: Literal["ml1m"] | None = None
     # Column names for csv/parquet (generic interaction tables).
     user_col: str = "user_id"
     item_col: str = "item_id"

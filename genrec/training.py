@@ -54,7 +54,6 @@ def batch_loss(model: SequentialEncoder, batch: SequenceBatch, cfg: RunConfig, s
     (default: drawn here from ``generator``)."""
     states = model(batch.items, batch.offsets, batch.max_len, batch.timestamps, batch.next_timestamps)
     table = model.item_embeddings()  # (num_items + 1, D), normalised once per step
-    pos_logits, pos_pi = similarity.aligned(states, table[batch.targets], return_gates=True)
     r = cfg.loss.num_negatives
     if cfg.loss.negatives == "per_position":
         if neg_ids is None:
@@ -62,13 +61,19 @@ def batch_loss(model: SequentialEncoder, batch: SequenceBatch, cfg: RunConfig, s
         if similarity.cheap_pairwise and table.shape[0] <= DENSE_NEGATIVES_MAX_RATIO * r:
             # Small catalogue: scoring every item and gathering the sampled columns is cheaper than
             # gathering an (L, R, D) tensor and scatter-adding its gradient back. Same samples, same loss.
+            pos_logits, pos_pi = similarity.aligned(states, table[batch.targets], return_gates=True)
             neg_logits, neg_pi = similarity.pairwise(states, table, return_gates=True)
             neg_logits = neg_logits.gather(1, neg_ids)
         else:
-            neg_logits, neg_pi = similarity.per_query(states, table[neg_ids], return_gates=True)
+            # the positive and the R negatives of a position in one call: MoL encodes each item once
+            ids = torch.cat([batch.targets[:, None], neg_ids], 1)
+            logits, gates = similarity.per_query_ids(states, table, ids, return_gates=True)
+            pos_logits, neg_logits = logits[:, 0], logits[:, 1:]
+            pos_pi, neg_pi = (None, None) if gates is None else (gates[:, :1], gates[:, 1:])
     else:
         if neg_ids is None:
             neg_ids = sample_negatives(model.num_items, (r,), states.device, generator)
+        pos_logits, pos_pi = similarity.aligned(states, table[batch.targets], return_gates=True)
         neg_logits, neg_pi = similarity.pairwise(states, table[neg_ids], return_gates=True)
     temperature = cfg.loss.temperature if cfg.similarity.type == "dot" else 1.0  # MoL logits carry 1/tau
     loss = sampled_softmax_loss(pos_logits, neg_logits, batch.targets, neg_ids, temperature)

@@ -61,7 +61,6 @@ def _check_items(items: np.ndarray, ids: np.ndarray, where: str, chunk: int = 1 
 
 
 def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint: str | None = None) -> ItemInputs:
-
     if embeddings is None:
         if checkpoint is None:
             raise ValueError("give --embeddings (.npy/.parquet) or --checkpoint")

@@ -161,7 +161,6 @@ def verify_index(path: str | Path, mode: str = "full") -> dict[str, Any]:
 
 
 def index_classes() -> dict[str, type]:
-
     return {c.kind: c for c in (MoLHIndexer, FlatMIPS, FaissMIPS)}
 
 

@@ -92,8 +92,11 @@ class MixtureOfLogits(nn.Module):
         """All-pairs (B, N, P), or aligned (B, R, P) when items holds R items per query (B*R rows)."""
         f, g = q.components, items.components.to(q.components.dtype)
         if aligned:
-            g = g.view(len(q), -1, self.px, self.dp)
-            return torch.einsum("bid,brjd->brij", f, g).flatten(2) / self.tau
+            # (B, R * P_X, d_P) @ (B, d_P, P_Q): g is used as laid out (no copy of the big side), then only
+            # the small (B, R, P_X, P_Q) result is transposed into the (i, j) order of the gating
+            b = len(q)
+            lg = torch.bmm(g.reshape(b, -1, self.dp), f.transpose(1, 2)).view(b, -1, self.px, f.shape[1])
+            return lg.transpose(2, 3).flatten(2) / self.tau
         return torch.einsum("bid,njd->bnij", f, g).flatten(2) / self.tau
 
     def mix(self, q: QueryState, items: ItemCache, logits: torch.Tensor, aligned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from genrec.kernels.mol_state import ItemCache
 from genrec.retrieval.mol import MixtureOfLogits
 
 
@@ -27,6 +28,10 @@ class DotProductSimilarity:
         """queries (B, D), items (B, R, D) -> scores (B, R): each query against its own items."""
         s = torch.einsum("bd,brd->br", queries, items)
         return (s, None) if return_gates else s
+
+    def per_query_ids(self, queries: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, return_gates: bool = False):
+        """queries (B, D), table (N, D), ids (B, R) int64 rows of the table -> scores (B, R)."""
+        return self.per_query(queries, table[ids], return_gates)
 
     def aligned(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
         """queries (B, D), items (B, D) -> (B,)."""
@@ -52,6 +57,24 @@ class MoLSimilarity(nn.Module):
         b, r, d = items.shape
         cache = self.mol.encode_items(items.reshape(b * r, d))
         phi, pi = self.mol.score(self.mol.encode_queries(queries), cache, aligned=True, return_gates=True)
+        return (phi, pi) if return_gates else phi
+
+    def per_query_ids(self, queries: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, return_gates: bool = False):
+        """queries (B, D_q), table (N, D_x), ids (B, R) int64 rows of the table -> scores (B, R) [, gates (B, R, P)].
+
+        The item side (components, gating partial) is computed once per distinct item and gathered per
+        pair, not once per (query, item) pair: with B*R pairs over a small catalogue that is the bulk of a
+        training step. Equal to ``per_query(queries, table[ids])`` in eval mode; in training each item's
+        dropout mask is shared by the pairs it appears in."""
+        flat = ids.reshape(-1)
+        if flat.numel() >= table.shape[0]:  # most of the catalogue appears: encode all of it
+            cache, rows = self.mol.encode_items(table), flat
+        else:
+            distinct, rows = torch.unique(flat, return_inverse=True)
+            cache = self.mol.encode_items(table[distinct])
+        # index_select: its backward is an index_add, far cheaper on CPU than indexing's accumulating index_put
+        gathered = ItemCache(cache.components.index_select(0, rows), cache.gate.index_select(0, rows))
+        phi, pi = self.mol.score(self.mol.encode_queries(queries), gathered, aligned=True, return_gates=True)
         return (phi, pi) if return_gates else phi
 
     def aligned(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):

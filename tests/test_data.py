@@ -160,3 +160,70 @@ def test_synthetic_has_structure_and_no_repeats():
         assert np.all(np.diff(ds.timestamps[ds.offsets[u]:ds.offsets[u + 1]]) > 0)
     counts = np.sort(np.bincount(ds.items)[1:])[::-1]
     assert counts[: len(counts) // 10].sum() > 0.2 * counts.sum()  # popularity skew: top 10% items > 20% events
+
+
+def _kept_dataset(tmp_path, monkeypatch, lines: str):
+    """A gzipped SASRec-format file in a GENREC_DATA_DIR and a registry entry for it."""
+    import gzip
+    import hashlib
+
+    from genrec.data.published import PublishedDataset
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    gz = kept / "tiny.sasrec.txt.gz"
+    gz.write_bytes(gzip.compress(lines.encode()))
+    monkeypatch.setenv("GENREC_DATA_DIR", str(kept))
+    return gz, PublishedDataset("tiny", gz.name, hashlib.sha256(gz.read_bytes()).hexdigest(), "tiny.sasrec.txt",
+                                "sasrec", "a test set")
+
+
+def test_a_published_dataset_is_found_checked_and_decompressed_once(tmp_path, monkeypatch):
+    from genrec.data.published import DatasetUnavailable, ensure_dataset
+
+    gz, spec = _kept_dataset(tmp_path, monkeypatch, "1 5\n1 7\n2 5\n2 9\n")
+    out = ensure_dataset("tiny", tmp_path / "data", {"tiny": spec})
+    assert out == tmp_path / "data" / "tiny.sasrec.txt" and out.read_text() == "1 5\n1 7\n2 5\n2 9\n"
+    gz.unlink()  # decompressed once: the kept file is not needed again
+    assert ensure_dataset("tiny", tmp_path / "data", {"tiny": spec}) == out
+    with pytest.raises(DatasetUnavailable, match=r"tiny.sasrec.txt.gz is in none of .*kept.*set GENREC_DATA_DIR"):
+        ensure_dataset("tiny", tmp_path / "elsewhere", {"tiny": spec})
+    gz.write_bytes(b"\x1f\x8b not the same file")
+    with pytest.raises(DataFormatError, match="sha256 .* is not the expected"):
+        ensure_dataset("tiny", tmp_path / "elsewhere", {"tiny": spec})
+    assert not (tmp_path / "elsewhere" / "tiny.sasrec.txt").exists()
+    with pytest.raises(DataFormatError, match="unknown dataset 'ml2m'"):
+        ensure_dataset("ml2m", tmp_path / "data", {"tiny": spec})
+
+
+def test_a_config_names_a_published_dataset_and_every_key_is_registered(tmp_path, monkeypatch):
+    import typing
+
+    import genrec.data.published as published
+    from genrec.config import DataConfig, RunConfig
+    from genrec.data.source import load_dataset
+
+    hint = typing.get_type_hints(DataConfig)["dataset"]
+    literal = next(a for a in typing.get_args(hint) if a is not type(None))
+    assert set(typing.get_args(literal)) == set(published.PUBLISHED)  # the config accepts exactly the registry
+    _, spec = _kept_dataset(tmp_path, monkeypatch, "1 5\n1 7\n1 8\n2 5\n2 9\n")
+    monkeypatch.setitem(published.PUBLISHED, "ml1m", spec)
+    monkeypatch.chdir(tmp_path)
+    cfg = RunConfig()
+    cfg.data.dataset = "ml1m"
+    ds = load_dataset(cfg.data)
+    assert ds.num_users == 2 and ds.num_items == 4 and ds.timestamps is None
+    assert (tmp_path / "data" / "tiny.sasrec.txt").is_file()
+
+
+@pytest.mark.slow
+def test_the_kept_ml1m_has_the_published_shape():
+    from genrec.data.published import DatasetUnavailable
+    from genrec.data.source import load_dataset
+    from genrec.config import DataConfig
+
+    try:
+        ds = load_dataset(DataConfig(dataset="ml1m"))
+    except DatasetUnavailable as e:
+        pytest.skip(str(e))
+    assert (ds.num_users, ds.num_items, len(ds.items)) == (6040, 3706, 1_000_209)

@@ -100,7 +100,6 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     keys = [("fwd_bwd_ms", "fwd+bwd ms")] + ([("peak_mib", "peak MiB")] if any(r["peak_mib"] != "" for r in rows) else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 3.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys):

@@ -128,7 +128,6 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, ax = plt.subplots(figsize=(6.5, 4))
     sizes = sorted({r["items"] for r in rows})
     for n in sizes:

@@ -166,7 +166,6 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, ax = plt.subplots(figsize=(7, 3.8))
     rows = [r for r in rows if r.get("best_config", True) or r["kernel"] != "stage1 scan"]  # the best scan variant per point
     labels = [f"{r['kernel']} {r['backend']}\n{r['items'] // 10**6}M {r['dtype']} b{r['batch']} K'{r['kprime']}" for r in rows]

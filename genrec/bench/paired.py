@@ -65,7 +65,6 @@ def plot(rows: list[dict], names: tuple[str, str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, m in zip(axes, ("hr@10", "ndcg@10")):
         sel = [r for r in rows if r["metric"] == m]

@@ -247,7 +247,6 @@ def plot(rows: list[dict], path: Path, n: int, qps_batch: int | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, ax = plt.subplots(figsize=(8, 5))
     ax.set_prop_cycle(color=plt.get_cmap("tab20").colors)
     key = f"qps_b{qps_batch}" if qps_batch else None

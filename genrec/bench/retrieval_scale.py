@@ -268,7 +268,6 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for n in dict.fromkeys(r["items"] for r in rows):
         for system in dict.fromkeys(r["system"] for r in rows if r["items"] == n):

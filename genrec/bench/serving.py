@@ -225,7 +225,6 @@ def plot(rows: list[dict], path: Path, meta: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     sizes = sorted({r["items"] for r in rows})
     qps_rows = [r for r in rows if r["measure"] == "throughput"]
     panels = (["qps"] if qps_rows else []) + (["latency"] if len(sizes) > 1 or not qps_rows else [])

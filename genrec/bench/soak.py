@@ -182,7 +182,6 @@ def plot(samples: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
     t = [r["t_s"] / 60 for r in samples]
     a.plot(t, [r["rss_mib"] for r in samples], marker=".", label="RSS MiB")

@@ -32,9 +32,13 @@ from genrec.config import load_config
 from genrec.plots import save_figure
 from genrec.training import train
 
-CONFIGS = {
-    "ml100k": {"hstu": "configs/ml100k_hstu.yaml", "sasrec": "configs/ml100k_sasrec.yaml"},
-    "synthetic": {"hstu": "configs/demo.yaml", "sasrec": "configs/demo.yaml"},
+CONFIGS = {  # dataset -> system -> (config, overrides); ml1m is the papers' set (genrec.data.published)
+    "ml1m": {"hstu": ("configs/ml1m_hstu.yaml", []), "sasrec": ("configs/ml1m_sasrec.yaml", []),
+             "hstu-large": ("configs/ml1m_hstu_large.yaml", []),
+             "hstu-large+mol": ("configs/ml1m_hstu_large_mol.yaml", [])},
+    "ml100k": {"hstu": ("configs/ml100k_hstu.yaml", []), "sasrec": ("configs/ml100k_sasrec.yaml", [])},
+    "synthetic": {"hstu": ("configs/demo.yaml", ["model.encoder=hstu"]),
+                  "sasrec": ("configs/demo.yaml", ["model.encoder=sasrec"])},
 }
 # --mol: HSTU + dot vs HSTU + MoL at the same negative budget (batch-shared: per-position MoL negatives
 # cost ~30x more on CPU). Small MoL (4 x 4 x 32) sized for CPU.
@@ -51,7 +55,6 @@ def plot(rows: list[dict], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     systems = list(dict.fromkeys(r["system"] for r in rows))
@@ -94,8 +97,8 @@ def main(argv: list[str] | None = None) -> int | None:
     for ds in args.datasets:
         if ds == "ml100k":
             ensure_ml100k()
-        systems = ({name: (CONFIGS[ds]["hstu"], extra) for name, extra in MOL_SYSTEMS.items()} if args.mol else
-                   {enc: (path, [f"model.encoder={enc}"]) for enc, path in CONFIGS[ds].items()})
+        systems = ({name: (CONFIGS[ds]["hstu"][0], extra) for name, extra in MOL_SYSTEMS.items()} if args.mol else
+                   dict(CONFIGS[ds]))
         if args.systems:
             systems = {name: spec for name, spec in systems.items() if name in args.systems}
             if not systems:
@@ -163,10 +166,9 @@ def sweep(args) -> None:
     for ds in args.datasets:
         if ds == "ml100k":
             ensure_ml100k()
-        for encoder, cfg_path in CONFIGS[ds].items():
+        for encoder, (cfg_path, extra) in CONFIGS[ds].items():
             if args.systems and encoder not in args.systems:
                 continue
-            extra = [f"model.encoder={encoder}"]
             if not load_config(ROOT / cfg_path, [*extra, *args.set]).train.validation:
                 raise SystemExit("--grid picks each system's point on validation HR@10: it needs train.validation true")
             results = []

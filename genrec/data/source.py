@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from genrec.config import DataConfig
 from genrec.data.loaders import DataFormatError, load_interactions
+from genrec.data.published import PUBLISHED, ensure_dataset
 from genrec.data.sequences import SequenceDataset, build_sequences, load_prepared
 from genrec.data.synthetic import generate_synthetic
 
 
 def load_dataset(cfg: DataConfig) -> SequenceDataset:
+    if cfg.dataset is not None:  # a published set: its own format, the decompressed file under data/
+        spec = PUBLISHED[cfg.dataset]
+        cfg = replace(cfg, format=spec.format, path=str(ensure_dataset(cfg.dataset)))
     if cfg.format == "synthetic":
         return build_sequences(generate_synthetic(cfg.synthetic), cfg.kcore, cfg.kcore_passes)
     if not cfg.path:
