@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 STAGE1_SELECT = ("auto", "threshold", "topk")
 TOPK_SCAN_MAX = 1024  # the running top-k kernel keeps K' in registers
 GPU_SCAN_CHUNK = 1 << 27  # items per fused-scan launch on a GPU (its fixed hit buffer is per launch)
+CPU_SCAN_SCORES = 1 << 20  # stage-1 scores per CPU chunk (queries x items): few queries scan long chunks
 GPU_FINAL_CHUNK = 1 << 22  # ... in the rare keep-everything pass, whose buffer holds a whole chunk
 GPU_RESCORE_CHUNK = 1 << 17  # candidates per stage-2 call on a GPU: K' <= 131072 is one call (no merge)
 
@@ -193,7 +194,7 @@ class MoLHIndexer(Index):
             _, cand = self.stage1.topk(qv, kp)
         else:
             _, cand = threshold_topk(qv, self.stage1.scan_range, self._score_sample, self.ntotal, kp,
-                                     chunk_size=max(self.chunk_size, GPU_SCAN_CHUNK) if gpu else self.chunk_size,
+                                     chunk_size=max(self.chunk_size, GPU_SCAN_CHUNK if gpu else CPU_SCAN_SCORES // len(u)),
                                      chunk_capacity=4 * kp if gpu else None, max_retries=4 if gpu else 2,
                                      stats=self.last_stats, final_chunk_size=GPU_FINAL_CHUNK if gpu else None,
                                      order_ties=False)

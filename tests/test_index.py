@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -431,3 +432,35 @@ def test_cpu_only_index_kinds_refuse_another_device():
     assert faiss_index.to("cpu") is faiss_index and faiss_index.device.type == "cpu"
     with pytest.raises(ValueError, match="mips-faiss indexes search on the CPU only, not on cuda"):
         faiss_index.to("cuda")
+
+
+class _CountOps(TorchDispatchMode):
+    """Counts the aten ops (and host reads of tensor values) a call dispatches."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = str(func.overloadpacket)
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_batch_1_hindexer_search_stays_lean():
+    """A regression guard on the batch-1 CPU path (issue 25): every aten op and host read it adds is
+    per-query overhead that a scan of 16 bytes per item cannot hide. 284 ops and 8 host reads before
+    few-query searches scanned the corpus in one chunk; the bounds hold today's count."""
+    torch.manual_seed(0)
+    mol = MixtureOfLogits(16, 16, 4, 2, 8).eval()
+    items = torch.nn.functional.normalize(torch.randn(200_000, 16), dim=-1)
+    with torch.no_grad():
+        index = MoLHIndexer.build(mol, items, stage1="pca8", stage1_dtype="int8", kprime=512)
+        q = torch.nn.functional.normalize(torch.randn(1, 16), dim=-1).numpy()
+        index.search(q, 50)
+        with _CountOps() as counted:
+            scores, ids = index.search(q, 50)
+    assert ids.shape == (1, 50) and (ids >= 0).all()
+    total = sum(counted.ops.values())
+    assert total <= 200, f"{total} aten ops per batch-1 search: {sorted(counted.ops.items(), key=lambda x: -x[1])[:10]}"
+    assert counted.ops.get("aten._local_scalar_dense", 0) <= 5
