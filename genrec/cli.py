@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from genrec.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
-from genrec.config import ConfigError, DataConfig, SyntheticConfig, apply_overrides, from_dict, load_config, load_dataclass
+from genrec.config import (ConfigError, DataConfig, SyntheticConfig, apply_overrides, check_config, from_dict, load_config,
+                           load_dataclass)
 from genrec.data.loaders import DataFormatError
 from genrec.data.published import PUBLISHED, ensure_dataset
 from genrec.data.sequences import leave_one_out, save_prepared
@@ -43,7 +44,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
     cfg = DataConfig(format=args.format, path=args.input, user_col=args.user_col, item_col=args.item_col,
                      time_col=args.time_col or None, rating_col=args.rating_col, delimiter=args.delimiter,
                      kcore=args.kcore, kcore_passes=args.kcore_passes, synthetic=SyntheticConfig(seed=args.seed))
-    ds = load_dataset(cfg)
+    ds = load_dataset(check_config(cfg, "data"))
     save_prepared(ds, args.out, meta={"source_format": args.format, "source": args.input, "kcore": args.kcore},
                   overwrite=args.overwrite)
     print(json.dumps({"out": args.out, **ds.describe()}, indent=2))

@@ -7,6 +7,7 @@ silently falls back to a default. The resolved config is saved next to every run
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -177,6 +178,70 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+# Value ranges, checked wherever a config is built (files, overrides, checkpoints) before anything runs:
+# field -> (lowest, highest, lowest allowed?, highest allowed?); None = unbounded. Sequences: every element.
+AT_LEAST_1 = (1, None, True, True)
+NON_NEGATIVE = (0, None, True, True)
+POSITIVE = (0, None, False, True)
+FRACTION = (0, 1, True, False)  # a dropout rate: 0 <= p < 1
+PROBABILITY = (0, 1, True, True)
+LIMITS: dict[type, dict[str, tuple]] = {
+    SyntheticConfig: {"num_users": AT_LEAST_1, "num_items": AT_LEAST_1, "num_clusters": AT_LEAST_1,
+                      "mean_length": POSITIVE, "min_length": (2, None, True, True), "max_length": (2, None, True, True),
+                      "follow_prob": PROBABILITY, "num_successors": AT_LEAST_1, "zipf_exponent": NON_NEGATIVE,
+                      "taste_concentration": POSITIVE},
+    DataConfig: {"kcore": NON_NEGATIVE, "kcore_passes": NON_NEGATIVE, "max_len": AT_LEAST_1},
+    ModelConfig: {"item_emb_dim": AT_LEAST_1, "num_blocks": AT_LEAST_1, "num_heads": AT_LEAST_1, "dqk": AT_LEAST_1,
+                  "dv": AT_LEAST_1, "dropout": FRACTION, "input_dropout": FRACTION, "attn_dropout": FRACTION,
+                  "time_bucket_divisor": POSITIVE, "num_time_buckets": AT_LEAST_1, "ffn_dim": AT_LEAST_1},
+    SimilarityConfig: {"query_components": AT_LEAST_1, "item_components": AT_LEAST_1, "component_dim": AT_LEAST_1,
+                       "query_hidden": AT_LEAST_1, "gating_hidden": AT_LEAST_1, "tau": POSITIVE,
+                       "item_dropout": FRACTION, "gating_dropout": FRACTION, "mi_loss_weight": NON_NEGATIVE},
+    LossConfig: {"num_negatives": AT_LEAST_1, "temperature": POSITIVE},
+    TrainConfig: {"epochs": AT_LEAST_1, "batch_size": AT_LEAST_1, "lr": POSITIVE, "betas": (0, 1, True, False),
+                  "weight_decay": NON_NEGATIVE, "patience": NON_NEGATIVE, "eval_every": AT_LEAST_1,
+                  "stochastic_length_alpha": (0, 2, False, True), "max_steps_per_epoch": AT_LEAST_1,
+                  "num_threads": AT_LEAST_1},
+    EvalConfig: {"ks": AT_LEAST_1, "batch_size": AT_LEAST_1},
+    RankingConfig: {"negatives": AT_LEAST_1, "hard_negatives": NON_NEGATIVE, "cuts_per_user": AT_LEAST_1,
+                    "encoder_lr": NON_NEGATIVE, "head_hidden": AT_LEAST_1, "rating_weight": NON_NEGATIVE,
+                    "eval_negatives": AT_LEAST_1, "rerank_k": AT_LEAST_1, "select_users": AT_LEAST_1},
+}
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # a run directory's name: one safe path component
+
+
+def _check_range(key: str, value: Any, limit: tuple) -> None:
+    lo, hi, lo_ok, hi_ok = limit
+    for v in (value if isinstance(value, (list, tuple)) else [value]):
+        if v is None or isinstance(v, bool):
+            continue
+        below = lo is not None and (v < lo or (v == lo and not lo_ok))
+        above = hi is not None and (v > hi or (v == hi and not hi_ok))
+        if below or above:
+            left, right = "[" if lo_ok else "(", "]" if hi_ok else ")"
+            span = f"{left}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{right}"
+            raise ConfigError(f"{key}: {v!r} is out of range {span}")
+
+
+def check_config(cfg: Any, prefix: str = "") -> Any:
+    """Raise ConfigError naming the first key whose value is out of range (types are checked on load);
+    recurses into sections. Returns ``cfg``."""
+    for f in dataclasses.fields(cfg):
+        key, value = f"{prefix}.{f.name}" if prefix else f.name, getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            check_config(value, key)
+        elif f.name in LIMITS.get(type(cfg), {}):
+            _check_range(key, value, LIMITS[type(cfg)][f.name])
+    if isinstance(cfg, SyntheticConfig) and cfg.max_length < cfg.min_length:
+        raise ConfigError(f"{prefix}.max_length: {cfg.max_length} is below min_length {cfg.min_length}")
+    if isinstance(cfg, RankingConfig) and cfg.hard_negatives > cfg.negatives:
+        raise ConfigError(f"{prefix}.hard_negatives: {cfg.hard_negatives} is more than negatives ({cfg.negatives})")
+    if isinstance(cfg, RunConfig) and not RUN_NAME.fullmatch(cfg.name):
+        raise ConfigError(f"name: {cfg.name[:80]!r} must be one path component of letters, digits and . _ + - "
+                          f"(at most 128, not starting with . or -)")
+    return cfg
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
@@ -235,7 +300,8 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
         where = f" in '{prefix}'" if prefix else ""
         raise ConfigError(f"unknown config key{where}: {', '.join(unknown)} (known: {', '.join(sorted(names))})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
-    return cls(**kwargs)
+    obj = cls(**kwargs)
+    return check_config(obj, prefix) if not prefix else obj  # the top level checks every section once
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

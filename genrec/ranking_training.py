@@ -267,8 +267,6 @@ def train_ranking(cfg: RunConfig, resume: str | Path | None = None, progress: bo
     """Train the ranker per ``cfg`` (``task: ranking``); with ``resume``, continue that checkpoint_last.pt."""
     if not cfg.train.validation:
         raise ValueError("task: ranking picks its epoch on the validation events; train.validation: false is for retrieval")
-    if cfg.ranking.cuts_per_user < 1:
-        raise ValueError(f"ranking.cuts_per_user must be >= 1, got {cfg.ranking.cuts_per_user}")
     if cfg.ranking.hard_negatives and not cfg.ranking.retrieval_checkpoint:
         raise ValueError("ranking.hard_negatives needs ranking.retrieval_checkpoint")
     if cfg.ranking.select_on == "two_stage" and not cfg.ranking.retrieval_checkpoint:

@@ -55,3 +55,30 @@ def test_defaults_reproduce_the_reference_recipe():
     assert cfg.loss.num_negatives == 128 and cfg.loss.temperature == 0.05
     assert cfg.train.lr == 1e-3 and cfg.train.betas == (0.9, 0.98) and cfg.train.weight_decay == 0.0
     assert cfg.train.batch_size == 128 and cfg.data.max_len == 200
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.batch_size=0", "train.batch_size: 0 is out of range"),
+    ("train.epochs=0", "train.epochs: 0 is out of range"),
+    ("model.item_emb_dim=0", "model.item_emb_dim: 0 is out of range"),
+    ("eval.ks=[10, 0]", "eval.ks: 0 is out of range"),
+    ("model.dropout=1.5", r"model.dropout: 1.5 is out of range \[0, 1\)"),
+    ("data.kcore=-3", "data.kcore: -3 is out of range"),
+    ("similarity.tau=0", r"similarity.tau: 0.0 is out of range \(0, inf\]"),
+    ("ranking.hard_negatives=40", "more than negatives"),
+    ("name=../../x", "must be one path component"),
+    ("name=.hidden", "must be one path component"),
+])
+def test_out_of_range_values_are_refused_naming_the_key(override, message, tmp_path):
+    from genrec.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override, f"out_dir={tmp_path}"])
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_every_shipped_config_is_in_range():
+    from genrec.config import check_config
+
+    for path in CONFIGS:
+        assert check_config(load_config(path)) is not None
