@@ -213,3 +213,20 @@ def test_every_bench_harness_is_reached_through_the_cli_and_writes_under_runs(ha
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     assert f"genrec bench {harness}" in text and "runs/bench/" in text
+
+
+def test_the_retrieval_bench_reuses_only_a_completed_run_of_the_same_config(tmp_path):
+    """An interrupted run (no results.json) or one trained with another config is not reused as the
+    benchmark's MoL model (it once reported recall@10 0.017 from a one-epoch leftover)."""
+    from genrec.bench.retrieval import completed_run
+    from genrec.config import RunConfig, dump_config
+
+    cfg, run = RunConfig(name="m"), tmp_path / "m"
+    run.mkdir()
+    (run / "config.yaml").write_text(dump_config(cfg))
+    (run / "checkpoint_best.pt").write_bytes(b"weights")
+    assert completed_run(run, cfg) is None  # interrupted: no results.json
+    (run / "results.json").write_text(json.dumps({"checkpoint": "checkpoint_best.pt"}))
+    assert completed_run(run, cfg) == run / "checkpoint_best.pt"
+    cfg.train.epochs = 3
+    assert completed_run(run, cfg) is None  # another config

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from genrec.bench.datasets import ROOT
 from genrec.bench.report import harness_parser, provenance, write_table
 from genrec.bench.timing import best_seconds, latencies_ms
 from genrec.checkpoint import load_checkpoint, model_from_checkpoint, similarity_from_checkpoint
-from genrec.config import load_config
+from genrec.config import dump_config, load_config
 from genrec.data.batches import history_batch
 from genrec.data.sequences import leave_one_out
 from genrec.data.source import load_dataset
@@ -52,15 +54,31 @@ BENCH_MOL = ["similarity.type=mol", "loss.negatives=batch_shared", "similarity.q
              "similarity.item_components=4", "similarity.component_dim=32"]
 
 
-def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False, epochs: int = 15):
-    """(MixtureOfLogits, item embeddings (N, D) float32, user states (U, D) float32) of a checkpoint."""
+def completed_run(run_dir: Path, cfg) -> Path | None:
+    """The tested checkpoint of a run in ``run_dir`` that finished (results.json written) with exactly
+    ``cfg``, else None: an interrupted run or one with another config must not stand in for it."""
+    results, config = run_dir / "results.json", run_dir / "config.yaml"
+    if not (results.is_file() and config.is_file()) or config.read_text() != dump_config(cfg):
+        return None
+    checkpoint = run_dir / json.loads(results.read_text())["checkpoint"]
+    return checkpoint if checkpoint.is_file() else None
 
+
+def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False, epochs: int = 15):
+    """(MixtureOfLogits, item embeddings (N, D) float32, user states (U, D) float32) of a checkpoint;
+    without one, of the harness's own small MoL model, reused only from a completed run of the same config."""
     if checkpoint is None:
-        checkpoint = Path(out_dir) / "retrieval-bench-mol" / "checkpoint_best.pt"
-        if retrain or not checkpoint.is_file():
-            cfg = load_config(ROOT / "configs/demo.yaml",
-                              [f"out_dir={out_dir}", "name=retrieval-bench-mol", *BENCH_MOL, f"train.epochs={epochs}"])
-            train(cfg, progress=False)
+        cfg = load_config(ROOT / "configs/demo.yaml",
+                          [f"out_dir={out_dir}", "name=retrieval-bench-mol", *BENCH_MOL, f"train.epochs={epochs}"])
+        run_dir = Path(out_dir) / cfg.name
+        checkpoint = None if retrain else completed_run(run_dir, cfg)
+        if checkpoint is None:
+            if run_dir.exists():  # the harness's own folder: an interrupted or different run starts over
+                shutil.rmtree(run_dir)
+            checkpoint = train(cfg, progress=False).checkpoint
+            log.info("MoL model: trained %s", checkpoint)
+        else:
+            log.info("MoL model: reused %s (a completed run of the same config)", checkpoint)
     state = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(state)
     sim = similarity_from_checkpoint(state)
