@@ -65,6 +65,8 @@ class ServeConfig:
     metrics_port: int = -1     # -1 = no metrics endpoint, 0 = any free port
     tls: TLSConfig = field(default_factory=TLSConfig)
     admin_token: str = ""      # when set, LoadIndex needs "authorization: Bearer <token>"
+    admin_open: bool = False   # without a token admin methods are refused, unless this opens them (warned)
+    reflection: bool = True    # gRPC server reflection (grpcurl); false for production
     warmup_queries: int = 4
     grace_seconds: float = 5.0
     threads: int = 0           # torch threads (0 = leave as is)

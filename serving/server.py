@@ -7,6 +7,7 @@ turns SERVING. On stop, health turns NOT_SERVING first, new RPCs get UNAVAILABLE
 
 from __future__ import annotations
 
+import hmac
 import logging
 import signal
 import threading
@@ -31,20 +32,24 @@ ADMIN_METHODS = {f"/{SERVICE_NAME}/LoadIndex"}
 
 
 class AdminTokenInterceptor(grpc.ServerInterceptor):
-    """Admin methods need ``authorization: Bearer <token>`` metadata when a token is configured."""
+    """Admin methods need ``authorization: Bearer <token>`` metadata. Without a configured token they are
+    closed (PERMISSION_DENIED) unless ``open`` (``admin_open: true``) lets every client use them."""
 
-    def __init__(self, token: str):
-        self.token = token
+    def __init__(self, token: str, open: bool = False):
+        self.token, self.open = token, open
 
     def intercept_service(self, continuation, handler_call_details):
-        if handler_call_details.method not in ADMIN_METHODS:
+        if handler_call_details.method not in ADMIN_METHODS or (self.open and not self.token):
             return continuation(handler_call_details)
-        meta = dict(handler_call_details.invocation_metadata or ())
-        got = meta.get("authorization", "")
-        if got == f"Bearer {self.token}":
+        got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if self.token and hmac.compare_digest(got.encode(), f"Bearer {self.token}".encode()):
             return continuation(handler_call_details)
-        code = grpc.StatusCode.UNAUTHENTICATED if not got else grpc.StatusCode.PERMISSION_DENIED
-        message = "admin method: send 'authorization: Bearer <token>'" if not got else "admin token rejected"
+        if not self.token:
+            code, message = grpc.StatusCode.PERMISSION_DENIED, "admin methods are closed: set admin_token (or admin_open: true)"
+        elif not got:
+            code, message = grpc.StatusCode.UNAUTHENTICATED, "admin method: send 'authorization: Bearer <token>'"
+        else:
+            code, message = grpc.StatusCode.PERMISSION_DENIED, "admin token rejected"
 
         def deny(request, context):
             context.abort(code, message)
@@ -77,14 +82,17 @@ class RetrievalServer:
         lim = cfg.limits
         options = [("grpc.max_send_message_length", lim.max_message_bytes),
                    ("grpc.max_receive_message_length", lim.max_message_bytes)]
-        interceptors = [AdminTokenInterceptor(cfg.admin_token)] if cfg.admin_token else []
+        interceptors = [AdminTokenInterceptor(cfg.admin_token, cfg.admin_open)]
+        if cfg.admin_open and not cfg.admin_token:
+            log.warning("admin_open: any client can call LoadIndex; set admin_token for anything but a trusted network")
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=lim.workers, thread_name_prefix="genrec-rpc"),
                                   options=options, maximum_concurrent_rpcs=lim.max_concurrent_rpcs,
                                   interceptors=interceptors)
         pb_grpc.add_RetrievalServicer_to_server(self.service, self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        if cfg.reflection:
+            reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
         if cfg.tls.cert or cfg.tls.key:

@@ -29,7 +29,7 @@ def cluster(tmp_path):
     for s, (a, b) in enumerate(bounds):
         path = save_index(FlatMIPS(items[a:b], ids[a:b]), tmp_path, f"shard{s}", "v1")
         save_index(FlatMIPS(items[a:b].flip(1), ids[a:b]), tmp_path, f"shard{s}", "v2")  # a different version
-        servers.append(RetrievalServer(ServeConfig(port=0, indexes=(IndexEntry("items", str(path)),))).start())
+        servers.append(RetrievalServer(ServeConfig(port=0, indexes=(IndexEntry("items", str(path)),), admin_open=True)).start())
     single = RetrievalServer(ServeConfig(port=0, indexes=(IndexEntry("items", str(whole)),))).start()
     yield items, ids, bounds, servers, single, tmp_path
     for srv in servers + [single]:

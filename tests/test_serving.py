@@ -171,6 +171,27 @@ def test_health_reflection_and_metrics_answer_generic_clients(server):
     assert busy is not None and busy > 0 and "genrec_batcher_busy_seconds_total" in text
 
 
+def test_admin_methods_are_closed_without_a_token_and_reflection_can_be_switched_off(index_root):
+    entry = (IndexEntry("items", str(index_root / "items" / "v1")),)
+    closed = start(ServeConfig(port=0, indexes=entry, reflection=False))
+    opened = start(ServeConfig(port=0, indexes=entry, admin_open=True))
+    try:
+        with client_for(closed) as c:
+            with pytest.raises(grpc.RpcError) as err:
+                c.load_index("items", str(index_root / "items" / "v2"))
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "admin_token" in err.value.details()
+            assert c.search(unit(1, 9), 5)[1].shape == (1, 5)  # the rest of the service is untouched
+            refl = reflection_pb2_grpc.ServerReflectionStub(c.channel)
+            with pytest.raises(grpc.RpcError) as err:
+                next(refl.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5))
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with client_for(opened) as c:
+            assert c.load_index("items", str(index_root / "items" / "v2")).version == "v2"
+    finally:
+        closed.stop(grace=0.5)
+        opened.stop(grace=0.5)
+
+
 def test_admin_methods_need_the_token(server, index_root):
     with client_for(server) as c:
         with pytest.raises(grpc.RpcError) as err:

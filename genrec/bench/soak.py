@@ -35,6 +35,7 @@ from genrec.serving.client import GenrecClient
 from genrec.serving.config import BatchingConfig, IndexEntry, LimitsConfig, ServeConfig
 from genrec.serving.server import RetrievalServer
 
+SOAK_TOKEN = "soak-admin"  # the swapper's LoadIndex token (admin methods are closed without one)
 log = logging.getLogger("genrec.bench")
 EXPECTED = ("OK", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 
@@ -117,14 +118,14 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         paths = {v: save_index(FlatMIPS(torch.from_numpy(version_items(v, args.items, args.dim))), tmp, "soak", v)
                  for v in ("v1", "v2")}
-        cfg = ServeConfig(port=0, indexes=(IndexEntry("soak", str(paths["v1"]), "size"),),
+        cfg = ServeConfig(port=0, indexes=(IndexEntry("soak", str(paths["v1"]), "size"),), admin_token=SOAK_TOKEN,
                           limits=LimitsConfig(max_concurrent_rpcs=256, workers=args.clients + 8),
                           batching=BatchingConfig(enabled=True, max_batch=32, max_delay_ms=1.0, queue_size=512))
         srv = RetrievalServer(cfg).start()
         swaps, swap_errors, halt = [0], [0], threading.Event()
 
         def swapper() -> None:
-            with GenrecClient(f"127.0.0.1:{srv.port}") as admin:
+            with GenrecClient(f"127.0.0.1:{srv.port}", token=SOAK_TOKEN) as admin:
                 while not halt.wait(args.swap_seconds):
                     try:
                         admin.load_index("soak", str(paths["v2" if swaps[0] % 2 == 0 else "v1"]), verify="size", timeout=60)
