@@ -142,7 +142,10 @@ def verify_index(path: str | Path, mode: str = "full") -> dict[str, Any]:
     if mode == "none":
         return manifest
     for f in manifest["files"]:
-        p = path / f["path"]
+        name = str(f["path"])
+        if Path(name).name != name or name in ("", ".", "..") or "\\" in name:  # files live in this directory
+            raise IndexFormatError(f"{path}: manifest lists {name[:200]!r}, a path outside the version directory")
+        p = path / name
         if not p.is_file():
             raise IndexFormatError(f"{p}: missing (listed in the manifest)")
         size = p.stat().st_size
@@ -158,6 +161,15 @@ def verify_index(path: str | Path, mode: str = "full") -> dict[str, Any]:
         if mode == "full" and sha256_file(p) != f["sha256"]:
             raise IndexFormatError(f"{p}: sha256 mismatch (corrupted)")
     return manifest
+
+
+def all_finite(arr: np.ndarray, block: int = 1 << 22) -> bool:
+    """Whether a float array (memory-mapped or not) holds only finite values, read in blocks of
+    ``block`` elements so a mapped array is never copied whole. Non-float arrays are trivially finite."""
+    if not np.issubdtype(arr.dtype, np.floating):
+        return True
+    flat = arr.reshape(-1)
+    return all(np.isfinite(flat[s : s + block]).all() for s in range(0, flat.size, block))
 
 
 def index_classes() -> dict[str, type]:
@@ -183,6 +195,8 @@ def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tup
                 arrays[p.stem] = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
             except Exception as e:  # noqa: BLE001
                 raise IndexFormatError(f"{p}: unreadable array ({e})") from None
+            if verify != "none" and not all_finite(arrays[p.stem]):
+                raise IndexFormatError(f"{p}: holds NaN or infinite values (such an item would outrank every other)")
         else:
             blobs[p.name] = p.read_bytes()
     st = IndexState(manifest["kind"], manifest["params"], arrays, blobs)

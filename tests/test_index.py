@@ -1,6 +1,7 @@
 """Offline indexes: threshold selection, stage-1 quantisation, h-indexer, files on disk, shards."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -464,3 +465,27 @@ def test_a_batch_1_hindexer_search_stays_lean():
     total = sum(counted.ops.values())
     assert total <= 200, f"{total} aten ops per batch-1 search: {sorted(counted.ops.items(), key=lambda x: -x[1])[:10]}"
     assert counted.ops.get("aten._local_scalar_dense", 0) <= 5
+
+
+def test_the_loader_refuses_non_finite_vectors_and_files_outside_the_version(tmp_path):
+    """A NaN item in an index whose manifest is consistent would rank first for every query: refused
+    at load (size and full verification). A manifest entry pointing outside its version directory is
+    refused too, even when the file it names is intact."""
+    items = F.normalize(torch.randn(50, 8), dim=-1)
+    good = save_index(FlatMIPS(items, np.arange(50)), tmp_path, "x", "v1")
+    items[7, 3] = float("nan")
+    bad = save_index(FlatMIPS(items, np.arange(50)), tmp_path, "x", "v2")
+    for mode in ("size", "full"):
+        with pytest.raises(IndexFormatError, match="NaN or infinite"):
+            load_index(bad, verify=mode)
+    load_index(good, verify="full")
+    escaped = tmp_path / "x" / "v3"
+    shutil.copytree(good, escaped)
+    manifest = json.loads((escaped / "manifest.json").read_text())
+    for f in manifest["files"]:
+        if f["path"] == "items.npy":
+            f["path"] = "../v1/items.npy"
+    (escaped / "manifest.json").write_text(json.dumps(manifest))
+    (escaped / "items.npy").unlink()
+    with pytest.raises(IndexFormatError, match="outside the version directory"):
+        load_index(escaped, verify="full")
