@@ -201,6 +201,9 @@ def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tup
             blobs[p.name] = p.read_bytes()
     st = IndexState(manifest["kind"], manifest["params"], arrays, blobs)
     try:
-        return classes[manifest["kind"]].from_state(st), manifest
-    except (KeyError, RuntimeError, ValueError) as e:
+        index = classes[manifest["kind"]].from_state(st)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise IndexFormatError(f"{path}: inconsistent index files ({type(e).__name__}: {e})") from None
+    if index.ntotal != manifest["count"]:
+        raise IndexFormatError(f"{path}: holds {index.ntotal} items, manifest says {manifest['count']}")
+    return index, manifest

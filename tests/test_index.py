@@ -489,3 +489,25 @@ def test_the_loader_refuses_non_finite_vectors_and_files_outside_the_version(tmp
     (escaped / "items.npy").unlink()
     with pytest.raises(IndexFormatError, match="outside the version directory"):
         load_index(escaped, verify="full")
+
+
+def test_verify_index_says_ok_only_for_what_loads(tmp_path, capsys):
+    """`genrec verify-index` runs the loader's checks: duplicate ids, a manifest count that does not
+    match, a kind it does not know are refused (exit 2), not reported "ok"."""
+    from genrec.cli import main
+
+    items = F.normalize(torch.randn(40, 8), dim=-1)
+    ok = save_index(FlatMIPS(items, np.arange(40)), tmp_path, "x", "v1")
+    assert main(["verify-index", str(ok)]) == 0 and "ok:" in capsys.readouterr().out
+    dup = tmp_path / "x" / "dup"
+    shutil.copytree(ok, dup)
+    np.save(dup / "ids.npy", np.r_[np.arange(39), 5].astype(np.int64))  # same size and shape: passes verify=size
+    assert main(["verify-index", str(dup), "--mode", "size"]) == 2
+    assert "item ids must be unique" in capsys.readouterr().err
+    for change, message in [({"count": 41}, "manifest says 41"), ({"kind": "mystery"}, "unknown index kind")]:
+        bad = tmp_path / "x" / f"bad-{message.split()[0]}"
+        shutil.copytree(ok, bad)
+        manifest = json.loads((bad / "manifest.json").read_text())
+        (bad / "manifest.json").write_text(json.dumps({**manifest, **change}))
+        assert main(["verify-index", str(bad)]) == 2
+        assert message in capsys.readouterr().err
