@@ -79,18 +79,31 @@ def _npy_header(path: Path) -> tuple[str, tuple[int, ...]]:
     return dtype.str, tuple(shape)
 
 
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # index names and versions: one safe path component
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """``value`` for an error message: quoted, and cut to ``limit`` characters (names come from clients)."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def check_name(what: str, value: str) -> str:
+    """Raise ValueError unless ``value`` is 1-128 letters, digits, '.', '_' or '-' (not starting with . _ -)."""
+    if not NAME.fullmatch(value):
+        raise ValueError(f"{what} {shown(value)}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return value
+
+
 def save_index(index: Index, root: str | Path, name: str, version: str | None = None,
                extra: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
     """Write ``index`` to <root>/<name>/<version> atomically; returns the final directory.
 
     extra: more manifest fields (encoder checkpoint hash, eval summary, shard info, build config).
     """
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-        raise ValueError(f"index name {name!r}: use letters, digits, '.', '_' or '-'")
+    check_name("index name", name)
     root = Path(root)
     version = version or next_version(root, name)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", version):
-        raise ValueError(f"index version {version!r}: use letters, digits, '.', '_' or '-'")
+    check_name("index version", version)
     st = index.state()
     with atomic_directory(root / name / version, overwrite=overwrite) as tmp:
         files = []

@@ -24,7 +24,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 import numpy as np
 
-from genrec.index.storage import IndexFormatError
+from genrec.index.storage import IndexFormatError, check_name, shown
 from genrec.retrieval.search import SearchResult
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
@@ -36,6 +36,7 @@ from genrec.serving.registry import IndexRegistry, Served
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
+MAX_PATH_CHARS = 4096  # a LoadIndex path longer than this is refused, not echoed
 
 
 class ServiceError(Exception):
@@ -150,9 +151,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         name = name or self.cfg.default_index or (self.cfg.indexes[0].name if self.cfg.indexes else "")
         served = self.registry.get(name)
         if served is None:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown index {name!r} (serving: {', '.join(self.registry.names()) or 'none'})")
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown index {shown(name)} (serving: {', '.join(self.registry.names()) or 'none'})")
         if version and version != served.version:
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"index {name!r} version {version!r} is not served (active: {served.version})")
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, f"index {shown(name)} version {shown(version)} is not served (active: {served.version})")
         return served
 
     def _params(self, served: Served, exact: bool, kprime: int) -> dict:
@@ -325,6 +326,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         def run():
             if not request.index or not request.path:
                 raise invalid("LoadIndex needs index (a name) and path")
+            try:  # before the name becomes a metrics label or a log line
+                check_name("index name", request.index)
+            except ValueError as e:
+                raise invalid(str(e)) from None
+            if len(request.path) > MAX_PATH_CHARS:
+                raise invalid(f"path {shown(request.path)}: longer than {MAX_PATH_CHARS} characters")
             verify = request.verify or "full"
             if verify not in ("full", "size"):
                 raise invalid(f"verify must be full or size, got {verify!r}")
@@ -333,7 +340,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 served = self.registry.load(request.index, request.path, verify, entry.mmap, entry.device)
             except Exception as e:  # noqa: BLE001 - the old version keeps serving
                 self.metrics.index_swaps.labels(request.index, "refused").inc()
-                log.warning("LoadIndex %s from %s refused: %s", request.index, request.path, e)
+                log.warning("LoadIndex %s from %s refused: %s", request.index, shown(request.path, 256), e)
                 raise load_error(e) from None
             self.metrics.index_swaps.labels(request.index, "loaded").inc()
             return self._info(served)

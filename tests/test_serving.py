@@ -684,3 +684,17 @@ def test_bench_serving_reports_cpu_per_call_and_a_median_ratio_over_repeats(tmp_
     median = next(r for r in rows if r["measure"] == "throughput_ratio_median")
     assert len(ratios) == 2 and median["ratio_min"] <= median["qps"] <= median["ratio_max"]
     assert median["qps"] == pytest.approx(float(np.median(ratios)), abs=0.01)
+
+
+def test_client_supplied_names_are_bounded_and_never_echoed_whole(server, index_root):
+    """LoadIndex refuses names that are not one short safe path component (they would become metrics
+    labels and log lines); a search naming a 10,000-character index gets NOT_FOUND with a short message."""
+    with client_for(server, token="s3cret") as admin:
+        for name in ["../../x", "x" * 20_000, "items\u202e", ".hidden"]:
+            with pytest.raises(grpc.RpcError) as err:
+                admin.load_index(name, str(index_root / "items" / "v2"))
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(err.value.details()) < 300
+        with pytest.raises(grpc.RpcError) as err:
+            admin.search_reply(unit(1, 3), 5, index="y" * 10_000)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details()) < 300
+        assert admin.search(unit(1, 3), 5)[1].shape == (1, 5)  # still serving
