@@ -198,6 +198,9 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         self.metrics.searched_queries.inc(len(q))
         self.metrics.latency.labels(method, "queue").observe(out.queue_s)
         self.metrics.latency.labels(method, "compute").observe(out.compute_s)
+        scores = np.asarray(out.result.scores)
+        if np.isnan(scores).any() or np.isposinf(scores).any():  # finite queries whose scores overflowed
+            raise invalid("query values too large: their scores overflow float32 (scale the queries down)")
         return out
 
     @staticmethod

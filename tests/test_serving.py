@@ -698,3 +698,13 @@ def test_client_supplied_names_are_bounded_and_never_echoed_whole(server, index_
             admin.search_reply(unit(1, 3), 5, index="y" * 10_000)
         assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details()) < 300
         assert admin.search(unit(1, 3), 5)[1].shape == (1, 5)  # still serving
+
+
+def test_queries_whose_scores_overflow_are_refused_not_answered_with_nan(server):
+    """Finite but huge query values (3e38) overflow float32 scores: INVALID_ARGUMENT, not OK with NaN
+    scores and arbitrary ids."""
+    with client_for(server) as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.search(np.full((1, unit(1, 0).shape[1]), 3e38, dtype=np.float32), 5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "overflow" in err.value.details()
+        assert np.isfinite(c.search(unit(1, 3), 5)[0]).all()
