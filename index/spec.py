@@ -49,8 +49,6 @@ class IndexSpec:
         if self.cache_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"cache_dtype {self.cache_dtype!r}: use float32 or bfloat16")
         if self.type == "mol-hindexer":
-
-
             parse_method(self.stage1)
             if self.stage1_select not in STAGE1_SELECT:
                 raise ValueError(f"stage1_select {self.stage1_select!r}: use one of {', '.join(STAGE1_SELECT)}")

@@ -35,8 +35,8 @@ class AdminTokenInterceptor(grpc.ServerInterceptor):
     """Admin methods need ``authorization: Bearer <token>`` metadata. Without a configured token they are
     closed (PERMISSION_DENIED) unless ``open`` (``admin_open: true``) lets every client use them."""
 
-    def __init__(self, token: str, open: bool = False):
-        self.token, self.open = token, open
+    def __init__(self, token: str, open: bool = False, metrics: ServerMetrics | None = None):
+        self.token, self.open, self.metrics = token, open, metrics
 
     def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method not in ADMIN_METHODS or (self.open and not self.token):
@@ -50,6 +50,9 @@ class AdminTokenInterceptor(grpc.ServerInterceptor):
             code, message = grpc.StatusCode.UNAUTHENTICATED, "admin method: send 'authorization: Bearer <token>'"
         else:
             code, message = grpc.StatusCode.PERMISSION_DENIED, "admin token rejected"
+
+        if self.metrics is not None:  # refused before any handler ran: count it here
+            self.metrics.requests.labels(handler_call_details.method.rsplit("/", 1)[-1], code.name).inc()
 
         def deny(request, context):
             context.abort(code, message)
@@ -66,14 +69,11 @@ class RetrievalServer:
         self.registry = IndexRegistry(cfg.warmup_queries, on_swap=self.metrics.index_active)
         encoder = None
         if cfg.encoder_checkpoint:
-
             encoder = UserEncoder(cfg.encoder_checkpoint, cfg.model_device)
         ranker = None
         if cfg.ranking_checkpoint:
-
             ranker = Ranker(cfg.ranking_checkpoint, cfg.model_device)
         if cfg.role == "broker":
-
             self.service = BrokerService(cfg, self.metrics, encoder)
         elif cfg.role == "server":
             self.service = RetrievalService(cfg, self.registry, self.metrics, encoder, ranker)
@@ -82,7 +82,7 @@ class RetrievalServer:
         lim = cfg.limits
         options = [("grpc.max_send_message_length", lim.max_message_bytes),
                    ("grpc.max_receive_message_length", lim.max_message_bytes)]
-        interceptors = [AdminTokenInterceptor(cfg.admin_token, cfg.admin_open)]
+        interceptors = [AdminTokenInterceptor(cfg.admin_token, cfg.admin_open, self.metrics)]
         if cfg.admin_open and not cfg.admin_token:
             log.warning("admin_open: any client can call LoadIndex; set admin_token for anything but a trusted network")
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=lim.workers, thread_name_prefix="genrec-rpc"),

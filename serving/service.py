@@ -32,7 +32,7 @@ from genrec.serving.batching import DynamicBatcher, Expired, Job, QueueFull, run
 from genrec.serving.config import IndexEntry, ServeConfig
 from genrec.serving.metrics import ServerMetrics
 from genrec.serving.placement import PlacementError
-from genrec.serving.registry import IndexRegistry, Served
+from genrec.serving.registry import IndexRegistry, LoadAbandoned, Served
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
@@ -340,7 +340,11 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise invalid(f"verify must be full or size, got {verify!r}")
             try:
                 entry = next((e for e in self.cfg.indexes if e.name == request.index), IndexEntry())
-                served = self.registry.load(request.index, request.path, verify, entry.mmap, entry.device)
+                served = self.registry.load(request.index, request.path, verify, entry.mmap, entry.device,
+                                            still_wanted=lambda: (context.time_remaining() or 1.0) > 0)
+            except LoadAbandoned as e:  # the client's deadline passed while loading: say so, swap nothing
+                self.metrics.index_swaps.labels(request.index, "abandoned").inc()
+                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
             except Exception as e:  # noqa: BLE001 - the old version keeps serving
                 self.metrics.index_swaps.labels(request.index, "refused").inc()
                 log.warning("LoadIndex %s from %s refused: %s", request.index, shown(request.path, 256), e)

@@ -203,6 +203,19 @@ def test_admin_methods_need_the_token(server, index_root):
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     with client_for(server, token="s3cret") as c:
         assert c.load_index("items", str(index_root / "items" / "v2")).version == "v2"
+    counted = lambda code: server.metrics.registry.get_sample_value(  # noqa: E731
+        "genrec_requests_total", {"method": "LoadIndex", "code": code})
+    assert counted("UNAUTHENTICATED") == 1 and counted("PERMISSION_DENIED") == 1 and counted("OK") == 1
+
+
+def test_a_load_that_finishes_after_its_caller_gave_up_is_not_swapped_in(index_root):
+    from genrec.serving.registry import IndexRegistry, LoadAbandoned
+
+    registry = IndexRegistry(warmup_queries=1)
+    registry.load("items", index_root / "items" / "v1")
+    with pytest.raises(LoadAbandoned):
+        registry.load("items", index_root / "items" / "v2", still_wanted=lambda: False)
+    assert registry.get("items").version == "v1"  # the old version keeps serving
 
 
 def test_hot_swap_under_load_never_fails_and_answers_match_the_reported_version(server, index_root):
