@@ -13,6 +13,7 @@ killed build) is never loaded. Loading checks the format version and, per ``veri
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import re
 import time
@@ -25,9 +26,10 @@ from genrec import __version__
 from genrec.index.base import Index, IndexState
 from genrec.index.hindexer import MoLHIndexer
 from genrec.index.mips import FaissMIPS, FlatMIPS
-from genrec.io import atomic_directory, sha256_file
+from genrec.io import atomic_directory, recover_directory, sha256_file
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 VERIFY_MODES = ("full", "size", "none")
 
@@ -64,6 +66,8 @@ def next_version(root: Path, name: str) -> str:
 
 def latest_version(root: str | Path, name: str) -> Path:
     """The highest vN directory of ``name`` that has a manifest."""
+    for parked in (Path(root) / name).glob(".v*.old"):  # versions a killed --overwrite build parked aside
+        recover_directory(parked.with_name(parked.name[1:-4]))
     cands = [(int(m.group(1)), p) for p in (Path(root) / name).glob("v*")
              if (m := re.fullmatch(r"v(\d+)", p.name)) and (p / MANIFEST).is_file()]
     if not cands:
@@ -128,6 +132,8 @@ def save_index(index: Index, root: str | Path, name: str, version: str | None = 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if not path.is_dir() and recover_directory(path):  # a replacement killed between its renames
+        log.warning("%s: restored the version a killed --overwrite build had parked aside", path)
     if not path.is_dir():
         raise IndexFormatError(f"{path}: no such index directory", "missing")
     mpath = path / MANIFEST

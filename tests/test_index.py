@@ -511,3 +511,44 @@ def test_verify_index_says_ok_only_for_what_loads(tmp_path, capsys):
         (bad / "manifest.json").write_text(json.dumps({**manifest, **change}))
         assert main(["verify-index", str(bad)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_overwrite_is_crash_safe_and_the_next_build_cleans_up(tmp_path, monkeypatch):
+    """--overwrite replaces a version in one atomic exchange; where the OS lacks it, a kill between the
+    two renames leaves the old version parked as .v1.old, which the loader and the next build restore.
+    Stale .partial folders of killed builds are removed by the next build of that version."""
+    import genrec.io as gio
+
+    items = F.normalize(torch.randn(30, 8), dim=-1)
+    v1 = save_index(FlatMIPS(items, np.arange(30)), tmp_path, "x", "v1")
+    save_index(FlatMIPS(items.flip(0), np.arange(30)), tmp_path, "x", "v1", overwrite=True)
+    assert torch.equal(load_index(v1)[0].items, items.flip(0))
+    assert sorted(p.name for p in (tmp_path / "x").iterdir() if p.is_dir()) == ["v1"]  # nothing left beside it
+
+    # the two-rename path, killed between its renames: v1 parked aside, the new copy still a .partial
+    monkeypatch.setattr(gio, "_exchange", lambda a, b: False)
+    real_replace, calls = os.replace, []
+
+    def dies_on_second_rename(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real_replace(a, b)
+
+    monkeypatch.setattr(gio.os, "replace", dies_on_second_rename)
+    import socket
+
+    dead = f".v1.{socket.gethostname()}.999999999.abc.partial"  # a builder (pid) that no longer runs
+    (tmp_path / "x" / dead).mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        save_index(FlatMIPS(items, np.arange(30)), tmp_path, "x", "v1", overwrite=True)
+    monkeypatch.setattr(gio.os, "replace", real_replace)
+    assert not v1.exists() and (tmp_path / "x" / ".v1.old").is_dir()
+    assert torch.equal(load_index(v1)[0].items, items.flip(0))  # the loader restored the parked version
+    (tmp_path / "x" / dead).mkdir()
+    alive = tmp_path / "x" / f".v1.{socket.gethostname()}.{os.getpid()}.live.partial"  # a running builder's
+    alive.mkdir()
+    save_index(FlatMIPS(items, np.arange(30)), tmp_path, "x", "v1", overwrite=True)
+    assert torch.equal(load_index(v1)[0].items, items)
+    assert not (tmp_path / "x" / dead).exists() and alive.is_dir()  # only the dead builder's folder goes
+    assert not (tmp_path / "x" / ".v1.old").exists()
