@@ -66,6 +66,8 @@ def test_sasrec_text_keeps_file_order(tmp_path):
 @pytest.mark.parametrize("fmt,content,expected", [
     ("ml-1m", "1::2::3::4\n1::x::3::5\n", r"ratings.dat:2: field 'item' must be an integer, got 'x'"),
     ("ml-1m", "1::2::3::4\n1::2::3\n", r"ratings.dat:2: expected 4 fields"),
+    ("ml-1m", "1::2::3::4\n1::2::3::5::9\n", r"ratings.dat:2: expected 4 fields .* got 5"),
+    ("ml-1m", "1::99999999999999999999::3::4\n", r"ratings.dat:1: field 'item' is outside the int64 range"),
     ("ml-100k", "1\t2\t3\t4\n\n1\t2\t3\t4\n", r"u.data:2: empty line"),
     ("ml-20m", "userId,movieId,rating,timestamp\n1,2,3.5,4\n1,2,abc,4\n", r"ratings.csv:3: field 'rating' must be a number"),
     ("sasrec", "1 2\n3\n", r"seq.txt:2: expected 2 fields"),

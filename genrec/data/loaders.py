@@ -61,10 +61,13 @@ def _resolve(path: str | Path, fmt: str) -> Path:
     return p
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _is_number(s: str, integer: bool) -> bool:
+    """Whether ``s`` parses as an int64 (``integer``) or a float."""
     try:
-        int(s) if integer else float(s)
-        return True
+        return -INT64_MAX - 1 <= int(s) <= INT64_MAX if integer else (float(s), True)[1]
     except ValueError:
         return False
 
@@ -76,8 +79,10 @@ def _scan_for_error(
     integer_fields: set[int],
     float_fields: set[int],
     skip_header: bool,
+    exact: bool = False,
 ) -> DataFormatError:
-    """Find the first bad line of a delimited text file and describe it."""
+    """Find the first bad line of a delimited text file and describe it (``exact``: a fixed layout, where
+    extra fields are an error too)."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for lineno, line in enumerate(f, start=1):
             if skip_header and lineno == 1:
@@ -86,7 +91,7 @@ def _scan_for_error(
             if not line.strip():
                 return DataFormatError(f"{path}:{lineno}: empty line")
             fields = split(line)
-            if len(fields) < len(names):
+            if len(fields) < len(names) or (exact and len(fields) > len(names)):
                 return DataFormatError(
                     f"{path}:{lineno}: expected {len(names)} fields ({', '.join(names)}), "
                     f"got {len(fields)}: {line[:80]!r}"
@@ -94,6 +99,8 @@ def _scan_for_error(
             for i in sorted(integer_fields | float_fields):
                 value = fields[i].strip()
                 if not _is_number(value, integer=i in integer_fields):
+                    if i in integer_fields and value.lstrip("+-").isdigit():
+                        return DataFormatError(f"{path}:{lineno}: field '{names[i]}' is outside the int64 range: {value[:40]!r}")
                     kind = "an integer" if i in integer_fields else "a number"
                     return DataFormatError(f"{path}:{lineno}: field '{names[i]}' must be {kind}, got {value!r}")
     return DataFormatError(f"{path}: could not be parsed")
@@ -109,7 +116,9 @@ def _read_delimited(
     header: bool,
     split: Callable[[str], list[str]],
 ) -> pd.DataFrame:
-    """Fast C-parser read; rescans for a precise message when the data is malformed."""
+    """Fast C-parser read; rescans for a precise message when the data is malformed. When ``usecols``
+    names every field (a fixed layout such as MovieLens), a line with extra fields is malformed too."""
+    exact = sorted(usecols) == list(range(len(names)))
     raw = path.read_bytes()
     if sep == "::":
         raw, sep = raw.replace(b"::", b"\t"), "\t"
@@ -121,15 +130,15 @@ def _read_delimited(
             header=None,
             skiprows=1 if header else 0,
             names=names,
-            usecols=usecols,
+            usecols=None if exact else usecols,  # without usecols the C parser refuses extra fields
             dtype=dtypes or None,
             engine="c",
             skip_blank_lines=False,
         )
-    except (ValueError, pd.errors.ParserError, IndexError):
-        raise _scan_for_error(path, split, names, integer_fields, float_fields, header) from None
+    except (ValueError, OverflowError, pd.errors.ParserError, IndexError):
+        raise _scan_for_error(path, split, names, integer_fields, float_fields, header, exact) from None
     if df.isna().to_numpy().any():
-        raise _scan_for_error(path, split, names, integer_fields, float_fields, header)
+        raise _scan_for_error(path, split, names, integer_fields, float_fields, header, exact)
     if len(df) == 0:
         raise DataFormatError(f"{path}: no interactions (only a header?)")
     return df
