@@ -13,7 +13,7 @@ from genrec.retrieval.metrics import metrics_from_ranks, target_ranks
 from genrec.retrieval.similarity import DotProductSimilarity
 
 
-def _mask_history(scores: torch.Tensor, batch: SequenceBatch) -> None:
+def mask_history(scores: torch.Tensor, batch: SequenceBatch) -> None:
     """Set padding (column 0) and every item of each row's history to -inf, in place."""
     scores[:, 0] = float("-inf")
     rows = torch.repeat_interleave(torch.arange(scores.shape[0], device=scores.device),
@@ -44,7 +44,7 @@ def model_target_ranks(model: SequentialEncoder, ds: SequenceDataset, split: Spl
         users = last_states(model, batch.packed()).float()
         scores = similarity.pairwise(users, items)
         if exclude_history:
-            _mask_history(scores, batch)
+            mask_history(scores, batch)
         else:
             scores[:, 0] = float("-inf")
         ranks.append(target_ranks(scores, batch.targets).cpu())
@@ -81,7 +81,7 @@ def evaluate_popularity(ds: SequenceDataset, split: Split, stage: str, ks: tuple
     for batch in eval_batches(ds, split, stage, max_len=1, batch_size=batch_size):
         scores = popularity.expand(len(batch.targets), -1).clone()
         if exclude_history:
-            _mask_history(scores, batch)
+            mask_history(scores, batch)
         else:
             scores[:, 0] = float("-inf")
         ranks.append(target_ranks(scores, batch.targets))

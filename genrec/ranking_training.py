@@ -39,6 +39,7 @@ from genrec.data.source import load_dataset
 from genrec.encoders.history import last_states
 from genrec.encoders.model import SequentialEncoder
 from genrec.encoders.ranking import RankingModel, warm_start
+from genrec.evaluation import mask_history
 from genrec.io import atomic_write_json
 from genrec.retrieval.metrics import metrics_from_ranks
 from genrec.trainer import TrainTask, fit, seed_everything
@@ -115,9 +116,7 @@ class Retriever:
         batch = history_batch(ds, np.asarray(users, dtype=np.int64), ends, self.model.max_len, query_times)
         states = last_states(self.model, batch.packed())
         scores = self.similarity.pairwise(states, self.items)
-        scores[:, 0] = float("-inf")
-        for row, (u, t) in enumerate(zip(users, targets)):
-            scores[row, torch.from_numpy(ds.items[int(ds.offsets[u]) : t])] = float("-inf")
+        mask_history(scores, batch)  # the batch already holds each row's full history
         return torch.topk(scores, k, dim=1).indices
 
 
