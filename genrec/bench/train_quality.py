@@ -5,6 +5,9 @@ history excluded), best epoch, epochs run, seconds per epoch.
 
     genrec bench train-quality [--epochs 101] [--datasets ml100k synthetic] [--seeds 42 43 44]
 
+Every run's per-user test ranks go to <ranks-dir>/<run name>.ranks.npz (default <out-dir>/ranks), so that
+``genrec bench paired`` compares seeds trained in other sessions, user by user, after their runs are gone.
+
 With several seeds, per-seed rows go to <stem>_seeds.{csv,md,json} and the main table holds the mean,
 the sample standard deviation and the seed count per (dataset, system).
 
@@ -26,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 from genrec.bench.datasets import ML100K, ROOT, ensure_ml100k
+from genrec.bench.paired import RANKS_SUFFIX, save_ranks, test_ranks
 from genrec.bench.report import harness_parser, provenance, write_table
 
 from genrec.config import load_config
@@ -87,7 +91,9 @@ def main(argv: list[str] | None = None) -> int | None:
                     help="sweep axis (repeatable): every system runs every point at the first seed, "
                          "the best point on validation HR@10 goes on to the other seeds")
     ap.add_argument("--systems", nargs="+", default=None, help="only these systems (default: all of the dataset's)")
+    ap.add_argument("--ranks-dir", default=None, help=f"where each run's <name>{RANKS_SUFFIX} goes (default <out-dir>/ranks)")
     args = ap.parse_args(argv)
+    args.ranks_dir = Path(args.ranks_dir or Path(args.out_dir) / "ranks")
     if args.grid:
         return sweep(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -135,6 +141,8 @@ def run_one(args, ds: str, encoder: str, cfg_path: str, extra: list[str], seed: 
     overrides += [*args.set, *point]
     cfg = load_config(ROOT / cfg_path, overrides)
     result = train(cfg, progress=False)
+    seed, key, users, ranks, epoch = test_ranks(str(result.checkpoint), {})
+    save_ranks(args.ranks_dir / f"{result.run_dir.name}{RANKS_SUFFIX}", seed, key, users, ranks, epoch, source=str(result.checkpoint))
     epochs_run = len((result.run_dir / "metrics.csv").read_text().strip().splitlines()) - 1
     row = {"dataset": ds, "system": encoder, "seed": cfg.train.seed, **{m: result.test[m] for m in METRICS},
            "val_hr@10": result.valid.get("hr@10", ""), "best_epoch": result.best_epoch, "epochs_run": epochs_run,
