@@ -11,6 +11,7 @@ import hmac
 import logging
 import signal
 import threading
+import weakref
 from concurrent import futures
 
 import grpc
@@ -60,6 +61,73 @@ class AdminTokenInterceptor(grpc.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
+class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
+    """At most ``limit`` RPCs in flight; the next ones get RESOURCE_EXHAUSTED at once. Done here, not with
+    grpc's ``maximum_concurrent_rpcs``, so that those refusals (and calls to unknown methods) are counted
+    in the metrics: grpc refuses them before any handler or counter runs.
+
+    A call holds its slot from the moment it is routed until its handler returns (or its stream ends); a
+    call that grpc drops before its handler runs (the client cancelled while it waited for a thread)
+    gives the slot back when grpc lets go of the handler."""
+
+    def __init__(self, limit: int, metrics: ServerMetrics | None = None):
+        self.limit, self.metrics = limit, metrics
+        self.in_flight = 0
+        self._lock = threading.Lock()
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.labels(method.rsplit("/", 1)[-1], code.name).inc()
+
+    def _release(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method
+        handler = continuation(handler_call_details)
+        if handler is None:  # grpc answers UNIMPLEMENTED
+            self._count(method, grpc.StatusCode.UNIMPLEMENTED)
+            return None
+        with self._lock:
+            admitted = self.in_flight < self.limit
+            self.in_flight += admitted
+        if not admitted:
+            self._count(method, grpc.StatusCode.RESOURCE_EXHAUSTED)
+            message = f"more than {self.limit} RPCs in flight (limits.max_concurrent_rpcs): retry with backoff"
+
+            def refuse(request, context):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+            return grpc.unary_unary_rpc_method_handler(refuse)
+        return _holding_slot(handler, self._release)
+
+
+def _holding_slot(handler: grpc.RpcMethodHandler, release) -> grpc.RpcMethodHandler:
+    """``handler`` with its behaviour calling ``release`` once when it finishes, or when the handler is freed."""
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+    behavior = getattr(handler, kind)
+
+    class Slot:  # its finalizer is the call-once release
+        pass
+
+    slot = Slot()
+    done = weakref.finalize(slot, release)
+    if handler.response_streaming:
+        def run(request, context, slot=slot):
+            try:
+                yield from behavior(request, context)
+            finally:
+                done()
+    else:
+        def run(request, context, slot=slot):
+            try:
+                return behavior(request, context)
+            finally:
+                done()
+    return handler._replace(**{kind: run})
+
+
 class RetrievalServer:
     def __init__(self, cfg: ServeConfig):
         self.cfg = cfg
@@ -82,12 +150,12 @@ class RetrievalServer:
         lim = cfg.limits
         options = [("grpc.max_send_message_length", lim.max_message_bytes),
                    ("grpc.max_receive_message_length", lim.max_message_bytes)]
-        interceptors = [AdminTokenInterceptor(cfg.admin_token, cfg.admin_open, self.metrics)]
+        self.concurrency = ConcurrencyLimitInterceptor(lim.max_concurrent_rpcs, self.metrics)
+        interceptors = [self.concurrency, AdminTokenInterceptor(cfg.admin_token, cfg.admin_open, self.metrics)]
         if cfg.admin_open and not cfg.admin_token:
             log.warning("admin_open: any client can call LoadIndex; set admin_token for anything but a trusted network")
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=lim.workers, thread_name_prefix="genrec-rpc"),
-                                  options=options, maximum_concurrent_rpcs=lim.max_concurrent_rpcs,
-                                  interceptors=interceptors)
+                                  options=options, interceptors=interceptors)
         pb_grpc.add_RetrievalServicer_to_server(self.service, self.server)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

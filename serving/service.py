@@ -4,7 +4,7 @@ Status codes (the conventions gRPC users expect):
   INVALID_ARGUMENT    NaN/Inf, dim unset or wrong, byte length not nq*dim*4, empty batch, k <= 0,
                       k > max_k, nq > max_nq, history too long, exclude rows != nq
   NOT_FOUND           unknown index or version; no history id known to the encoder; no index at a path
-  RESOURCE_EXHAUSTED  request queue full (grpc itself: too many concurrent RPCs, oversize message)
+  RESOURCE_EXHAUSTED  request queue full, more than limits.max_concurrent_rpcs in flight (server.py), oversize message (grpc)
   DEADLINE_EXCEEDED   deadline passed (a queued request is dropped before any compute)
   FAILED_PRECONDITION exact search on an approximate-only index; SearchByUser without an encoder;
                       index format newer than this server; LoadIndex onto a device this machine lacks

@@ -303,6 +303,46 @@ def test_overload_beyond_the_queue_is_refused_fast_and_nothing_hangs(index_root)
         srv.stop(grace=1)
 
 
+def test_rpcs_beyond_the_concurrency_limit_are_refused_counted_and_give_their_slots_back():
+    """limits.max_concurrent_rpcs is enforced where the refusals can be counted; no slot leaks, not even
+    for calls whose client gave up while they waited for a worker thread."""
+    srv = start(ServeConfig(port=0, batching=BatchingConfig(max_batch=1, max_delay_ms=0, queue_size=64),
+                            limits=LimitsConfig(workers=1, max_concurrent_rpcs=3)))
+    install_slow(srv, 0.3)
+    counted = lambda code: srv.metrics.registry.get_sample_value(  # noqa: E731
+        "genrec_requests_total", {"method": "Search", "code": code}) or 0
+
+    def one(timeout):
+        with client_for(srv) as c:
+            try:
+                c.search(unit(1, 1), 3, index="slow", timeout=timeout)
+                return "OK"
+            except grpc.RpcError as e:
+                return e.code().name, e.details()
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(one, [30] * 8))
+        refused = [a for a in answers if a != "OK"]
+        assert refused and answers.count("OK") >= 3
+        assert all(a[0] == "RESOURCE_EXHAUSTED" and "max_concurrent_rpcs" in a[1] for a in refused)
+        assert counted("RESOURCE_EXHAUSTED") == len(refused) and counted("OK") == answers.count("OK")
+        with ThreadPoolExecutor(3) as pool:  # queued behind one worker, given up on after 0.1 s
+            assert all(a[0] == "DEADLINE_EXCEEDED" for a in pool.map(one, [0.1] * 3))
+        deadline = time.monotonic() + 10
+        while srv.concurrency.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.concurrency.in_flight == 0
+        with client_for(srv) as c:
+            assert len(c.search(unit(1, 1), 3, index="slow", timeout=10)[1][0]) == 3
+            with pytest.raises(grpc.RpcError) as err:  # an unknown method is counted too
+                c.channel.unary_unary(f"/{SERVICE_NAME}/Nope")(b"", timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert srv.metrics.registry.get_sample_value("genrec_requests_total", {"method": "Nope", "code": "UNIMPLEMENTED"}) == 1
+    finally:
+        srv.stop(grace=1)
+
+
 def test_a_request_whose_deadline_passes_in_the_queue_is_never_computed():
     srv = start(ServeConfig(port=0, batching=BatchingConfig(max_batch=1, max_delay_ms=0)))
     install_slow(srv, 0.5)
