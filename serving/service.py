@@ -15,6 +15,7 @@ Status codes (the conventions gRPC users expect):
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -35,6 +36,7 @@ from genrec.serving.placement import PlacementError
 from genrec.serving.registry import IndexRegistry, LoadAbandoned, Served
 
 log = logging.getLogger(__name__)
+MAX_DETAILS_CHARS = 512
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Retrieval"].full_name
 MAX_PATH_CHARS = 4096  # a LoadIndex path longer than this is refused, not echoed
 
@@ -82,8 +84,12 @@ def load_error(e: Exception) -> ServiceError:
         code = {"missing": grpc.StatusCode.NOT_FOUND, "newer": grpc.StatusCode.FAILED_PRECONDITION}.get(
             e.reason, grpc.StatusCode.DATA_LOSS)
         return ServiceError(code, str(e))
-    if isinstance(e, FileNotFoundError):
+    if isinstance(e, (FileNotFoundError, NotADirectoryError, IsADirectoryError)):
         return ServiceError(grpc.StatusCode.NOT_FOUND, str(e))
+    if isinstance(e, OSError) and e.errno == errno.ENAMETOOLONG:
+        return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, f"path too long for this file system: {e.strerror}")
+    if isinstance(e, PermissionError):
+        return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"the server may not read that path: {e.strerror}")
     return ServiceError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
 
@@ -109,7 +115,13 @@ def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool):
     finally:
         metrics.requests.labels(method, code.name).inc()
         metrics.latency.labels(method, "total").observe(time.monotonic() - start)
-    context.abort(code, message)
+    context.abort(code, brief(message))
+
+
+def brief(message: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """An error message cut to ``limit`` characters, keeping its head and tail: messages can quote
+    client-sent paths and values, and status details travel in a size-limited header."""
+    return message if len(message) <= limit else f"{message[:limit // 2]} ... {message[-limit // 2:]}"
 
 
 def encode_user(encoder, request, max_history: int):
@@ -337,7 +349,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise invalid(f"path {shown(request.path)}: longer than {MAX_PATH_CHARS} characters")
             verify = request.verify or "full"
             if verify not in ("full", "size"):
-                raise invalid(f"verify must be full or size, got {verify!r}")
+                raise invalid(f"verify must be full or size, got {shown(verify)}")
             try:
                 entry = next((e for e in self.cfg.indexes if e.name == request.index), IndexEntry())
                 served = self.registry.load(request.index, request.path, verify, entry.mmap, entry.device,
@@ -347,7 +359,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, str(e)) from None
             except Exception as e:  # noqa: BLE001 - the old version keeps serving
                 self.metrics.index_swaps.labels(request.index, "refused").inc()
-                log.warning("LoadIndex %s from %s refused: %s", request.index, shown(request.path, 256), e)
+                log.warning("LoadIndex %s from %s refused: %s", request.index, shown(request.path, 256), brief(str(e)))
                 raise load_error(e) from None
             self.metrics.index_swaps.labels(request.index, "loaded").inc()
             return self._info(served)
