@@ -49,6 +49,16 @@ class Index(ABC):
     @abstractmethod
     def state(self) -> IndexState: ...
 
+    def vectors_finite(self) -> bool:
+        """Whether vectors the loader could not check as saved arrays (inside blobs) are all finite."""
+        return True
+
+    @classmethod
+    def bfloat16_arrays(cls, params: dict[str, Any]) -> set[str]:
+        """Names of the saved arrays that hold bf16 bit patterns as int16 (numpy has no bf16), so that the
+        loader checks them for NaN / Inf like the float arrays."""
+        return set()
+
     @property
     @abstractmethod
     def bytes_per_item(self) -> float:

@@ -229,6 +229,11 @@ class MoLHIndexer(Index):
         return IndexState(self.kind, params, arrays, {"mol.pt": buf.getvalue()})
 
     @classmethod
+    def bfloat16_arrays(cls, params: dict) -> set[str]:
+        return ({"mol_components", "mol_gate"} if params.get("cache_dtype") == "bfloat16" else set()) | (
+            {"stage1_codes"} if params.get("stage1_dtype") == "bfloat16" else set())
+
+    @classmethod
     def from_state(cls, st: IndexState) -> "MoLHIndexer":
         blob = torch.load(io.BytesIO(st.blobs["mol.pt"]), map_location="cpu", weights_only=True)
         mol = MixtureOfLogits(**blob["init_kwargs"])

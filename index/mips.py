@@ -177,6 +177,15 @@ class FaissMIPS(Index):
         return IndexState(self.kind, {"factory": self.factory, "search_params": self.search_params},
                           {"ids": self.ids.numpy()}, {"faiss.index": faiss.serialize_index(self.index).tobytes()})
 
+    def vectors_finite(self, block: int = 1 << 16) -> bool:
+        """Vectors of a faiss index that stores them (Flat, HNSW-Flat, ...), reconstructed block by block;
+        kinds that cannot reconstruct (e.g. IVF without a direct map) count as finite."""
+        try:
+            return all(np.isfinite(self.index.reconstruct_n(s, min(block, self.ntotal - s))).all()
+                       for s in range(0, self.ntotal, block))
+        except RuntimeError:
+            return True
+
     @classmethod
     def from_state(cls, st: IndexState) -> "FaissMIPS":
         import faiss

@@ -182,12 +182,18 @@ def verify_index(path: str | Path, mode: str = "full") -> dict[str, Any]:
     return manifest
 
 
-def all_finite(arr: np.ndarray, block: int = 1 << 22) -> bool:
+BF16_EXPONENT = 0x7F80  # all exponent bits set: Inf or NaN
+
+
+def all_finite(arr: np.ndarray, block: int = 1 << 22, bfloat16: bool = False) -> bool:
     """Whether a float array (memory-mapped or not) holds only finite values, read in blocks of
-    ``block`` elements so a mapped array is never copied whole. Non-float arrays are trivially finite."""
+    ``block`` elements so a mapped array is never copied whole. ``bfloat16``: ``arr`` is int16 holding bf16
+    bits. Other non-float arrays are trivially finite."""
+    flat = arr.reshape(-1)
+    if bfloat16:
+        return not any((flat[s : s + block] & BF16_EXPONENT == BF16_EXPONENT).any() for s in range(0, flat.size, block))
     if not np.issubdtype(arr.dtype, np.floating):
         return True
-    flat = arr.reshape(-1)
     return all(np.isfinite(flat[s : s + block]).all() for s in range(0, flat.size, block))
 
 
@@ -207,6 +213,7 @@ def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tup
     if manifest["kind"] not in classes:
         raise IndexFormatError(f"{path}: unknown index kind {manifest['kind']!r}")
     arrays, blobs = {}, {}
+    bf16_arrays = classes[manifest["kind"]].bfloat16_arrays(manifest["params"] if isinstance(manifest.get("params"), dict) else {})
     for f in manifest["files"]:
         p = path / f["path"]
         if "shape" in f:
@@ -214,7 +221,8 @@ def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tup
                 arrays[p.stem] = np.load(p, mmap_mode="r" if mmap else None, allow_pickle=False)
             except Exception as e:  # noqa: BLE001
                 raise IndexFormatError(f"{p}: unreadable array ({e})") from None
-            if verify != "none" and not all_finite(arrays[p.stem]):
+            bf16 = p.stem in bf16_arrays and arrays[p.stem].dtype == np.int16
+            if verify != "none" and not all_finite(arrays[p.stem], bfloat16=bf16):
                 raise IndexFormatError(f"{p}: holds NaN or infinite values (such an item would outrank every other)")
         else:
             blobs[p.name] = p.read_bytes()
@@ -225,4 +233,6 @@ def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tup
         raise IndexFormatError(f"{path}: inconsistent index files ({type(e).__name__}: {e})") from None
     if index.ntotal != manifest["count"]:
         raise IndexFormatError(f"{path}: holds {index.ntotal} items, manifest says {manifest['count']}")
+    if verify != "none" and not index.vectors_finite():
+        raise IndexFormatError(f"{path}: its vectors hold NaN or infinite values (such an item would outrank every other)")
     return index, manifest
