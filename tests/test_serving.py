@@ -616,8 +616,9 @@ def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cf
 
 @pytest.mark.slow
 def test_soak_harness_short_run_finds_no_errors_leaks_or_wrong_answers(tmp_path):
-    """A few seconds of the soak: mixed traffic while v1/v2 swap; every valid answer checked against the
-    exact top-k of the version it names; statuses outside the expected set would fail it."""
+    """A few seconds of the soak: mixed traffic while v1/v2 swap (damaged and tokenless loads offered in
+    between); every valid answer checked against the exact top-k of the version it names; statuses
+    outside the expected set, or a malformed request answered with another code than its own, fail it."""
     from genrec.bench import soak
 
     rc = soak.main(["--minutes", "0.12", "--items", "3000", "--dim", "8", "--clients", "3", "--processes", "1",
@@ -627,7 +628,10 @@ def test_soak_harness_short_run_finds_no_errors_leaks_or_wrong_answers(tmp_path)
     verdict = rows[-1]
     assert rc == 0 and verdict["measure"] == "verdict"
     assert verdict["unexpected_status"] == 0 and verdict["wrong_answers"] == 0 and verdict["swaps"] >= 2
-    assert verdict["client_ok"] > 20 and verdict["client_invalid_argument"] > 0
+    assert verdict["client_ok"] > 20 and verdict["client_invalid_argument"] > 0 and verdict["client_not_found"] > 0
+    assert verdict["malformed_wrong_status"] == 0  # each malformed kind got its own code
+    assert verdict["damaged_refused"] >= 1 and verdict["tokenless_refused"] >= 1
+    assert verdict["damaged_accepted"] == 0 and verdict["tokenless_accepted"] == 0
     assert any(r["measure"] == "sample" and r["rss_mib"] > 0 for r in rows) and (tmp_path / "s.png").stat().st_size
 
 
