@@ -103,16 +103,18 @@ class ConcurrencyLimitInterceptor(grpc.ServerInterceptor):
         return _holding_slot(handler, self._release)
 
 
+class _Slot:
+    """A call's claim on a concurrency slot; it lives as long as the call's handler."""
+
+    __slots__ = ("__weakref__",)
+
+
 def _holding_slot(handler: grpc.RpcMethodHandler, release) -> grpc.RpcMethodHandler:
     """``handler`` with its behaviour calling ``release`` once when it finishes, or when the handler is freed."""
     kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
     behavior = getattr(handler, kind)
-
-    class Slot:  # its finalizer is the call-once release
-        pass
-
-    slot = Slot()
-    done = weakref.finalize(slot, release)
+    slot = _Slot()
+    done = weakref.finalize(slot, release)  # call-once: on completion, or when grpc frees the handler
     if handler.response_streaming:
         def run(request, context, slot=slot):
             try:
