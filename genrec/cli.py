@@ -185,14 +185,19 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from genrec.serving.config import ServeConfig
-    from genrec.serving.server import serve
+    from genrec.serving.server import PortUnavailableError, serve
 
     overrides = list(args.overrides)
     if args.role:
         overrides.append(f"role={args.role}")
     if args.shards:
         overrides.append(f"broker.shards=[{', '.join(repr(t) for t in args.shards.split(','))}]")
-    serve(load_dataclass(ServeConfig, args.config, overrides))
+    cfg = load_dataclass(ServeConfig, args.config, overrides)
+    try:
+        serve(cfg)
+    except PortUnavailableError as e:
+        print(f"genrec: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

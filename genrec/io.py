@@ -32,6 +32,20 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask, read without changing it where /proc has it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic set-and-restore (a brief race with other threads)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> Path:
     """Write ``path`` by calling ``write(fileobj)`` on a temp file in the same dir, then rename.
 
@@ -41,6 +55,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp makes 0600; the result should read like open()'s
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
@@ -154,6 +169,7 @@ def atomic_directory(final: str | os.PathLike, overwrite: bool = False) -> Itera
         raise FileExistsError(f"{final} already exists (pass overwrite to replace it)")
     tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(final), suffix=".partial", dir=final.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes 0700: other users could not read the index
         yield tmp
         for p in tmp.rglob("*"):
             if p.is_file():

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 ADMIN_METHODS = {f"/{SERVICE_NAME}/LoadIndex"}
 
 
+class PortUnavailableError(OSError):
+    """The configured host:port cannot be bound (typically: another process listens on it)."""
+
+
 class AdminTokenInterceptor(grpc.ServerInterceptor):
     """Admin methods need ``authorization: Bearer <token>`` metadata. Without a configured token they are
     closed (PERMISSION_DENIED) unless ``open`` (``admin_open: true``) lets every client use them."""
@@ -150,7 +154,8 @@ class RetrievalServer:
         else:
             raise ValueError(f"role must be server or broker, got {cfg.role!r}")
         lim = cfg.limits
-        options = [("grpc.max_send_message_length", lim.max_message_bytes),
+        options = [("grpc.so_reuseport", 0),  # grpc's default on Linux lets a second server share the port
+                   ("grpc.max_send_message_length", lim.max_message_bytes),
                    ("grpc.max_receive_message_length", lim.max_message_bytes)]
         self.concurrency = ConcurrencyLimitInterceptor(lim.max_concurrent_rpcs, self.metrics)
         interceptors = [self.concurrency, AdminTokenInterceptor(cfg.admin_token, cfg.admin_open, self.metrics)]
@@ -165,14 +170,19 @@ class RetrievalServer:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls.cert or cfg.tls.key:
-            with open(cfg.tls.key, "rb") as k, open(cfg.tls.cert, "rb") as c:
-                creds = grpc.ssl_server_credentials([(k.read(), c.read())])
-            self.port = self.server.add_secure_port(address, creds)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if cfg.tls.cert or cfg.tls.key:
+                with open(cfg.tls.key, "rb") as k, open(cfg.tls.cert, "rb") as c:
+                    creds = grpc.ssl_server_credentials([(k.read(), c.read())])
+                self.port = self.server.add_secure_port(address, creds)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.60 raises instead of returning 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"could not bind {address}")
+            self.server.stop(None)
+            raise PortUnavailableError(f"could not bind {address}: the port is in use (another server?) "
+                                       "or the host is not an address of this machine")
         self.metrics_port = None
         self._stopped = threading.Event()
         self._watch_stop = threading.Event()

@@ -552,3 +552,24 @@ def test_overwrite_is_crash_safe_and_the_next_build_cleans_up(tmp_path, monkeypa
     assert torch.equal(load_index(v1)[0].items, items)
     assert not (tmp_path / "x" / dead).exists() and alive.is_dir()  # only the dead builder's folder goes
     assert not (tmp_path / "x" / ".v1.old").exists()
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_index_versions_and_files_honour_the_umask(tmp_path, umask):
+    """Other users read what was built (0o022 -> dirs 755, files 644) unless the umask says otherwise:
+    the temp folder and files the atomic writers start from (0700 / 0600) must not leak into the result."""
+    import stat
+
+    from genrec.io import atomic_write_json
+
+    old = os.umask(umask)
+    try:
+        v1 = save_index(FlatMIPS(F.normalize(torch.randn(20, 8), dim=-1), np.arange(20)), tmp_path, "x", "v1")
+        report = atomic_write_json(tmp_path / "report.json", {"ok": True})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(v1.stat().st_mode) == 0o777 & ~umask
+    files = [p for p in v1.rglob("*") if p.is_file()] + [report]
+    assert len(files) >= 3
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask, p.name

@@ -765,3 +765,18 @@ def test_queries_whose_scores_overflow_are_refused_not_answered_with_nan(server)
             c.search(np.full((1, unit(1, 0).shape[1]), 3e38, dtype=np.float32), 5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "overflow" in err.value.details()
         assert np.isfinite(c.search(unit(1, 3), 5)[0]).all()
+
+
+def test_a_second_server_on_a_busy_port_is_refused_not_silently_sharing_it(server, tmp_path, capsys):
+    """grpc sets SO_REUSEPORT on Linux by default, so a second server used to bind the same port and take
+    half of its connections; now it fails with the port named (CLI: message and exit 2)."""
+    from genrec.cli import main
+    from genrec.serving.server import PortUnavailableError
+
+    with pytest.raises(PortUnavailableError, match=f"127.0.0.1:{server.port}"):
+        RetrievalServer(ServeConfig(host="127.0.0.1", port=server.port))
+    assert main(["serve", "--set", "host=127.0.0.1", "--set", f"port={server.port}"]) == 2
+    assert f"could not bind 127.0.0.1:{server.port}" in capsys.readouterr().err
+    with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:  # the first server is untouched
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
