@@ -59,7 +59,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   KB="--items 100000000 --peak-gbs 4800 --scan-configs default t4 t16 128x4:t8 256x8:t8 --topk-batches --mol-configs ieee bf16x3 bf16x3:c128:w8 --mol-cache-dtypes float32 bfloat16"
   TK="--items 10000000 --dtypes int8 --batches 1 --kprimes 10000 --topk-batches 1 --skip mol --repeats 3"
-  S100="--items 100000000 --kprimes 10000 100000 --stage1 avg:int8 learned16:int8 --latency-queries 20 --repeats 2 --profile"
+  S100="--items 100000000 --kprimes 10000 100000 --stage1 avg:int8 learned16:int8 --search-paths static --latency-queries 20 --repeats 2 --profile"
   S10="--items 10000000 --kprimes 10000 100000 --stage1 avg:int8 --latency-queries 20 --repeats 2"
   ATA="--lengths 1024 2048 4096 8192 --repeats 2 --triton-blocks 128x64 64x32"; ATB="--lengths 8192 --repeats 2"
   SV="--items 10000000 --seconds 4 --threads 8"

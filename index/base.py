@@ -80,4 +80,6 @@ class Index(ABC):
         return self
 
     def _result(self, scores: torch.Tensor, rows: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> SearchResult:
-        return SearchResult(scores.float().numpy(), self.idmap.external(rows).numpy(), exact.numpy(), bound.float().numpy())
+        """Host tensors (or arrays) of internal rows -> a SearchResult of external ids (assembled in numpy)."""
+        return SearchResult(scores.float().numpy(), self.idmap.external_numpy(np.asarray(rows)), np.asarray(exact),
+                            np.asarray(bound, dtype=np.float32))

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from genrec.index.base import Index, IndexState
 from genrec.index.distill import fit_learned_stage1
 from genrec.index.stage1 import Stage1Table, encode, fit_stage1, from_numpy, item_base_vectors, parse_method, to_numpy
-from genrec.index.threshold import SelectionStats, sample_rows, threshold_topk
+from genrec.index.threshold import SelectionStats, sample_rows, static_threshold_topk, threshold_topk
+from genrec.kernels.dispatch import Backend, mol_candidate_scores
 from genrec.kernels.topk import ascending_rows
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits
 from genrec.retrieval.search import SearchResult, rescore_candidates, validate_queries
@@ -33,6 +34,8 @@ from genrec.retrieval.search import SearchResult, rescore_candidates, validate_q
 log = logging.getLogger(__name__)
 
 STAGE1_SELECT = ("auto", "threshold", "topk")
+STATIC_SEARCH = ("auto", "on", "off")
+STATIC_CAPACITY_FACTOR = 4.0  # the static path's hit buffer per query, in K'; overflow sends a query to the general path
 TOPK_SCAN_MAX = 1024  # the running top-k kernel keeps K' in registers
 GPU_SCAN_CHUNK = 1 << 27  # items per fused-scan launch on a GPU (its fixed hit buffer is per launch)
 CPU_SCAN_SCORES = 1 << 20  # stage-1 scores per CPU chunk (queries x items): few queries scan long chunks
@@ -99,6 +102,11 @@ class MoLHIndexer(Index):
         self.last_stats = SelectionStats()
         self.stage1_fit = stage1_fit or {}  # the distillation report of a learned stage 1
         self.stage1_select = stage1_select
+        # run-time choices, not stored with the index: the one-pass static-shape search ("auto": on CUDA,
+        # where host syncs and launches dominate; "on" forces it, e.g. to test it on CPU) and which
+        # implementation its kernels dispatch to (kernels.dispatch backends)
+        self.static_search: str = "auto"
+        self.kernel_backend: Backend = "auto"
 
     def uses_topk_scan(self, kprime: int) -> bool:
         """Whether stage 1 keeps K' with one running top-k pass instead of the threshold selection.
@@ -178,22 +186,59 @@ class MoLHIndexer(Index):
     @torch.no_grad()
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
                                 kprime: int | None = None) -> SearchResult:
-        dev = self.device
-        u = validate_queries(queries, self.dim, k).to(dev)
+        u = validate_queries(queries, self.dim, k).to(self.device)
         kp = min(kprime or self.kprime, self.ntotal)
         if kp <= 0:
             raise ValueError(f"kprime must be positive, got {kprime}")
         excl = self.idmap.exclude_rows(exclude, len(u))
+        self.last_stats = SelectionStats()
+        if self._takes_static_path(excl is None, k, kp):
+            scores, rows = self._search_static(u, k, kp)
+        else:
+            scores, rows = self._search_general(u, k, kp, excl)
+        exact = kp >= self.ntotal
+        return self._result(scores, rows, np.full(len(u), exact), np.full(len(u), float("-inf") if exact else float("inf")))
+
+    def _takes_static_path(self, no_exclusions: bool, k: int, kp: int) -> bool:
+        if self.static_search not in STATIC_SEARCH:
+            raise ValueError(f"unknown static_search {self.static_search!r}; use one of {', '.join(STATIC_SEARCH)}")
+        wanted = self.static_search == "on" or (self.static_search == "auto" and self.device.type == "cuda")
+        return wanted and no_exclusions and k <= kp < self.ntotal and not self.uses_topk_scan(kp)
+
+    def _scan_range(self, qv: torch.Tensor, start: int, end: int, thr: torch.Tensor, capacity: int | None):
+        return self.stage1.scan_range(qv, start, end, thr, capacity, backend=self.kernel_backend)
+
+    def _search_static(self, u: torch.Tensor, k: int, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One pass with static shapes: stage 1 into a fixed hit buffer, exact MoL on its K' best, top-k by
+        the packed (score, id) key; the only host read is the result. Queries whose buffer overflowed or
+        underflowed (``ok`` False, rare) are redone on the general path and counted in ``last_stats``."""
+        q = self.mol.encode_queries(u)
+        cand, ok = static_threshold_topk(self.stage1.query_vectors(q), self._scan_range, self._score_sample,
+                                         self.ntotal, kp, capacity_factor=STATIC_CAPACITY_FACTOR)
+        s = mol_candidate_scores(self.gating, q, self.cache, cand, backend=self.kernel_backend)
+        # cand ascends, so a stable sort orders ties by smaller row, as the general path's select_topk does
+        scores, order = torch.sort(s, dim=1, descending=True, stable=True)
+        scores, rows = scores[:, :k], cand.gather(1, order[:, :k])
+        rows = torch.where(torch.isneginf(scores), -1, rows)
+        scores, rows, ok = scores.cpu(), rows.cpu(), ok.cpu().numpy()
+        if not ok.all():
+            redo = np.flatnonzero(~ok)
+            self.last_stats.static_fallbacks += len(redo)
+            scores[redo], rows[redo] = self._search_general(u[torch.from_numpy(redo).to(u.device)], k, kp, None)
+        return scores, rows
+
+    def _search_general(self, u: torch.Tensor, k: int, kp: int, excl) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any K', exclusions, retries: chunked threshold selection (or the top-k scan), then stage 2."""
+        dev = self.device
         if excl is not None:
             excl = [e.to(dev) for e in excl]
         gpu = dev.type == "cuda"
         q = self.mol.encode_queries(u)
         qv = self.stage1.query_vectors(q)
-        self.last_stats = SelectionStats()
         if self.uses_topk_scan(kp):
             _, cand = self.stage1.topk(qv, kp)
         else:
-            _, cand = threshold_topk(qv, self.stage1.scan_range, self._score_sample, self.ntotal, kp,
+            _, cand = threshold_topk(qv, self._scan_range, self._score_sample, self.ntotal, kp,
                                      chunk_size=max(self.chunk_size, GPU_SCAN_CHUNK if gpu else CPU_SCAN_SCORES // len(u)),
                                      chunk_capacity=4 * kp if gpu else None, max_retries=4 if gpu else 2,
                                      stats=self.last_stats, final_chunk_size=GPU_FINAL_CHUNK if gpu else None,
@@ -201,10 +246,7 @@ class MoLHIndexer(Index):
         cand = ascending_rows(cand)  # an in-order gather; rows are distinct (each item is scanned once)
         scores, rows = rescore_candidates(self.gating, q, self.cache, cand, k, excl,
                                           max(self.rescore_chunk, GPU_RESCORE_CHUNK) if gpu else self.rescore_chunk)
-        scores, rows = scores.cpu(), rows.cpu()
-        exact = kp >= self.ntotal
-        return self._result(scores, rows, torch.full((len(u),), exact),
-                            torch.full((len(u),), float("-inf") if exact else float("inf")))
+        return scores.cpu(), rows.cpu()
 
     # ---- persistence ----
     def state(self) -> IndexState:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from genrec.kernels.dispatch import stage1_threshold_scan, stage1_topk
+from genrec.kernels.dispatch import Backend, stage1_threshold_scan, stage1_topk
 from genrec.retrieval.mol import QueryState, topk_avg_vectors
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -104,10 +104,11 @@ class Stage1Table:
         """(B, d) query vectors -> (B, end-start) float32 stage-1 scores of items start..end-1."""
         return qv @ self.codes[start:end].float().T
 
-    def scan_range(self, qv: torch.Tensor, start: int, end: int, thr: torch.Tensor, capacity: int | None = None):
+    def scan_range(self, qv: torch.Tensor, start: int, end: int, thr: torch.Tensor, capacity: int | None = None,
+                   backend: Backend = "auto"):
         """Items start..end-1 scoring >= thr per query: (scores, ids, counts), see threshold.ScanRange."""
 
-        return stage1_threshold_scan(qv, self.codes[start:end], thr, capacity, id_offset=start)
+        return stage1_threshold_scan(qv, self.codes[start:end], thr, capacity, id_offset=start, backend=backend)
 
     def topk(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) query vectors -> the k best rows by stage-1 score: (B, k) float32, (B, k) int64 (ties by

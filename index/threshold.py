@@ -23,12 +23,13 @@ score is kept whenever the final threshold is at or below it, which underflow de
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from genrec.kernels.topk import select_topk
+from genrec.kernels.topk import ascending_rows, ranking_key, select_topk
 
 # (queries, start, end, thresholds (B,), capacity | None) -> (scores (B, W), ids (B, W), counts (B,)):
 # every item of start..end-1 scoring >= its query's threshold (kernels.dispatch.stage1_threshold_scan)
@@ -41,6 +42,7 @@ class SelectionStats:
     """What the selection did, for logs and benchmarks."""
 
     retries: int = 0
+    static_fallbacks: int = 0  # queries the one-pass static selection handed to threshold_topk
     overflows: int = 0
     compactions: int = 0
     max_buffer: int = 0
@@ -134,3 +136,28 @@ def threshold_topk(queries: torch.Tensor, scan: ScanRange, score_sample: ScoreSa
         todo = todo[~done]
         thr = estimate_threshold(sample_scores[todo], n, kp, slack_q[todo])
     return out_s, out_i
+
+
+def static_threshold_topk(queries: torch.Tensor, scan: ScanRange, score_sample: ScoreSample, n: int, kprime: int,
+                          slack: float = 1.5, capacity_factor: float = 4.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first pass of :func:`threshold_topk` with static shapes and no host reads (CUDA-graph safe).
+
+    The threshold rank in the sample is a host constant (ceil(slack * K' * m / n)), the whole corpus is
+    one ``scan`` into a fixed buffer of ``capacity_factor * K'`` hits per query, and the K' best hits are
+    picked by the packed (score, id) key, so nothing depends on how many items passed. Returns rows
+    (B, K') int64 ascending (-1 last) and ok (B,) bool: False where the buffer overflowed or held fewer
+    than K' hits; those rows are not the exact top-K' and the caller redoes them with ``threshold_topk``.
+    """
+    b, kp, dev = queries.shape[0], min(kprime, n), queries.device
+    sample_scores = score_sample(queries)
+    m = sample_scores.shape[1]
+    rank = math.ceil(slack * kp * m / n)
+    if rank >= m:  # the sample cannot place the cut: keep everything
+        thr, capacity = torch.full((b,), float("-inf"), device=dev), n
+    else:
+        thr = torch.topk(sample_scores, rank, dim=1).values[:, rank - 1]
+        capacity = min(n, max(int(capacity_factor * kp), kp + 1))
+    hit_s, hit_i, counts = scan(queries, 0, n, thr, capacity)
+    best = torch.topk(ranking_key(hit_s, hit_i), kp, dim=1, sorted=False).indices
+    ok = (counts >= kp) & (counts <= capacity)
+    return ascending_rows(hit_i.gather(1, best)), ok

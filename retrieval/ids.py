@@ -18,6 +18,7 @@ class IdMap:
         if t.shape != (ntotal,):
             raise ValueError(f"{tuple(t.shape)} ids for {ntotal} items: need one int64 id per item")
         self.ids = t
+        self._ids_numpy = t.numpy()  # a view, for results assembled on the host
         self.identity = bool(torch.equal(t, torch.arange(ntotal)))
         if not self.identity:
             self._sorted, self._order = torch.sort(t)
@@ -38,6 +39,10 @@ class IdMap:
         """External ids (m,) -> internal rows (m',) int64 of the ids that exist (unknown ids dropped)."""
         r = self.lookup(external)
         return r[r >= 0]
+
+    def external_numpy(self, rows: np.ndarray) -> np.ndarray:
+        """``external`` on host arrays: internal rows (any shape, -1 = none) -> external ids (-1 kept)."""
+        return np.where(rows < 0, -1, self._ids_numpy[np.maximum(rows, 0)])
 
     def external(self, rows: torch.Tensor) -> torch.Tensor:
         """Internal rows (any shape, -1 = none) -> external ids (-1 kept)."""

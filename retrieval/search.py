@@ -59,9 +59,9 @@ def validate_queries(queries, dim: int, k: int) -> torch.Tensor:
         raise ValueError("empty query batch (nq = 0)")
     if q.shape[1] != dim:
         raise ValueError(f"query dim {q.shape[1]} does not match the index dim {dim}")
-    if not torch.isfinite(q).all():
-        bad = int((~torch.isfinite(q)).any(1).nonzero()[0])
-        raise ValueError(f"queries contain NaN or Inf (first at row {bad})")
+    finite = np.isfinite(q.numpy()).all(1)  # numpy: no tensor op (and no host read) on the search path
+    if not finite.all():
+        raise ValueError(f"queries contain NaN or Inf (first at row {int(np.flatnonzero(~finite)[0])})")
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k <= 0:
         raise ValueError(f"k must be a positive integer, got {k!r}")
     return q

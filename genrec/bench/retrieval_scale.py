@@ -155,6 +155,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--noise", type=float, default=0.5)
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler tables of one batch-1 h-indexer search per corpus (<stem>_profile_<items>.txt)")
+    ap.add_argument("--search-paths", nargs="+", default=["static", "general"], choices=["static", "general"],
+                    help="h-indexer search paths, side by side: the one-pass static-shape path (no host syncs; "
+                         "the CUDA default) and the general chunked selection")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--bundle", default="runs/bench-retrieval/mol_bundle.pt",
                     help="MoL + items + user states (made from --checkpoint, or the harness's default, when missing)")
@@ -239,13 +242,17 @@ def main(argv: list[str] | None = None) -> int:
                     exact_mol = exact_mol_topk(mol, mol.encode_queries(torch.from_numpy(rq).to(device)), h.cache, k)
                 log.info("exact MoL top-%d of %d queries in %.1fs", k, len(rq), time.perf_counter() - t)
                 record("mips-torch-bf16", "mm+topk", mips, exact_mips, exact_mol, 0.0, mips_bytes)
-            if args.profile and variant == args.stage1[0]:
-                profile_search(lambda q: h.search(q, k, kprime=args.kprimes[0]), queries, device,
-                               Path(args.out_dir) / f"{stem}_profile_{n}.txt")
-            for kp in args.kprimes:
-                fn = lambda q, kp=kp: h.search(q, k, kprime=kp)[1]  # noqa: E731
-                row = record("mol-hindexer", f"stage1={variant},kprime={kp}", fn, fn(rq), exact_mol, build_s, resident)
-                row["retries"] = h.last_stats.retries
+            for path in args.search_paths:
+                h.static_search = "on" if path == "static" else "off"
+                if args.profile and variant == args.stage1[0]:
+                    profile_search(lambda q: h.search(q, k, kprime=args.kprimes[0]), queries, device,
+                                   Path(args.out_dir) / f"{stem}_profile_{n}_{path}.txt")
+                for kp in args.kprimes:
+                    fn = lambda q, kp=kp: h.search(q, k, kprime=kp)[1]  # noqa: E731
+                    row = record("mol-hindexer", f"stage1={variant},kprime={kp},path={path}", fn, fn(rq), exact_mol,
+                                 build_s, resident)
+                    row["retries"] = h.last_stats.retries
+                    row["static_fallbacks"] = h.last_stats.static_fallbacks
             h = None  # free the index before the next variant is built
             if device.type == "cuda":
                 torch.cuda.empty_cache()
