@@ -70,7 +70,8 @@ BUNDLE="$REPO/runs/bench-retrieval/mol_bundle.pt"
 
 step env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv; $PY -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))'"
 GENREC_TEST_DEVICE=$TEST_DEVICE step tests 120 $PY -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-  tests/test_index.py::test_flat_mips_searches_on_its_device_and_answers_as_on_the_host -rA
+  tests/test_index.py::test_flat_mips_searches_on_its_device_and_answers_as_on_the_host \
+  tests/test_index.py::test_the_static_search_on_a_gpu_replays_a_captured_graph_equal_to_eager -rA
 step kernels 120 $PY -m genrec bench kernels $KB --out-dir "$WORK" --stem kernels_gpu
 step scale100m 150 $PY -m genrec bench retrieval-scale $S100 --bundle "$BUNDLE" --out-dir "$WORK" --stem retrieval_scale_100m_gpu
 step attention 90 $PY -m genrec bench attention $ATA --out-dir "$WORK" --stem attention_gpu

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from genrec.index.base import Index, IndexState
 from genrec.index.distill import fit_learned_stage1
+from genrec.index.graphed import GraphCache
 from genrec.index.stage1 import Stage1Table, encode, fit_stage1, from_numpy, item_base_vectors, parse_method, to_numpy
 from genrec.index.threshold import SelectionStats, sample_rows, static_threshold_topk, threshold_topk
 from genrec.kernels.dispatch import Backend, mol_candidate_scores
@@ -107,6 +108,8 @@ class MoLHIndexer(Index):
         # implementation its kernels dispatch to (kernels.dispatch backends)
         self.static_search: str = "auto"
         self.kernel_backend: Backend = "auto"
+        self.cuda_graphs = True  # on CUDA the static path replays a captured graph per (batch bucket, k, K')
+        self.graphs = GraphCache()
 
     def uses_topk_scan(self, kprime: int) -> bool:
         """Whether stage 1 keeps K' with one running top-k pass instead of the threshold selection.
@@ -134,6 +137,7 @@ class MoLHIndexer(Index):
         self.gating = self.gating.to(device)
         self.cache = ItemCache(self.cache.components.to(device), self.cache.gate.to(device))
         self.stage1 = self.stage1.to(device)
+        self.graphs.clear()
         self._score_sample = self.stage1.sample_scorer(sample_rows(len(self.cache), self.sample_size))
         return self
 
@@ -209,9 +213,23 @@ class MoLHIndexer(Index):
         return self.stage1.scan_range(qv, start, end, thr, capacity, backend=self.kernel_backend)
 
     def _search_static(self, u: torch.Tensor, k: int, kp: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One pass with static shapes: stage 1 into a fixed hit buffer, exact MoL on its K' best, top-k by
-        the packed (score, id) key; the only host read is the result. Queries whose buffer overflowed or
-        underflowed (``ok`` False, rare) are redone on the general path and counted in ``last_stats``."""
+        """The static path: on CUDA one graph replay (small batches), elsewhere eager; the only host read is
+        the result. Queries whose hit buffer overflowed or underflowed (``ok`` False, rare) are redone on
+        the general path and counted in ``last_stats``."""
+        fn = lambda x: self._static_device_search(x, k, kp)  # noqa: E731
+        out = self.graphs.run(fn, u, k, kp) if self.cuda_graphs and u.is_cuda else None
+        scores, rows, ok = out if out is not None else fn(u)
+        scores, rows, ok = scores.cpu(), rows.cpu(), ok.cpu().numpy()
+        if not ok.all():
+            redo = np.flatnonzero(~ok)
+            self.last_stats.static_fallbacks += len(redo)
+            scores[redo], rows[redo] = self._search_general(u[torch.from_numpy(redo).to(u.device)], k, kp, None)
+        return scores, rows
+
+    def _static_device_search(self, u: torch.Tensor, k: int, kp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """u (B, D) on the index's device -> scores (B, k) float32, rows (B, k) int64, ok (B,) bool, all on
+        the device, shapes fixed by (B, k, K'), no host reads: stage 1 into a fixed hit buffer, exact MoL
+        on its K' best, top-k by a stable sort."""
         q = self.mol.encode_queries(u)
         cand, ok = static_threshold_topk(self.stage1.query_vectors(q), self._scan_range, self._score_sample,
                                          self.ntotal, kp, capacity_factor=STATIC_CAPACITY_FACTOR)
@@ -219,13 +237,7 @@ class MoLHIndexer(Index):
         # cand ascends, so a stable sort orders ties by smaller row, as the general path's select_topk does
         scores, order = torch.sort(s, dim=1, descending=True, stable=True)
         scores, rows = scores[:, :k], cand.gather(1, order[:, :k])
-        rows = torch.where(torch.isneginf(scores), -1, rows)
-        scores, rows, ok = scores.cpu(), rows.cpu(), ok.cpu().numpy()
-        if not ok.all():
-            redo = np.flatnonzero(~ok)
-            self.last_stats.static_fallbacks += len(redo)
-            scores[redo], rows[redo] = self._search_general(u[torch.from_numpy(redo).to(u.device)], k, kp, None)
-        return scores, rows
+        return scores, torch.where(torch.isneginf(scores), -1, rows), ok
 
     def _search_general(self, u: torch.Tensor, k: int, kp: int, excl) -> tuple[torch.Tensor, torch.Tensor]:
         """Any K', exclusions, retries: chunked threshold selection (or the top-k scan), then stage 2."""

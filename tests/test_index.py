@@ -562,6 +562,27 @@ def test_the_static_search_path_answers_as_the_general_path_and_hands_over_overf
             assert index.last_stats.static_fallbacks == 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (gpu_session.sh runs this)")
+def test_the_static_search_on_a_gpu_replays_a_captured_graph_equal_to_eager():
+    """On CUDA the static path records one graph per (batch bucket, k, K') and replays it: results equal the
+    eager static path and the general path for batches 1, 3 (padded to 4) and 16, and a move clears them."""
+    index = _small_hindexer(n=50_000, kprime=1_024).to("cuda")
+    q = F.normalize(torch.randn(16, 16, generator=torch.Generator().manual_seed(2)), dim=-1).numpy()
+    for nq in (1, 3, 16):
+        index.static_search, index.cuda_graphs = "off", False
+        want_s, want_i = index.search(q[:nq], 100)
+        index.static_search = "on"
+        eager_s, eager_i = index.search(q[:nq], 100)
+        index.cuda_graphs = True
+        for _ in range(2):  # capture, then replay
+            got_s, got_i = index.search(q[:nq], 100)
+            assert np.array_equal(got_i, eager_i) and np.array_equal(got_s, eager_s)
+        assert np.array_equal(got_i, want_i) and np.allclose(got_s, want_s, atol=1e-4)
+    assert index.graphs.captures == 3 and index.graphs.replays == 6 and len(index.graphs) == 3
+    index.to("cuda")
+    assert len(index.graphs) == 0
+
+
 def test_static_threshold_topk_flags_overflow_and_underflow_and_is_exact_elsewhere():
     """ok marks exactly the queries whose one pass kept the exact top-K' (ties by smaller row)."""
     g = torch.Generator().manual_seed(3)
