@@ -60,6 +60,18 @@ def _check_items(items: np.ndarray, ids: np.ndarray, where: str, chunk: int = 1 
         raise ValueError(f"{where}: item ids are not unique")
 
 
+def _embed_sidecar(path: Path) -> dict:
+    """The JSON ``genrec embed`` writes beside its .npy (model, checkpoint sha256), or {} when absent."""
+    side = path.with_suffix(".json")
+    if path.suffix != ".npy" or not side.is_file():
+        return {}
+    try:
+        meta = json.loads(side.read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) and meta.get("embeddings") == path.name else {}
+
+
 def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint: str | None = None) -> ItemInputs:
     if embeddings is None:
         if checkpoint is None:
@@ -97,6 +109,10 @@ def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint
         out = ItemInputs(items, np.asarray(id_arr).astype(np.int64, copy=False), {"embeddings": str(path)})
         if checkpoint:
             out.source["checkpoint"] = str(checkpoint)
+        else:  # vectors from `genrec embed` name their model in a sidecar: keep the index paired with it
+            sidecar = _embed_sidecar(path)
+            if sidecar.get("checkpoint_sha256"):
+                out.source["checkpoint_sha256"] = str(sidecar["checkpoint_sha256"])
     _check_items(out.items, out.ids, out.source.get("embeddings", out.source.get("checkpoint", "")))
     if "checkpoint" in out.source:
         out.source["checkpoint_sha256"] = sha256_file(out.source["checkpoint"])

@@ -56,6 +56,7 @@ class ServeConfig:
     indexes: tuple[IndexEntry, ...] = ()
     default_index: str = ""    # "" = the first entry
     encoder_checkpoint: str = ""  # for SearchByUser; "" = that method answers FAILED_PRECONDITION
+    allow_unpaired_indexes: bool = False  # serve indexes built from another checkpoint than the encoder (experts)
     ranking_checkpoint: str = ""  # a task: ranking run's checkpoint, for Rank; "" = UNIMPLEMENTED
     model_device: str = "cpu"  # where the encoder and the ranker run: cpu, cuda or cuda:N
     rank_microbatch: int = 256

@@ -14,10 +14,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from genrec.index.storage import MANIFEST, latest_version, load_index
+from genrec.index.storage import MANIFEST, latest_version, load_index, read_manifest
 from genrec.serving.placement import PlacementError, resolve_device
 
 log = logging.getLogger(__name__)
+
+
+class ModelMismatchError(ValueError):
+    """An index was built from another model's checkpoint than the server's encoder: its item vectors and
+    the encoder's queries live in different spaces, so every SearchByUser answer would be noise."""
 
 
 class LoadAbandoned(RuntimeError):
@@ -51,9 +56,12 @@ def warm_up(index, count: int, seed: int = 0) -> None:
 
 
 class IndexRegistry:
-    def __init__(self, warmup_queries: int = 4, on_swap: Callable[[Served | None, Served], None] | None = None):
+    def __init__(self, warmup_queries: int = 4, on_swap: Callable[[Served | None, Served], None] | None = None,
+                 encoder_sha256: str | None = None, allow_unpaired: bool = False):
         """on_swap(old, new) runs as each version becomes active, in swap order, with the version it replaced
-        (None for an index's first); e.g. to update metrics."""
+        (None for an index's first); e.g. to update metrics. encoder_sha256: the server's encoder checkpoint;
+        an index whose manifest names another one is refused (ModelMismatchError) unless allow_unpaired."""
+        self.encoder_sha256, self.allow_unpaired = encoder_sha256, allow_unpaired
         self._lock = threading.Lock()
         self._served: dict[str, Served] = {}
         self.warmup_queries = warmup_queries
@@ -73,7 +81,10 @@ class IndexRegistry:
         except PlacementError as e:
             raise PlacementError(f"index {name!r}: {e}") from None
         p = resolve_path(path)
+        if (p / MANIFEST).is_file():  # before the arrays are read: a wrong model fails fast
+            self.check_pairing(name, p.name, read_manifest(p))
         index, manifest = load_index(p, verify=verify, mmap=mmap)
+        self.check_pairing(name, p.name, manifest)
         if dev.type != "cpu":
             try:
                 index = index.to(dev)
@@ -90,6 +101,19 @@ class IndexRegistry:
         log.info("index %r: serving version %s (%d items, on %s)%s", name, served.version, manifest["count"], dev,
                  f", replaced {old.version}" if old else "")
         return served
+
+    def check_pairing(self, name: str, version: str, manifest: dict) -> None:
+        """Refuse an index built from another checkpoint than the server's encoder. Indexes that do not
+        name their model (built from bare vectors) and servers without an encoder are not checked."""
+        built = manifest.get("encoder_checkpoint_sha256")
+        if not (self.encoder_sha256 and isinstance(built, str)) or built == self.encoder_sha256:
+            return
+        message = (f"index {name!r} version {version} was built from the model checkpoint with sha256 {built[:12]}..., "
+                   f"but this server's encoder_checkpoint has sha256 {self.encoder_sha256[:12]}...: its item vectors do "
+                   "not match the encoder's queries; rebuild it from that checkpoint (or set allow_unpaired_indexes)")
+        if not self.allow_unpaired:
+            raise ModelMismatchError(message)
+        log.warning("%s; serving it anyway (allow_unpaired_indexes)", message)
 
     def get(self, name: str) -> Served | None:
         with self._lock:

@@ -19,6 +19,7 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from genrec.io import sha256_file
 from genrec.serving import genrec_pb2_grpc as pb_grpc
 from genrec.serving.broker import BrokerService, watch_health
 from genrec.serving.config import ServeConfig
@@ -140,10 +141,12 @@ class RetrievalServer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.metrics = ServerMetrics()
-        self.registry = IndexRegistry(cfg.warmup_queries, on_swap=self.metrics.index_active)
         encoder = None
         if cfg.encoder_checkpoint:
             encoder = UserEncoder(cfg.encoder_checkpoint, cfg.model_device)
+        self.registry = IndexRegistry(cfg.warmup_queries, on_swap=self.metrics.index_active,
+                                      encoder_sha256=sha256_file(cfg.encoder_checkpoint) if encoder else None,
+                                      allow_unpaired=cfg.allow_unpaired_indexes)
         ranker = None
         if cfg.ranking_checkpoint:
             ranker = Ranker(cfg.ranking_checkpoint, cfg.model_device)

@@ -7,7 +7,8 @@ Status codes (the conventions gRPC users expect):
   RESOURCE_EXHAUSTED  request queue full, more than limits.max_concurrent_rpcs in flight (server.py), oversize message (grpc)
   DEADLINE_EXCEEDED   deadline passed (a queued request is dropped before any compute)
   FAILED_PRECONDITION exact search on an approximate-only index; SearchByUser without an encoder;
-                      index format newer than this server; LoadIndex onto a device this machine lacks
+                      index format newer than this server; LoadIndex onto a device this machine lacks;
+                      LoadIndex of an index built from another model checkpoint than the encoder's
   DATA_LOSS           LoadIndex found a checksum / size mismatch (the old version keeps serving)
   UNAVAILABLE         the server is shutting down
   UNIMPLEMENTED       Rank when no ranking_checkpoint is configured
@@ -33,7 +34,7 @@ from genrec.serving.batching import DynamicBatcher, Expired, Job, QueueFull, run
 from genrec.serving.config import IndexEntry, ServeConfig
 from genrec.serving.metrics import ServerMetrics
 from genrec.serving.placement import PlacementError
-from genrec.serving.registry import IndexRegistry, LoadAbandoned, Served
+from genrec.serving.registry import IndexRegistry, LoadAbandoned, ModelMismatchError, Served
 
 log = logging.getLogger(__name__)
 MAX_DETAILS_CHARS = 512
@@ -78,7 +79,7 @@ def decode_queries(request: pb.SearchRequest, index_dim: int, max_nq: int) -> np
 
 
 def load_error(e: Exception) -> ServiceError:
-    if isinstance(e, PlacementError):
+    if isinstance(e, (PlacementError, ModelMismatchError)):
         return ServiceError(grpc.StatusCode.FAILED_PRECONDITION, str(e))
     if isinstance(e, IndexFormatError):
         code = {"missing": grpc.StatusCode.NOT_FOUND, "newer": grpc.StatusCode.FAILED_PRECONDITION}.get(

@@ -780,3 +780,37 @@ def test_a_second_server_on_a_busy_port_is_refused_not_silently_sharing_it(serve
     with grpc.insecure_channel(f"127.0.0.1:{server.port}") as ch:  # the first server is untouched
         reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_an_index_built_from_another_model_is_refused_unless_allowed(server, index_root, tmp_path, caplog):
+    """Model and index stay paired: a version whose manifest names another encoder checkpoint (sha256)
+    than the server's is refused at LoadIndex (FAILED_PRECONDITION, old version serving) and at startup;
+    an index that names no model, or the same one, loads; allow_unpaired_indexes serves it with a warning.
+    build-index from `genrec embed` output records the model from the embeddings' sidecar."""
+    from genrec.index.build import read_items
+    from genrec.serving.registry import IndexRegistry, ModelMismatchError
+
+    ours, theirs = "a" * 64, "b" * 64
+    items = torch.from_numpy(unit(50, 3))
+    other = save_index(FlatMIPS(items, np.arange(50)), tmp_path, "items", "other", {"encoder_checkpoint_sha256": theirs})
+    paired = save_index(FlatMIPS(items, np.arange(50)), tmp_path, "items", "paired", {"encoder_checkpoint_sha256": ours})
+    server.registry.encoder_sha256 = ours
+    with client_for(server, token="s3cret") as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.load_index("items", str(other))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "bbbbbbbbbbbb" in err.value.details() and "aaaaaaaaaaaa" in err.value.details()
+        assert c.info("items").version == "v1"
+        assert c.load_index("items", str(paired)).version == "paired"
+        assert c.load_index("items", str(index_root / "items" / "v2")).version == "v2"  # names no model
+
+    with pytest.raises(ModelMismatchError, match="allow_unpaired_indexes"):
+        IndexRegistry(warmup_queries=0, encoder_sha256=ours).load("items", other)
+    assert IndexRegistry(warmup_queries=0).load("items", other).version == "other"  # no encoder: nothing to pair
+    with caplog.at_level("WARNING"):
+        assert IndexRegistry(warmup_queries=0, encoder_sha256=ours, allow_unpaired=True).load("items", other).version == "other"
+    assert "serving it anyway" in caplog.text
+
+    np.save(tmp_path / "emb.npy", unit(5, 4))
+    (tmp_path / "emb.json").write_text(json.dumps({"embeddings": "emb.npy", "checkpoint_sha256": theirs}))
+    assert read_items(str(tmp_path / "emb.npy")).source["checkpoint_sha256"] == theirs
