@@ -209,8 +209,13 @@ def cmd_query(args: argparse.Namespace) -> int:
         try:
             if args.history:
                 history = [int(x) for x in args.history.split(",") if x.strip()]
-                replies = [client.search_by_user(history, args.k, index=args.index, timeout=args.timeout, exact=args.exact,
-                                                 kprime=args.kprime, rerank=args.rerank)]
+                stamps = [int(x) for x in args.timestamps.split(",") if x.strip()] if args.timestamps else None
+                if stamps is not None and len(stamps) != len(history):
+                    print(f"genrec: error: --timestamps has {len(stamps)} values for {len(history)} history ids",
+                          file=sys.stderr)
+                    return 2
+                replies = [client.search_by_user(history, args.k, stamps, index=args.index, timeout=args.timeout,
+                                                 exact=args.exact, kprime=args.kprime, rerank=args.rerank)]
             else:
                 queries = np.load(args.queries, allow_pickle=False)
                 replies = [client.search_reply(queries, args.k, index=args.index, exact=args.exact, kprime=args.kprime,
@@ -228,7 +233,8 @@ def cmd_query(args: argparse.Namespace) -> int:
                 row["unknown_ids"] = r.unknown_ids
             print(json.dumps(row) if args.json else
                   f"query {i} ({r.index}@{r.version}, {r.timing.total_ms:.2f} ms): " +
-                  ", ".join(f"{a}:{b:.4f}" for a, b in zip(row["ids"], row["scores"])))
+                  ", ".join(f"{a}:{b:.4f}" for a, b in zip(row["ids"], row["scores"])) +
+                  (f"  [unknown ids skipped: {', '.join(map(str, r.unknown_ids))}]" if r.unknown_ids else ""))
     return 0
 
 
@@ -359,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = qu.add_mutually_exclusive_group(required=True)
     src.add_argument("--queries", help="(nq, D) float32 .npy")
     src.add_argument("--history", help="comma-separated raw item ids, oldest first (server-side encoding)")
+    qu.add_argument("--timestamps", help="with --history: comma-separated unix seconds, one per history id")
     qu.add_argument("--exact", action="store_true")
     qu.add_argument("--kprime", type=int, default=0)
     qu.add_argument("--rerank", type=int, default=0,

@@ -102,7 +102,7 @@ class BrokerService(pb_grpc.RetrievalServicer):
         return resp
 
     def _call(self, method: str, context, fn):
-        return run_rpc(self.metrics, method, context, fn, self.closing)
+        return run_rpc(self.metrics, method, context, fn, self.closing, self.cfg.access_log)
 
     # ---- RPCs ----
     def Search(self, request, context):

@@ -1,8 +1,12 @@
-"""Python client for the genrec Retrieval service, FAISS-shaped:
+"""Python clients for the genrec Retrieval service, FAISS-shaped:
 
     with GenrecClient("localhost:50051") as c:
         D, I = c.search(queries, k=100)                  # (nq, k) float32 / int64, -inf / -1 padded
         r = c.search_by_user([12, 7, 99], k=10)          # the server encodes the history
+        c.health()                                       # "SERVING" (grpc.health.v1)
+
+    async with AsyncGenrecClient("localhost:50051") as c:  # the same methods, awaitable (grpc.aio)
+        D, I = await c.search(queries, k=100)
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from typing import Sequence
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
@@ -37,27 +42,52 @@ def to_reply(resp: pb.SearchResponse) -> Reply:
                  resp.timing, list(resp.unknown_ids), list(resp.failed_shards))
 
 
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
+
+
+def search_request(queries, k: int, index: str = "", version: str = "", exact: bool = False, kprime: int = 0,
+                   exclude: Sequence[Sequence[int]] | None = None, request_id: str = "") -> pb.SearchRequest:
+    """(nq, dim) float queries -> a SearchRequest (row-major little-endian float32 bytes)."""
+    q = np.ascontiguousarray(queries, dtype="<f4")
+    if q.ndim != 2:
+        raise ValueError(f"queries must be 2-D (nq, dim), got shape {q.shape}")
+    req = pb.SearchRequest(index=index, version=version, k=k, dim=q.shape[1], queries=q.tobytes(), exact=exact,
+                           kprime=kprime, request_id=request_id)
+    for row in exclude or []:
+        req.exclude.add().ids.extend(int(x) for x in row)
+    return req
+
+
+def search_by_user_request(history: Sequence[int], k: int, timestamps: Sequence[int] | None = None, index: str = "",
+                           keep_history: bool = False, **kwargs) -> pb.SearchByUserRequest:
+    return pb.SearchByUserRequest(index=index, k=k, history=list(history), timestamps=list(timestamps or []),
+                                  keep_history=keep_history, **kwargs)
+
+
+def rank_request(history: Sequence[int], candidates: Sequence[int], timestamps: Sequence[int] | None = None,
+                 request_time: int = 0, microbatch: int = 0, ratings: Sequence[float] | None = None) -> pb.RankRequest:
+    return pb.RankRequest(history=list(history), candidates=list(candidates), timestamps=list(timestamps or []),
+                          request_time=request_time, microbatch=microbatch, ratings=list(ratings or []))
+
+
+def health_name(resp: health_pb2.HealthCheckResponse) -> str:
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
 class GenrecClient:
     def __init__(self, target: str, token: str | None = None, root_cert: bytes | None = None,
                  max_message_bytes: int = 16 * 1024 * 1024):
-        options = [("grpc.max_send_message_length", max_message_bytes),
-                   ("grpc.max_receive_message_length", max_message_bytes)]
+        options = channel_options(max_message_bytes)
         self.channel = (grpc.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options)
                         if root_cert else grpc.insecure_channel(target, options))
         self.stub = pb_grpc.RetrievalStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.admin_metadata = [("authorization", f"Bearer {token}")] if token else None
 
-    def search_reply(self, queries, k: int, index: str = "", version: str = "", exact: bool = False, kprime: int = 0,
-                     exclude: Sequence[Sequence[int]] | None = None, timeout: float | None = None,
-                     request_id: str = "") -> Reply:
-        q = np.ascontiguousarray(queries, dtype="<f4")
-        if q.ndim != 2:
-            raise ValueError(f"queries must be 2-D (nq, dim), got shape {q.shape}")
-        req = pb.SearchRequest(index=index, version=version, k=k, dim=q.shape[1], queries=q.tobytes(), exact=exact,
-                               kprime=kprime, request_id=request_id)
-        for row in exclude or []:
-            req.exclude.add().ids.extend(int(x) for x in row)
-        return to_reply(self.stub.Search(req, timeout=timeout))
+    def search_reply(self, queries, k: int, timeout: float | None = None, **kwargs) -> Reply:
+        """kwargs: index, version, exact, kprime, exclude (per query, ids never to return), request_id."""
+        return to_reply(self.stub.Search(search_request(queries, k, **kwargs), timeout=timeout))
 
     def search(self, queries, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
         r = self.search_reply(queries, k, **kwargs)
@@ -65,8 +95,7 @@ class GenrecClient:
 
     def search_by_user(self, history: Sequence[int], k: int, timestamps: Sequence[int] | None = None, index: str = "",
                        keep_history: bool = False, timeout: float | None = None, **kwargs) -> Reply:
-        req = pb.SearchByUserRequest(index=index, k=k, history=list(history), timestamps=list(timestamps or []),
-                                     keep_history=keep_history, **kwargs)
+        req = search_by_user_request(history, k, timestamps, index, keep_history, **kwargs)
         return to_reply(self.stub.SearchByUser(req, timeout=timeout))
 
     def rank(self, history: Sequence[int], candidates: Sequence[int], timestamps: Sequence[int] | None = None,
@@ -74,8 +103,7 @@ class GenrecClient:
              ratings: Sequence[float] | None = None) -> pb.RankResponse:
         """Engagement logits (and predicted ratings) of each candidate after the history; ``ratings``: the
         user's rating of each history item, for a ranker trained with ranking.rating_input."""
-        req = pb.RankRequest(history=list(history), candidates=list(candidates), timestamps=list(timestamps or []),
-                             request_time=request_time, microbatch=microbatch, ratings=list(ratings or []))
+        req = rank_request(history, candidates, timestamps, request_time, microbatch, ratings)
         return self.stub.Rank(req, timeout=timeout)
 
     def info(self, index: str = "") -> pb.IndexInfo:
@@ -85,6 +113,10 @@ class GenrecClient:
         return self.stub.LoadIndex(pb.LoadIndexRequest(index=index, path=path, verify=verify), timeout=timeout,
                                    metadata=self.admin_metadata)
 
+    def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        """grpc.health.v1 status of the server ("") or one service: SERVING, NOT_SERVING, SERVICE_UNKNOWN."""
+        return health_name(self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout))
+
     def close(self) -> None:
         self.channel.close()
 
@@ -93,3 +125,53 @@ class GenrecClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class AsyncGenrecClient:
+    """``GenrecClient`` for asyncio code (grpc.aio): the same methods and arguments, each awaitable."""
+
+    def __init__(self, target: str, token: str | None = None, root_cert: bytes | None = None,
+                 max_message_bytes: int = 16 * 1024 * 1024):
+        options = channel_options(max_message_bytes)
+        self.channel = (grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_cert), options)
+                        if root_cert else grpc.aio.insecure_channel(target, options))
+        self.stub = pb_grpc.RetrievalStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.admin_metadata = [("authorization", f"Bearer {token}")] if token else None
+
+    async def search_reply(self, queries, k: int, timeout: float | None = None, **kwargs) -> Reply:
+        return to_reply(await self.stub.Search(search_request(queries, k, **kwargs), timeout=timeout))
+
+    async def search(self, queries, k: int, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+        r = await self.search_reply(queries, k, **kwargs)
+        return r.scores, r.ids
+
+    async def search_by_user(self, history: Sequence[int], k: int, timestamps: Sequence[int] | None = None,
+                             index: str = "", keep_history: bool = False, timeout: float | None = None, **kwargs) -> Reply:
+        req = search_by_user_request(history, k, timestamps, index, keep_history, **kwargs)
+        return to_reply(await self.stub.SearchByUser(req, timeout=timeout))
+
+    async def rank(self, history: Sequence[int], candidates: Sequence[int], timestamps: Sequence[int] | None = None,
+                   request_time: int = 0, microbatch: int = 0, timeout: float | None = None,
+                   ratings: Sequence[float] | None = None) -> pb.RankResponse:
+        req = rank_request(history, candidates, timestamps, request_time, microbatch, ratings)
+        return await self.stub.Rank(req, timeout=timeout)
+
+    async def info(self, index: str = "") -> pb.IndexInfo:
+        return await self.stub.GetIndexInfo(pb.IndexInfoRequest(index=index))
+
+    async def load_index(self, index: str, path: str, verify: str = "full", timeout: float | None = None) -> pb.IndexInfo:
+        return await self.stub.LoadIndex(pb.LoadIndexRequest(index=index, path=path, verify=verify), timeout=timeout,
+                                         metadata=self.admin_metadata)
+
+    async def health(self, service: str = "", timeout: float | None = 5.0) -> str:
+        return health_name(await self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout))
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncGenrecClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()

@@ -68,6 +68,7 @@ class ServeConfig:
     admin_token: str = ""      # when set, LoadIndex needs "authorization: Bearer <token>"
     admin_open: bool = False   # without a token admin methods are refused, unless this opens them (warned)
     reflection: bool = True    # gRPC server reflection (grpcurl); false for production
+    access_log: bool = False   # one log line per request (logger genrec.access: method, code, ms, peer)
     warmup_queries: int = 4
     grace_seconds: float = 5.0
     threads: int = 0           # torch threads (0 = leave as is)

@@ -94,8 +94,12 @@ def load_error(e: Exception) -> ServiceError:
     return ServiceError(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
 
-def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool):
-    """Run one RPC body: map its exceptions to status codes (the table above) and count it."""
+access_log = logging.getLogger("genrec.access")
+
+
+def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool, access: bool = False):
+    """Run one RPC body: map its exceptions to status codes (the table above) and count it; ``access``
+    writes one line per request to the ``genrec.access`` logger (method, code, ms, peer)."""
     start = time.monotonic()
     code, message = grpc.StatusCode.OK, ""
     try:
@@ -114,8 +118,11 @@ def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool):
         log.exception("%s failed", method)
         code, message = grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}"
     finally:
+        elapsed = time.monotonic() - start
         metrics.requests.labels(method, code.name).inc()
-        metrics.latency.labels(method, "total").observe(time.monotonic() - start)
+        metrics.latency.labels(method, "total").observe(elapsed)
+        if access:
+            access_log.info("%s %s %.3fms peer=%s", method, code.name, elapsed * 1e3, context.peer())
     context.abort(code, brief(message))
 
 
@@ -158,7 +165,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     # ---- plumbing ----
     def _call(self, method: str, context, fn):
-        return run_rpc(self.metrics, method, context, fn, self.closing)
+        return run_rpc(self.metrics, method, context, fn, self.closing, self.cfg.access_log)
 
     def _served(self, name: str, version: str) -> Served:
         name = name or self.cfg.default_index or (self.cfg.indexes[0].name if self.cfg.indexes else "")

@@ -814,3 +814,37 @@ def test_an_index_built_from_another_model_is_refused_unless_allowed(server, ind
     np.save(tmp_path / "emb.npy", unit(5, 4))
     (tmp_path / "emb.json").write_text(json.dumps({"embeddings": "emb.npy", "checkpoint_sha256": theirs}))
     assert read_items(str(tmp_path / "emb.npy")).source["checkpoint_sha256"] == theirs
+
+
+def test_client_health_the_asyncio_client_and_the_access_log(index_root, caplog, capsys):
+    """GenrecClient.health() speaks grpc.health.v1; AsyncGenrecClient answers as the blocking client; with
+    access_log on, each request is one genrec.access line (method, code, peer); query --timestamps is
+    checked against the history before any call."""
+    import asyncio
+
+    from genrec.cli import main
+    from genrec.serving.client import AsyncGenrecClient
+
+    srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(index_root / "items" / "v1")),), access_log=True))
+    q = unit(3, 8)
+    try:
+        with caplog.at_level("INFO", logger="genrec.access"), client_for(srv) as c:
+            assert c.health() == "SERVING" and c.health(SERVICE_NAME) == "SERVING"
+            want_s, want_i = c.search(q, 7)
+            with pytest.raises(grpc.RpcError):
+                c.search(q, 7, index="nope")
+
+            async def run():
+                async with AsyncGenrecClient(f"127.0.0.1:{srv.port}") as ac:
+                    return await ac.health(), await ac.search(q, 7), (await ac.info()).version
+
+            health, (got_s, got_i), version = asyncio.run(run())
+        assert health == "SERVING" and version == "v1"
+        assert np.array_equal(got_i, want_i) and np.array_equal(got_s, want_s)
+        lines = [r.getMessage() for r in caplog.records if r.name == "genrec.access"]
+        assert sum(line.startswith("Search OK ") for line in lines) == 2
+        assert any(line.startswith("Search NOT_FOUND ") and "peer=" in line for line in lines)
+    finally:
+        srv.stop(grace=1)
+    assert main(["query", "--target", f"127.0.0.1:{srv.port}", "--history", "1,2,3", "--timestamps", "10,20"]) == 2
+    assert "--timestamps has 2 values for 3 history ids" in capsys.readouterr().err
