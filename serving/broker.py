@@ -25,7 +25,7 @@ from genrec.kernels.topk import select_topk
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
 from genrec.serving.config import ServeConfig
-from genrec.serving.service import ServiceError, encode_user, invalid, run_rpc
+from genrec.serving.service import ServiceError, encode_users, invalid, run_rpc
 from genrec.serving.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class BrokerService(pb_grpc.RetrievalServicer):
         def run():
             if self.encoder is None:
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no encoder_checkpoint configured on the broker")
-            enc = encode_user(self.encoder, request, self.cfg.limits.max_history)
+            enc = encode_users(self.encoder, [request], self.cfg.limits.max_history)
             q = np.ascontiguousarray(enc.states, dtype="<f4")
             search = pb.SearchRequest(index=request.index, version=request.version, k=request.k, dim=q.shape[1],
                                       queries=q.tobytes(), exact=request.exact, kprime=request.kprime,

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import grpc
@@ -33,6 +33,7 @@ class Reply:
     timing: pb.Timing
     unknown_ids: list[int]
     failed_shards: list[str]  # broker only: shards that did not answer (the result is partial)
+    unknown_ids_per_user: list[list[int]] = field(default_factory=list)  # search_by_users: row i's unknown ids
 
 
 def to_reply(resp: pb.SearchResponse) -> Reply:
@@ -63,6 +64,23 @@ def search_by_user_request(history: Sequence[int], k: int, timestamps: Sequence[
                            keep_history: bool = False, **kwargs) -> pb.SearchByUserRequest:
     return pb.SearchByUserRequest(index=index, k=k, history=list(history), timestamps=list(timestamps or []),
                                   keep_history=keep_history, **kwargs)
+
+
+def search_by_users_request(histories: Sequence[Sequence[int]], k: int, timestamps: Sequence[Sequence[int]] | None = None,
+                            index: str = "", keep_history: bool = False, query_times: Sequence[int] | None = None,
+                            **kwargs) -> pb.SearchByUsersRequest:
+    if timestamps is not None and len(timestamps) != len(histories):
+        raise ValueError(f"{len(timestamps)} timestamp lists for {len(histories)} users")
+    users = [pb.UserHistory(history=list(h), timestamps=list(timestamps[i]) if timestamps is not None else [],
+                            query_time=int(query_times[i]) if query_times is not None else 0)
+             for i, h in enumerate(histories)]
+    return pb.SearchByUsersRequest(index=index, k=k, users=users, keep_history=keep_history, **kwargs)
+
+
+def users_reply(resp: pb.SearchByUsersResponse) -> Reply:
+    reply = to_reply(resp.results)
+    reply.unknown_ids_per_user = [list(u.ids) for u in resp.unknown_ids]
+    return reply
 
 
 def rank_request(history: Sequence[int], candidates: Sequence[int], timestamps: Sequence[int] | None = None,
@@ -97,6 +115,13 @@ class GenrecClient:
                        keep_history: bool = False, timeout: float | None = None, **kwargs) -> Reply:
         req = search_by_user_request(history, k, timestamps, index, keep_history, **kwargs)
         return to_reply(self.stub.SearchByUser(req, timeout=timeout))
+
+    def search_by_users(self, histories: Sequence[Sequence[int]], k: int, timestamps: Sequence[Sequence[int]] | None = None,
+                        index: str = "", keep_history: bool = False, timeout: float | None = None, **kwargs) -> Reply:
+        """Many users in one call (one encoder batch, one search batch): row i of the reply answers
+        histories[i]; ``unknown_ids_per_user[i]`` lists its history ids the encoder skipped."""
+        req = search_by_users_request(histories, k, timestamps, index, keep_history, **kwargs)
+        return users_reply(self.stub.SearchByUsers(req, timeout=timeout))
 
     def rank(self, history: Sequence[int], candidates: Sequence[int], timestamps: Sequence[int] | None = None,
              request_time: int = 0, microbatch: int = 0, timeout: float | None = None,
@@ -150,6 +175,12 @@ class AsyncGenrecClient:
                              index: str = "", keep_history: bool = False, timeout: float | None = None, **kwargs) -> Reply:
         req = search_by_user_request(history, k, timestamps, index, keep_history, **kwargs)
         return to_reply(await self.stub.SearchByUser(req, timeout=timeout))
+
+    async def search_by_users(self, histories: Sequence[Sequence[int]], k: int,
+                              timestamps: Sequence[Sequence[int]] | None = None, index: str = "",
+                              keep_history: bool = False, timeout: float | None = None, **kwargs) -> Reply:
+        req = search_by_users_request(histories, k, timestamps, index, keep_history, **kwargs)
+        return users_reply(await self.stub.SearchByUsers(req, timeout=timeout))
 
     async def rank(self, history: Sequence[int], candidates: Sequence[int], timestamps: Sequence[int] | None = None,
                    request_time: int = 0, microbatch: int = 0, timeout: float | None = None,

@@ -44,6 +44,11 @@ class RetrievalStub:
                 request_serializer=genrec_dot_serving_dot_genrec__pb2.SearchByUserRequest.SerializeToString,
                 response_deserializer=genrec_dot_serving_dot_genrec__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchByUsers = channel.unary_unary(
+                '/genrec.serving.v1.Retrieval/SearchByUsers',
+                request_serializer=genrec_dot_serving_dot_genrec__pb2.SearchByUsersRequest.SerializeToString,
+                response_deserializer=genrec_dot_serving_dot_genrec__pb2.SearchByUsersResponse.FromString,
+                _registered_method=True)
         self.Rank = channel.unary_unary(
                 '/genrec.serving.v1.Retrieval/Rank',
                 request_serializer=genrec_dot_serving_dot_genrec__pb2.RankRequest.SerializeToString,
@@ -73,6 +78,13 @@ class RetrievalServicer:
 
     def SearchByUser(self, request, context):
         """The server encodes an item-id history with its HSTU encoder, then searches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchByUsers(self, request, context):
+        """Many users in one call: encoded as one batch, searched as one batch (nq = number of users).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -110,6 +122,11 @@ def add_RetrievalServicer_to_server(servicer, server):
                     servicer.SearchByUser,
                     request_deserializer=genrec_dot_serving_dot_genrec__pb2.SearchByUserRequest.FromString,
                     response_serializer=genrec_dot_serving_dot_genrec__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchByUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchByUsers,
+                    request_deserializer=genrec_dot_serving_dot_genrec__pb2.SearchByUsersRequest.FromString,
+                    response_serializer=genrec_dot_serving_dot_genrec__pb2.SearchByUsersResponse.SerializeToString,
             ),
             'Rank': grpc.unary_unary_rpc_method_handler(
                     servicer.Rank,
@@ -181,6 +198,33 @@ class Retrieval:
             '/genrec.serving.v1.Retrieval/SearchByUser',
             genrec_dot_serving_dot_genrec__pb2.SearchByUserRequest.SerializeToString,
             genrec_dot_serving_dot_genrec__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchByUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/genrec.serving.v1.Retrieval/SearchByUsers',
+            genrec_dot_serving_dot_genrec__pb2.SearchByUsersRequest.SerializeToString,
+            genrec_dot_serving_dot_genrec__pb2.SearchByUsersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -132,11 +132,16 @@ def brief(message: str, limit: int = MAX_DETAILS_CHARS) -> str:
     return message if len(message) <= limit else f"{message[:limit // 2]} ... {message[-limit // 2:]}"
 
 
-def encode_user(encoder, request, max_history: int):
-    """A SearchByUser request's history -> EncodedUsers (one user); no known id -> NOT_FOUND."""
-    ts = history_times(request, max_history)
+def encode_users(encoder, users, max_history: int):
+    """Histories (SearchByUserRequest or UserHistory messages: history, timestamps, query_time) ->
+    EncodedUsers, one batch; timestamps for every user or for none; a user with no known id -> NOT_FOUND."""
+    times = [history_times(u, max_history) for u in users]
+    timed = times[0] is not None
+    if any((t is not None) != timed for t in times):
+        raise invalid("give timestamps for every user or for none")
     try:
-        return encoder.encode([list(request.history)], [ts] if ts else None, [request.query_time or None] if ts else None)
+        return encoder.encode([list(u.history) for u in users], times if timed else None,
+                              [u.query_time or None for u in users] if timed else None)
     except KeyError as e:
         raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
 
@@ -258,15 +263,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def SearchByUser(self, request, context):
         def run():
             started = time.monotonic()
-            if self.encoder is None:
-                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no encoder_checkpoint configured: SearchByUser is off")
-            served = self._served(request.index, request.version)
-            if served.index.dim != self.encoder.dim:
-                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
-                                   f"index {served.name!r} expects dim {served.index.dim}, the encoder makes {self.encoder.dim}")
-            k = self._check_k(request.k)
-            depth = self._check_rerank(request.rerank, k)
-            enc = encode_user(self.encoder, request, self.cfg.limits.max_history)
+            served, k, depth = self._by_user_checks(request)
+            enc = encode_users(self.encoder, [request], self.cfg.limits.max_history)
             params = self._params(served, request.exact, request.kprime)
             exclude = None if request.keep_history else [enc.known[0].tolist()]
             out = self._search(served, enc.states, depth, params, exclude, context, "SearchByUser")
@@ -277,6 +275,43 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             return resp
 
         return self._call("SearchByUser", context, run)
+
+    def SearchByUsers(self, request, context):
+        def run():
+            started = time.monotonic()
+            served, k, depth = self._by_user_checks(request)
+            users = list(request.users)
+            if not users:
+                raise invalid("users is empty")
+            if len(users) > self.cfg.limits.max_nq:
+                raise invalid(f"{len(users)} users exceed max_nq {self.cfg.limits.max_nq}")
+            enc = encode_users(self.encoder, users, self.cfg.limits.max_history)
+            params = self._params(served, request.exact, request.kprime)
+            exclude = None if request.keep_history else [known.tolist() for known in enc.known]
+            out = self._search(served, enc.states, depth, params, exclude, context, "SearchByUsers")
+            if request.rerank:
+                r = out.result
+                rows = [self._rerank(u, SearchResult(r.scores[i : i + 1], r.ids[i : i + 1], r.exact[i : i + 1],
+                                                     r.bound[i : i + 1]), k) for i, u in enumerate(users)]
+                out.result = SearchResult(*(np.concatenate([getattr(x, f) for x in rows])
+                                            for f in ("scores", "ids", "exact", "bound")))
+            resp = pb.SearchByUsersResponse(results=self._response(served, out, k, request.request_id, started))
+            for unknown in enc.unknown:
+                resp.unknown_ids.add().ids.extend(unknown.tolist())
+            return resp
+
+        return self._call("SearchByUsers", context, run)
+
+    def _by_user_checks(self, request) -> tuple[Served, int, int]:
+        """SearchByUser(s): the encoder is on, the index takes its states; -> (served, k, retrieval depth)."""
+        if self.encoder is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no encoder_checkpoint configured: SearchByUser is off")
+        served = self._served(request.index, request.version)
+        if served.index.dim != self.encoder.dim:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"index {served.name!r} expects dim {served.index.dim}, the encoder makes {self.encoder.dim}")
+        k = self._check_k(request.k)
+        return served, k, self._check_rerank(request.rerank, k)
 
     def _check_rerank(self, rerank: int, k: int) -> int:
         """How deep SearchByUser retrieves: k, or ``rerank`` candidates for the ranking stage."""

@@ -489,6 +489,20 @@ def test_search_by_user_encodes_the_history_server_side(tmp_path, tiny_synthetic
             with pytest.raises(grpc.RpcError) as err:
                 c.search_by_user(history, 10, rerank=30)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "rerank is off" in err.value.details()
+            # many users in one call: row i equals that user's own SearchByUser
+            other = [int(raw_ids[20]), int(raw_ids[2])]
+            both = c.search_by_users([history, other], 10)
+            alone = c.search_by_user(other, 10)
+            np.testing.assert_array_equal(both.ids, np.concatenate([r.ids, alone.ids]))
+            np.testing.assert_allclose(both.scores, np.concatenate([r.scores, alone.scores]), rtol=1e-5, atol=1e-6)
+            assert both.unknown_ids_per_user == [[999999], []]
+            for users, stamps in (([], None), ([other] * 2000, None), ([history, other], [[1, 2, 3, 4], []])):
+                with pytest.raises(grpc.RpcError) as err:
+                    c.search_by_users(users, 10, stamps)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            with pytest.raises(grpc.RpcError) as err:
+                c.search_by_users([other, [999998]], 10)
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND and "user 1" in err.value.details()
         state = enc.encode([history]).states
         _, expected = FlatMIPS(items, raw_ids).search(state, 10, exclude=[[history[0], history[1], history[3]]])
         np.testing.assert_array_equal(r.ids, expected)
@@ -514,6 +528,8 @@ def test_search_by_user_encodes_the_history_server_side(tmp_path, tiny_synthetic
     try:
         with client_for(srv) as c:
             r = c.search_by_user(history, 10, rerank=30)
+            both = c.search_by_users([history, other], 10, rerank=30)
+            np.testing.assert_array_equal(both.ids, np.concatenate([r.ids, c.search_by_user(other, 10, rerank=30).ids]))
             for bad in (5, 10**6):
                 with pytest.raises(grpc.RpcError) as err:
                     c.search_by_user(history, 10, rerank=bad)
