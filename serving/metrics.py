@@ -13,6 +13,9 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("genrec_requests", "RPCs by method and status code", ["method", "code"], registry=r)
+        self.index_requests = Counter("genrec_index_requests", "RPCs naming an index, by index (served names only; "
+                                      "anything else counts as \"unknown\"), method and status code",
+                                      ["index", "method", "code"], registry=r)
         self.latency = Histogram("genrec_latency_seconds", "RPC latency by stage (queue, compute, total)",
                                  ["method", "stage"], buckets=LATENCY_BUCKETS, registry=r)
         self.batcher_busy = Counter("genrec_batcher_busy_seconds", "seconds the batcher spent searching "

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import time
+from typing import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 
 import grpc
@@ -97,9 +98,11 @@ def load_error(e: Exception) -> ServiceError:
 access_log = logging.getLogger("genrec.access")
 
 
-def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool, access: bool = False):
-    """Run one RPC body: map its exceptions to status codes (the table above) and count it; ``access``
-    writes one line per request to the ``genrec.access`` logger (method, code, ms, peer)."""
+def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool, access: bool = False,
+            index_label: Callable[[], str | None] | None = None):
+    """Run one RPC body: map its exceptions to status codes (the table above) and count it (also per
+    index when ``index_label`` names one); ``access`` writes one line per request to the
+    ``genrec.access`` logger (method, code, ms, peer)."""
     start = time.monotonic()
     code, message = grpc.StatusCode.OK, ""
     try:
@@ -121,6 +124,9 @@ def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool, acc
         elapsed = time.monotonic() - start
         metrics.requests.labels(method, code.name).inc()
         metrics.latency.labels(method, "total").observe(elapsed)
+        index = index_label() if index_label is not None else None
+        if index is not None:
+            metrics.index_requests.labels(index, method, code.name).inc()
         if access:
             access_log.info("%s %s %.3fms peer=%s", method, code.name, elapsed * 1e3, context.peer())
     context.abort(code, brief(message))
@@ -169,8 +175,16 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                         if b.enabled else None)
 
     # ---- plumbing ----
-    def _call(self, method: str, context, fn):
-        return run_rpc(self.metrics, method, context, fn, self.closing, self.cfg.access_log)
+    def _call(self, method: str, context, fn, request=None):
+        label = None if request is None else (lambda: self._index_label(request.index))
+        return run_rpc(self.metrics, method, context, fn, self.closing, self.cfg.access_log, label)
+
+    def _index_label(self, name: str) -> str:
+        """A request's index as a metrics label: a served or configured name, else "unknown" (client-sent
+        names must not become series)."""
+        name = name or self.cfg.default_index or (self.cfg.indexes[0].name if self.cfg.indexes else "")
+        known = set(self.registry.names()) | {e.name for e in self.cfg.indexes}
+        return name if name in known else "unknown"
 
     def _served(self, name: str, version: str) -> Served:
         name = name or self.cfg.default_index or (self.cfg.indexes[0].name if self.cfg.indexes else "")
@@ -258,7 +272,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             out = self._search(served, q, k, params, exclude, context, "Search")
             return self._response(served, out, k, request.request_id, started)
 
-        return self._call("Search", context, run)
+        return self._call("Search", context, run, request)
 
     def SearchByUser(self, request, context):
         def run():
@@ -274,7 +288,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             resp.unknown_ids.extend(enc.unknown[0].tolist())
             return resp
 
-        return self._call("SearchByUser", context, run)
+        return self._call("SearchByUser", context, run, request)
 
     def SearchByUsers(self, request, context):
         def run():
@@ -300,7 +314,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 resp.unknown_ids.add().ids.extend(unknown.tolist())
             return resp
 
-        return self._call("SearchByUsers", context, run)
+        return self._call("SearchByUsers", context, run, request)
 
     def _by_user_checks(self, request) -> tuple[Served, int, int]:
         """SearchByUser(s): the encoder is on, the index takes its states; -> (served, k, retrieval depth)."""
@@ -378,7 +392,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                             device=str(served.index.device))
 
     def GetIndexInfo(self, request, context):
-        return self._call("GetIndexInfo", context, lambda: self._info(self._served(request.index, "")))
+        return self._call("GetIndexInfo", context, lambda: self._info(self._served(request.index, "")), request)
 
     def LoadIndex(self, request, context):
         def run():
@@ -407,4 +421,4 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             self.metrics.index_swaps.labels(request.index, "loaded").inc()
             return self._info(served)
 
-        return self._call("LoadIndex", context, run)
+        return self._call("LoadIndex", context, run, request)

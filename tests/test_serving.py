@@ -163,8 +163,16 @@ def test_health_reflection_and_metrics_answer_generic_clients(server):
     channel.close()
     with client_for(server) as c:
         c.search(unit(2, 5), 3, index="items")
+        c.search(unit(1, 5), 3, index="hnsw")
+        c.search(unit(1, 5), 3)  # the default index: the first configured
+        with pytest.raises(grpc.RpcError):
+            c.search(unit(1, 5), 3, index="z" * 200)
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
     assert 'genrec_requests_total{code="OK",method="Search"}' in text
+    per_index = lambda index, code: server.metrics.registry.get_sample_value(  # noqa: E731
+        "genrec_index_requests_total", {"index": index, "method": "Search", "code": code})
+    assert per_index("items", "OK") == 2 and per_index("hnsw", "OK") == 1 and per_index("unknown", "NOT_FOUND") == 1
+    assert "z" * 200 not in text  # client-sent names never become series
     assert 'genrec_index_items{device="cpu",index="items",version="v1"} 300.0' in text
     assert "genrec_latency_seconds_bucket" in text and "genrec_batch_queries_count" in text
     busy = server.metrics.registry.get_sample_value("genrec_batcher_busy_seconds_total")
