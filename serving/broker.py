@@ -11,6 +11,7 @@ SearchByUser encodes at the broker (when it has the encoder) and fans out a Sear
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -31,6 +32,32 @@ from genrec.serving.metrics import ServerMetrics
 log = logging.getLogger(__name__)
 
 
+# Replicas behind one shard target: gRPC's own round_robin over the addresses the name resolves to, each
+# subchannel health-checked on grpc.health.v1 (a replica reporting NOT_SERVING, e.g. draining, gets no
+# new calls), and a Search that meets an UNAVAILABLE replica retried on another (Search is idempotent).
+SHARD_SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "healthCheckConfig": {"serviceName": ""},
+    "methodConfig": [{
+        "name": [{"service": "genrec.serving.v1.Retrieval"}],
+        "retryPolicy": {"maxAttempts": 3, "initialBackoff": "0.02s", "maxBackoff": "0.2s",
+                        "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+
+
+def shard_channel(target: str, root_cert_path: str = "", server_name: str = "") -> grpc.Channel:
+    """A channel to one shard (one or several replicas); TLS when ``root_cert_path`` names a CA bundle."""
+    options = [("grpc.service_config", SHARD_SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+    if not root_cert_path:
+        return grpc.insecure_channel(target, options)
+    with open(root_cert_path, "rb") as f:
+        creds = grpc.ssl_channel_credentials(f.read())
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, creds, options)
+
+
 class BrokerService(pb_grpc.RetrievalServicer):
     def __init__(self, cfg: ServeConfig, metrics: ServerMetrics, encoder=None):
         if cfg.broker.policy not in ("partial", "fail"):
@@ -41,7 +68,7 @@ class BrokerService(pb_grpc.RetrievalServicer):
         self.closing = False
         self.batcher = None
         self.shards = list(cfg.broker.shards)
-        self.channels = [grpc.insecure_channel(t) for t in self.shards]
+        self.channels = [shard_channel(t, cfg.broker.tls_root_cert, cfg.broker.tls_server_name) for t in self.shards]
         self.stubs = [pb_grpc.RetrievalStub(c) for c in self.channels]
         self.health_stubs = [health_pb2_grpc.HealthStub(c) for c in self.channels]
         self.pool = futures.ThreadPoolExecutor(max_workers=max(4, 2 * len(self.shards)), thread_name_prefix="genrec-broker")

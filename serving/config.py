@@ -41,7 +41,12 @@ class TLSConfig:
 
 @dataclass
 class BrokerConfig:
-    shards: tuple[str, ...] = ()   # host:port of each shard server
+    # each shard's gRPC target: host:port, or a name resolving to several replicas of that shard
+    # (dns:///shard-0.genrec:50051, ipv4:10.0.0.5:50051,10.0.0.6:50051), balanced round-robin over the
+    # replicas whose grpc.health.v1 says SERVING
+    shards: tuple[str, ...] = ()
+    tls_root_cert: str = ""        # PEM of the CA the shards' certificates chain to: TLS to the shards ("" = plaintext)
+    tls_server_name: str = ""      # the name the shards' certificates carry, when it is not the target's host
     policy: str = "partial"        # partial: answer from the shards that replied (and name the others); fail: UNAVAILABLE
     shard_timeout_s: float = 5.0   # per-shard cap, within the request's own deadline
     health_interval_s: float = 1.0

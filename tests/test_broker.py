@@ -108,3 +108,72 @@ def test_shards_hot_swap_independently_behind_the_broker(cluster):
         np.testing.assert_array_equal(r.ids, want)
     finally:
         broker.stop(grace=0.5)
+
+
+def test_replicas_behind_one_shard_target_share_the_load_and_cover_a_stopped_one(cluster):
+    """Two replicas of one shard behind one target (``ipv4:a,b``, as a DNS name with two records would
+    resolve): gRPC's round_robin spreads the calls over both; once one is stopped and its channel has
+    noticed, no request fails and every answer is still the whole index's."""
+    items, ids, bounds, servers, single, tmp_path = cluster
+    path = tmp_path / "all" / "v1"
+    replicas = [RetrievalServer(ServeConfig(port=0, indexes=(IndexEntry("items", str(path)),))).start() for _ in range(2)]
+    target = "ipv4:" + ",".join(f"127.0.0.1:{r.port}" for r in replicas)
+    broker = RetrievalServer(ServeConfig(port=0, role="broker", broker=BrokerConfig(
+        shards=(target,), shard_timeout_s=2.0, health_interval_s=0.1))).start()
+    served = lambda r: r.metrics.registry.get_sample_value(  # noqa: E731
+        "genrec_requests_total", {"method": "Search", "code": "OK"}) or 0
+    try:
+        q = queries()
+        with GenrecClient(f"127.0.0.1:{single.port}") as s:
+            want = s.search_reply(q, 10, timeout=10).ids
+        with GenrecClient(f"127.0.0.1:{broker.port}") as b:
+            for _ in range(20):
+                np.testing.assert_array_equal(b.search_reply(q, 10, timeout=10).ids, want)
+            assert served(replicas[0]) >= 5 and served(replicas[1]) >= 5  # both replicas took calls
+            replicas[0].stop(grace=0.5)
+            time.sleep(1.0)  # the channel sees the closed connection / NOT_SERVING health
+            before = served(replicas[1])
+            for _ in range(20):
+                r = b.search_reply(q, 10, timeout=10)
+                np.testing.assert_array_equal(r.ids, want)
+                assert not r.failed_shards
+            assert served(replicas[1]) - before == 20
+    finally:
+        broker.stop(grace=0.5)
+        for r in replicas:
+            r.stop(grace=0.5)
+
+
+def test_the_broker_speaks_tls_to_its_shards(cluster, tmp_path):
+    """broker.tls_root_cert: the broker's shard channels are TLS (a plaintext shard target fails, a TLS
+    shard answers as the plaintext one did)."""
+    import shutil
+    import subprocess
+
+    from genrec.serving.config import TLSConfig
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl CLI not available to make a test certificate")
+    items, ids, bounds, servers, single, root = cluster
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=shard.genrec", "-addext", "subjectAltName=DNS:shard.genrec"],
+                   check=True, capture_output=True, timeout=60)
+    shard = RetrievalServer(ServeConfig(port=0, tls=TLSConfig(cert=str(cert), key=str(key)),
+                                        indexes=(IndexEntry("items", str(root / "all" / "v1")),))).start()
+    broker = RetrievalServer(ServeConfig(port=0, role="broker", broker=BrokerConfig(
+        shards=(f"127.0.0.1:{shard.port}",), tls_root_cert=str(cert), tls_server_name="shard.genrec",
+        shard_timeout_s=2.0, health_interval_s=0.1))).start()
+    plain = RetrievalServer(ServeConfig(port=0, role="broker", broker=BrokerConfig(
+        shards=(f"127.0.0.1:{shard.port}",), policy="fail", shard_timeout_s=1.0, health_interval_s=0.1))).start()
+    try:
+        q = queries()
+        with GenrecClient(f"127.0.0.1:{single.port}") as s, GenrecClient(f"127.0.0.1:{broker.port}") as b:
+            np.testing.assert_array_equal(b.search_reply(q, 10, timeout=10).ids, s.search_reply(q, 10, timeout=10).ids)
+        with GenrecClient(f"127.0.0.1:{plain.port}") as p:
+            with pytest.raises(grpc.RpcError) as err:
+                p.search_reply(q, 10, timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for srv in (broker, plain, shard):
+            srv.stop(grace=0.5)
