@@ -230,3 +230,21 @@ def test_the_retrieval_bench_reuses_only_a_completed_run_of_the_same_config(tmp_
     assert completed_run(run, cfg) == run / "checkpoint_best.pt"
     cfg.train.epochs = 3
     assert completed_run(run, cfg) is None  # another config
+
+
+def test_the_gaussian_benchmark_corpus_keeps_the_catalogue_covariance_but_not_its_items():
+    """bench retrieval --corpus gaussian: unit vectors whose direction statistics follow the trained items'
+    (mean and covariance of the re-normalised draws close to the source's), and none a near-copy of one."""
+    from genrec.bench.retrieval import gaussian_corpus
+
+    rng = np.random.default_rng(0)
+    basis = rng.standard_normal((8, 8))
+    source = rng.standard_normal((400, 8)) @ basis + 2.0
+    source /= np.linalg.norm(source, axis=1, keepdims=True)
+    drawn = gaussian_corpus(source, 20_000, np.random.default_rng(1))
+    assert drawn.shape == (20_000, 8) and drawn.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(drawn, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(drawn.mean(0), source.mean(0), atol=0.03)
+    np.testing.assert_allclose(np.cov(drawn, rowvar=False), np.cov(source, rowvar=False), atol=0.02)
+    nearest = (drawn[:500] @ source.T).max(1)
+    assert np.median(nearest) < 0.999  # not copies of trained items (noisy copies at noise 0.05 would be)

@@ -113,6 +113,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--qps-batches", type=int, nargs="+", default=[32, 128])
     ap.add_argument("--noise", type=float, default=0.5)
+    ap.add_argument("--corpus", choices=["noisy", "gaussian"], default="noisy",
+                    help="noisy: trained items plus --noise (clustered); gaussian: drawn from a Gaussian with the "
+                         "trained items' mean and full covariance")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     ap.add_argument("--checkpoint", help="a checkpoint trained with similarity.type=mol (default: train a small one)")
@@ -137,6 +140,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def gaussian_corpus(items: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """n items drawn from a Gaussian with the trained items' mean and full covariance, re-normalised: the
+    same second-order shape as the trained catalogue without its clusters (no item is a noisy copy of a
+    trained one, so stage 1 gets no help from near-duplicates)."""
+    x = np.asarray(items, dtype=np.float64)
+    d = x.shape[1]
+    chol = np.linalg.cholesky(np.cov(x, rowvar=False) + 1e-6 * np.eye(d))
+    mean = x.mean(0)
+    out = np.empty((n, d), dtype=np.float32)
+    for s in range(0, n, 1 << 18):
+        e = min(s + (1 << 18), n)
+        y = mean + rng.standard_normal((e - s, d)) @ chol.T
+        out[s:e] = y / np.linalg.norm(y, axis=1, keepdims=True)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -148,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     mol, base_items, states = trained_mol(args.checkpoint, args.work_dir, args.retrain, args.train_epochs)
     corpus = (np.load(args.embeddings, mmap_mode="r") if args.embeddings
+              else gaussian_corpus(base_items, args.items, rng) if args.corpus == "gaussian"
               else expand_corpus(base_items, args.items, args.noise, rng))
     queries = (np.load(args.queries) if args.queries else states[rng.permutation(len(states))]).astype(np.float32)
     rq = queries[: args.recall_queries]
@@ -239,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
 
     add_ratios(rows, args.qps_batches[0] if args.qps_batches else None)
     meta = {**provenance(), "threads": args.threads, "queries": "user states of the checkpoint's eval users" if not args.queries else args.queries,
-            "corpus": args.embeddings or f"{len(base_items)} trained items expanded with noise {args.noise}",
+            "corpus": args.embeddings or (f"Gaussian fitted to {len(base_items)} trained items (full covariance)"
+                                          if args.corpus == "gaussian" else
+                                          f"{len(base_items)} trained items expanded with noise {args.noise}"),
             "note": "recall_vs_mol: vs exact MoL top-k (|∩|/k, ties by id); recall_vs_mips: vs exact dot-product top-k; "
                     "speedup_*: exact MoL time / system time; p50_vs_faiss_flat: system p50 / faiss Flat IP p50"}
     stem = args.stem or f"retrieval_{n // 1000}k"
