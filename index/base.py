@@ -29,6 +29,10 @@ class IndexState:
     blobs: dict[str, bytes] = field(default_factory=dict)
 
 
+class FilterUnsupported(ValueError):
+    """A search asked for an allow / deny filter that this index kind cannot apply inside its search."""
+
+
 class Index(ABC):
     kind: str = ""
 

@@ -29,6 +29,7 @@ from genrec.index.stage1 import Stage1Table, encode, fit_stage1, from_numpy, ite
 from genrec.index.threshold import SelectionStats, sample_rows, static_threshold_topk, threshold_topk
 from genrec.kernels.dispatch import Backend, mol_candidate_scores
 from genrec.kernels.topk import ascending_rows
+from genrec.retrieval.ids import rows_of
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits
 from genrec.retrieval.search import SearchResult, rescore_candidates, validate_queries
 
@@ -189,19 +190,44 @@ class MoLHIndexer(Index):
 
     @torch.no_grad()
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
-                                kprime: int | None = None) -> SearchResult:
+                                kprime: int | None = None, allow: Sequence[int] | None = None,
+                                deny: Sequence[int] | None = None) -> SearchResult:
+        """allow / deny: a filter over external ids for the whole batch; stage 1 then scans only the items
+        it lets through (their codes gathered once per call) and keeps K' of them, so a selective filter
+        costs less than an unfiltered search, never an over-fetch. Exact when K' covers every allowed item."""
         u = validate_queries(queries, self.dim, k).to(self.device)
         kp = min(kprime or self.kprime, self.ntotal)
         if kp <= 0:
             raise ValueError(f"kprime must be positive, got {kprime}")
         excl = self.idmap.exclude_rows(exclude, len(u))
+        subset = self.idmap.allowed_rows(allow, deny)
         self.last_stats = SelectionStats()
-        if self._takes_static_path(excl is None, k, kp):
+        if subset is None and self._takes_static_path(excl is None, k, kp):
             scores, rows = self._search_static(u, k, kp)
         else:
-            scores, rows = self._search_general(u, k, kp, excl)
-        exact = kp >= self.ntotal
+            scores, rows = self._search_general(u, k, kp, excl, subset)
+        exact = kp >= (self.ntotal if subset is None else len(subset))
         return self._result(scores, rows, np.full(len(u), exact), np.full(len(u), float("-inf") if exact else float("inf")))
+
+    def _threshold_candidates(self, qv: torch.Tensor, kp: int, table: Stage1Table, scan, score_sample, n: int) -> torch.Tensor:
+        """Stage-1 top-K' rows (B, K') of ``table`` (n items) by the chunked threshold selection."""
+        gpu = qv.device.type == "cuda"
+        return threshold_topk(qv, scan, score_sample, n, kp,
+                              chunk_size=max(self.chunk_size, GPU_SCAN_CHUNK if gpu else CPU_SCAN_SCORES // len(qv)),
+                              chunk_capacity=4 * kp if gpu else None, max_retries=4 if gpu else 2,
+                              stats=self.last_stats, final_chunk_size=GPU_FINAL_CHUNK if gpu else None,
+                              order_ties=False)[1]
+
+    def _filtered_candidates(self, qv: torch.Tensor, kp: int, subset: torch.Tensor) -> torch.Tensor:
+        """Stage 1 over the filtered rows only: all of them when K' covers them, else the threshold
+        selection over their gathered codes; -> (B, <= K') full-corpus rows, -1 padded."""
+        b, n = qv.shape[0], len(subset)
+        if n <= kp:
+            return subset.expand(b, -1) if n else torch.full((b, 1), -1, dtype=torch.int64, device=qv.device)
+        table = self.stage1.take(subset)
+        scan = lambda x, s, e, thr, cap: table.scan_range(x, s, e, thr, cap, backend=self.kernel_backend)  # noqa: E731
+        pos = self._threshold_candidates(qv, kp, table, scan, table.sample_scorer(sample_rows(n, self.sample_size)), n)
+        return rows_of(subset, pos)
 
     def _takes_static_path(self, no_exclusions: bool, k: int, kp: int) -> bool:
         if self.static_search not in STATIC_SEARCH:
@@ -239,23 +265,23 @@ class MoLHIndexer(Index):
         scores, rows = scores[:, :k], cand.gather(1, order[:, :k])
         return scores, torch.where(torch.isneginf(scores), -1, rows), ok
 
-    def _search_general(self, u: torch.Tensor, k: int, kp: int, excl) -> tuple[torch.Tensor, torch.Tensor]:
-        """Any K', exclusions, retries: chunked threshold selection (or the top-k scan), then stage 2."""
+    def _search_general(self, u: torch.Tensor, k: int, kp: int, excl,
+                        subset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Any K', exclusions, filters, retries: chunked threshold selection (or the top-k scan), then stage 2.
+        subset: ascending rows a filter lets through (None: all)."""
         dev = self.device
         if excl is not None:
             excl = [e.to(dev) for e in excl]
-        gpu = dev.type == "cuda"
         q = self.mol.encode_queries(u)
         qv = self.stage1.query_vectors(q)
-        if self.uses_topk_scan(kp):
+        if subset is not None:
+            cand = self._filtered_candidates(qv, kp, subset.to(dev))
+        elif self.uses_topk_scan(kp):
             _, cand = self.stage1.topk(qv, kp)
         else:
-            _, cand = threshold_topk(qv, self._scan_range, self._score_sample, self.ntotal, kp,
-                                     chunk_size=max(self.chunk_size, GPU_SCAN_CHUNK if gpu else CPU_SCAN_SCORES // len(u)),
-                                     chunk_capacity=4 * kp if gpu else None, max_retries=4 if gpu else 2,
-                                     stats=self.last_stats, final_chunk_size=GPU_FINAL_CHUNK if gpu else None,
-                                     order_ties=False)
+            cand = self._threshold_candidates(qv, kp, self.stage1, self._scan_range, self._score_sample, self.ntotal)
         cand = ascending_rows(cand)  # an in-order gather; rows are distinct (each item is scanned once)
+        gpu = dev.type == "cuda"
         scores, rows = rescore_candidates(self.gating, q, self.cache, cand, k, excl,
                                           max(self.rescore_chunk, GPU_RESCORE_CHUNK) if gpu else self.rescore_chunk)
         return scores.cpu(), rows.cpu()

@@ -10,8 +10,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from genrec.index.base import Index, IndexState
+from genrec.index.base import FilterUnsupported, Index, IndexState
 from genrec.index.stage1 import from_numpy
+from genrec.retrieval.ids import positions_in, rows_of
 from genrec.retrieval.search import SearchResult, validate_queries
 from genrec.kernels.topk import chunked_topk_columns, empty_topk, mask_excluded, pad_invalid, select_topk
 
@@ -66,19 +67,30 @@ class FlatMIPS(Index):
         return self
 
     @torch.no_grad()
-    def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None) -> SearchResult:
+    def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
+                                allow: Sequence[int] | None = None, deny: Sequence[int] | None = None) -> SearchResult:
+        """allow / deny: a filter over external ids for the whole batch; the scan then covers only the
+        items it lets through (gathered once per call), so the answer is the exact top-k among them."""
         dev = self.items.device
         q = validate_queries(queries, self.dim, k).to(dev)
         excl = self.idmap.exclude_rows(exclude, len(q))
+        subset = self.idmap.allowed_rows(allow, deny)
+        if subset is not None and excl is not None:
+            excl = [positions_in(subset, e) for e in excl]
         if excl is not None:
             excl = [e.to(dev) for e in excl]
+        items = self.items if subset is None else self.items[subset.to(dev)]
 
         nq = len(q)
-        small = nq * self.ntotal <= SMALL_SEARCH_SCORES
-        s, rows = self._search_small(q, k, excl) if small else self._search_chunked(q, k, excl)
-        return self._result(s.cpu(), rows.cpu(), torch.ones(nq, dtype=torch.bool), torch.full((nq,), float("-inf")))
+        small = nq * len(items) <= SMALL_SEARCH_SCORES
+        s, rows = self._search_small(q, k, excl, items) if small else self._search_chunked(q, k, excl, items)
+        s, rows = s.cpu(), rows.cpu()
+        if subset is not None:
+            rows = rows_of(subset, rows)
+        return self._result(s, rows, torch.ones(nq, dtype=torch.bool), torch.full((nq,), float("-inf")))
 
-    def _search_chunked(self, q: torch.Tensor, k: int, excl: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_chunked(self, q: torch.Tensor, k: int, excl: list[torch.Tensor] | None,
+                        items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Item-major score chunks into one reused buffer, each cut by the group-max pre-selection."""
         nq, dev = len(q), q.device
         if dev.type == "cuda":  # MKL's width quirk is a CPU matter; a GPU wants few, large chunks
@@ -90,17 +102,18 @@ class FlatMIPS(Index):
         qt = q.T if width == nq else torch.cat([q, q.new_zeros(width - nq, q.shape[1])]).T
 
         def score(start: int, end: int, out: torch.Tensor) -> None:  # out: (end - start, width)
-            torch.mm(self.items[start:end].float(), qt, out=out)
+            torch.mm(items[start:end].float(), qt, out=out)
             mask_excluded(out.T, start, excl)
 
-        return chunked_topk_columns(score, self.ntotal, nq, k, chunk, dtype=q.dtype, device=dev, width=width)
+        return chunked_topk_columns(score, len(items), nq, k, chunk, dtype=q.dtype, device=dev, width=width)
 
-    def _search_small(self, q: torch.Tensor, k: int, excl: list[torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_small(self, q: torch.Tensor, k: int, excl: list[torch.Tensor] | None,
+                      items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """All (nq, N) scores at once, then the top k by (score desc, row asc), -1 / -inf padded to k."""
         nq = len(q)
-        scores = torch.mm(q, self.items.float().T)
+        scores = torch.mm(q, items.float().T)
         mask_excluded(scores, 0, excl)
-        s, rows = select_topk(scores, torch.arange(self.ntotal, device=q.device).expand(nq, -1), k)
+        s, rows = select_topk(scores, torch.arange(len(items), device=q.device).expand(nq, -1), k)
         if s.shape[1] < k:  # fewer items than k
             pad_s, pad_rows = empty_topk(nq, k - s.shape[1], q.device)
             s, rows = torch.cat([s, pad_s], 1), torch.cat([rows, pad_rows], 1)
@@ -151,8 +164,12 @@ class FaissMIPS(Index):
         return len(faiss.serialize_index(self.index)) / max(self.ntotal, 1) + 8
 
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
+                                allow: Sequence[int] | None = None, deny: Sequence[int] | None = None,
                                 **params) -> SearchResult:
         import faiss
+
+        if allow is not None or deny is not None:
+            raise FilterUnsupported("allow / deny filters need a mips (flat) or mol-hindexer index, not mips-faiss")
 
         q = validate_queries(queries, self.dim, k).numpy()
         excl = self.idmap.exclude_rows(exclude, len(q))

@@ -116,6 +116,12 @@ class Stage1Table:
 
         return stage1_topk(qv, self.codes, k)
 
+    def take(self, rows: torch.Tensor) -> "Stage1Table":
+        """The table of items ``rows`` only (codes gathered; projection and scales shared): stage 1 over a
+        filtered subset of the corpus."""
+        return Stage1Table(self.method, self.dtype, self.codes[rows.to(self.codes.device)], self.projection,
+                           self.scales, self.query_projection)
+
     def to(self, device: torch.device | str) -> "Stage1Table":
         """A copy of the table with every tensor on ``device``."""
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731

@@ -35,6 +35,19 @@ class IdMap:
         pos = torch.searchsorted(self._sorted, x).clamp(max=self.ntotal - 1)
         return torch.where(self._sorted[pos] == x, self._order[pos], -1)
 
+    def allowed_rows(self, allow: Sequence[int] | None = None, deny: Sequence[int] | None = None) -> torch.Tensor | None:
+        """A request's filter -> the internal rows it lets through, ascending (int64), or None for all.
+
+        allow: only these external ids (unknown ones ignored); deny: never these. Both may be given."""
+        if allow is None and deny is None:
+            return None
+        keep = torch.zeros(self.ntotal, dtype=torch.bool) if allow is not None else torch.ones(self.ntotal, dtype=torch.bool)
+        if allow is not None:
+            keep[self.rows(list(allow))] = True
+        if deny is not None:
+            keep[self.rows(list(deny))] = False
+        return keep.nonzero().squeeze(1)
+
     def rows(self, external: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """External ids (m,) -> internal rows (m',) int64 of the ids that exist (unknown ids dropped)."""
         r = self.lookup(external)
@@ -55,3 +68,18 @@ class IdMap:
         if len(exclude) != nq:
             raise ValueError(f"exclude has {len(exclude)} rows for {nq} queries")
         return [self.rows(list(r)) for r in exclude]
+
+
+def positions_in(subset: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Rows (m,) -> their positions in ``subset`` (ascending rows), dropping rows it does not hold."""
+    if len(subset) == 0 or len(rows) == 0:
+        return rows.new_empty(0)
+    pos = torch.searchsorted(subset, rows).clamp(max=len(subset) - 1)
+    return pos[subset[pos] == rows]
+
+
+def rows_of(subset: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Positions in ``subset`` (any shape, -1 = none) -> the rows they stand for (-1 kept)."""
+    if len(subset) == 0:
+        return torch.full_like(positions, -1)
+    return torch.where(positions < 0, -1, subset[positions.clamp(min=0)])

@@ -27,6 +27,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 import grpc
 import numpy as np
 
+from genrec.index.base import FilterUnsupported
 from genrec.index.storage import IndexFormatError, check_name, shown
 from genrec.retrieval.search import SearchResult
 from genrec.serving import genrec_pb2 as pb
@@ -115,6 +116,8 @@ def run_rpc(metrics: ServerMetrics, method: str, context, fn, closing: bool, acc
         code, message = grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)
     except (Expired, FutureTimeout):
         code, message = grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the search ran"
+    except FilterUnsupported as e:  # a filter this index kind cannot apply
+        code, message = grpc.StatusCode.FAILED_PRECONDITION, str(e)
     except ValueError as e:  # the searchers' own input checks
         code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
     except Exception as e:  # noqa: BLE001
@@ -209,6 +212,16 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             return {"kprime": int(kprime)}
         return {}
 
+    @staticmethod
+    def _filter(request) -> dict:
+        """A request's allow / deny filter as search params (tuples: batch keys must hash)."""
+        out = {}
+        if len(request.allow_ids):
+            out["allow"] = tuple(request.allow_ids)
+        if len(request.deny_ids):
+            out["deny"] = tuple(request.deny_ids)
+        return out
+
     def _check_k(self, k: int) -> int:
         if k <= 0:
             raise invalid(f"k must be positive, got {k}")
@@ -263,7 +276,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             served = self._served(request.index, request.version)
             q = decode_queries(request, served.index.dim, self.cfg.limits.max_nq)
             k = self._check_k(request.k)
-            params = self._params(served, request.exact, request.kprime)
+            params = {**self._params(served, request.exact, request.kprime), **self._filter(request)}
             exclude = None
             if len(request.exclude):
                 if len(request.exclude) != len(q):
@@ -279,7 +292,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             started = time.monotonic()
             served, k, depth = self._by_user_checks(request)
             enc = encode_users(self.encoder, [request], self.cfg.limits.max_history)
-            params = self._params(served, request.exact, request.kprime)
+            params = {**self._params(served, request.exact, request.kprime), **self._filter(request)}
             exclude = None if request.keep_history else [enc.known[0].tolist()]
             out = self._search(served, enc.states, depth, params, exclude, context, "SearchByUser")
             if request.rerank:
@@ -300,7 +313,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if len(users) > self.cfg.limits.max_nq:
                 raise invalid(f"{len(users)} users exceed max_nq {self.cfg.limits.max_nq}")
             enc = encode_users(self.encoder, users, self.cfg.limits.max_history)
-            params = self._params(served, request.exact, request.kprime)
+            params = {**self._params(served, request.exact, request.kprime), **self._filter(request)}
             exclude = None if request.keep_history else [known.tolist() for known in enc.known]
             out = self._search(served, enc.states, depth, params, exclude, context, "SearchByUsers")
             if request.rerank:

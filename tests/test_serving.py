@@ -872,3 +872,19 @@ def test_client_health_the_asyncio_client_and_the_access_log(index_root, caplog,
         srv.stop(grace=1)
     assert main(["query", "--target", f"127.0.0.1:{srv.port}", "--history", "1,2,3", "--timestamps", "10,20"]) == 2
     assert "--timestamps has 2 values for 3 history ids" in capsys.readouterr().err
+
+
+def test_search_filters_travel_over_grpc_and_unsupported_kinds_say_so(server):
+    """allow_ids / deny_ids on a Search reach the index (flat: exact over the items let through); a faiss
+    index answers FAILED_PRECONDITION."""
+    q = unit(4, 11)
+    allow = list(range(1000, 1300, 3))
+    with client_for(server) as c:
+        _, got = c.search(q, 10, index="items", allow=allow, deny=allow[:4])
+        with pytest.raises(grpc.RpcError) as err:
+            c.search(q, 10, index="hnsw", allow=allow)
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "mips-faiss" in err.value.details()
+    items = torch.from_numpy(unit(300, 1))
+    keep = np.isin(np.arange(300) + 1000, allow[4:])
+    _, want = FlatMIPS(items[torch.from_numpy(keep)], (np.arange(300) + 1000)[keep]).search(q, 10)
+    np.testing.assert_array_equal(got, want)
