@@ -21,6 +21,7 @@ from genrec.data.sequences import leave_one_out, save_prepared
 from genrec.data.source import load_dataset
 from genrec.embedding_export import export_item_embeddings
 from genrec.evaluation import evaluate_popularity, format_metrics_table, model_target_ranks, per_user_rank_rows
+from genrec.index.attributes import read_attributes
 from genrec.index.build import build, describe, eval_summary, exact_reference, load_mol, proxy_queries, read_items
 from genrec.index.sharding import merge_shards, shard_range, shard_version
 from genrec.index.spec import from_mapping, load_spec, parse_spec
@@ -135,6 +136,8 @@ def cmd_build_index(args: argparse.Namespace) -> int:
              f" (shard {args.shard_id} of {args.num_shards})" if sharded else "")
     train_queries = np.load(args.train_queries_file, allow_pickle=False) if args.train_queries_file else None
     index = build(spec, inputs, mol, rows, progress=not args.no_progress, train_queries=train_queries)
+    if args.metadata:
+        index.attributes = read_attributes(args.metadata, index.ids.numpy())
     extra = {"spec": spec.to_dict(), "source": inputs.source,
              "encoder_checkpoint_sha256": inputs.source.get("checkpoint_sha256")}
     if args.eval_queries > 0 or args.eval_queries_file:
@@ -318,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--eval-queries-file", help="(nq, D) float32 .npy of real query states for that summary")
     bi.add_argument("--train-queries-file", help="(m, D) float32 .npy of query states a learned stage 1 is distilled on "
                                                  "(default: noisy copies of sampled items)")
+    bi.add_argument("--metadata", help="item attributes for query-time `where` filters: a .parquet or .csv with an "
+                                       "`id` column and categorical columns (category, brand, in_stock, ...)")
     bi.add_argument("--overwrite", action="store_true")
     bi.add_argument("--no-progress", action="store_true")
     bi.set_defaults(func=cmd_build_index)

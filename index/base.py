@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
+from genrec.index.attributes import ItemAttributes
 from genrec.retrieval.ids import IdMap
 from genrec.retrieval.search import SearchResult
 
@@ -40,6 +41,21 @@ class Index(ABC):
         self.ntotal = ntotal
         self.idmap = IdMap(ids, ntotal)
         self.ids = self.idmap.ids
+        self.attributes: ItemAttributes | None = None  # categorical item metadata for `where` filters
+
+    def filter_rows(self, allow: Sequence[int] | None = None, deny: Sequence[int] | None = None,
+                    where: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor | None:
+        """A request's filter (allow / deny ids, ``where`` attribute values) -> the ascending rows it lets
+        through, or None when there is no filter."""
+        rows = self.idmap.allowed_rows(allow, deny)
+        if not where:
+            return rows
+        if self.attributes is None:
+            raise ValueError("this index has no item attributes (build it with --metadata) to filter on")
+        keep = self.attributes.mask(dict(where))  # a mapping, or (column, values) pairs (hashable batch keys)
+        if rows is not None:
+            keep &= torch.zeros(self.ntotal, dtype=torch.bool).index_fill_(0, rows, True)
+        return keep.nonzero().squeeze(1)
 
     @property
     @abstractmethod

@@ -15,7 +15,7 @@ import copy
 import io
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -191,7 +191,8 @@ class MoLHIndexer(Index):
     @torch.no_grad()
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
                                 kprime: int | None = None, allow: Sequence[int] | None = None,
-                                deny: Sequence[int] | None = None) -> SearchResult:
+                                deny: Sequence[int] | None = None, where: Mapping[str, Sequence[str]] | None = None
+                                ) -> SearchResult:
         """allow / deny: a filter over external ids for the whole batch; stage 1 then scans only the items
         it lets through (their codes gathered once per call) and keeps K' of them, so a selective filter
         costs less than an unfiltered search, never an over-fetch. Exact when K' covers every allowed item."""
@@ -200,7 +201,7 @@ class MoLHIndexer(Index):
         if kp <= 0:
             raise ValueError(f"kprime must be positive, got {kprime}")
         excl = self.idmap.exclude_rows(exclude, len(u))
-        subset = self.idmap.allowed_rows(allow, deny)
+        subset = self.filter_rows(allow, deny, where)
         self.last_stats = SelectionStats()
         if subset is None and self._takes_static_path(excl is None, k, kp):
             scores, rows = self._search_static(u, k, kp)

@@ -5,7 +5,7 @@ Queries are encoder states (D,) and items the item embeddings (N, D): what a dot
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -68,13 +68,15 @@ class FlatMIPS(Index):
 
     @torch.no_grad()
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
-                                allow: Sequence[int] | None = None, deny: Sequence[int] | None = None) -> SearchResult:
-        """allow / deny: a filter over external ids for the whole batch; the scan then covers only the
-        items it lets through (gathered once per call), so the answer is the exact top-k among them."""
+                                allow: Sequence[int] | None = None, deny: Sequence[int] | None = None,
+                                where: Mapping[str, Sequence[str]] | None = None) -> SearchResult:
+        """allow / deny (external ids) and where (attribute values): a filter for the whole batch; the
+        scan then covers only the items it lets through (gathered once per call), so the answer is the
+        exact top-k among them."""
         dev = self.items.device
         q = validate_queries(queries, self.dim, k).to(dev)
         excl = self.idmap.exclude_rows(exclude, len(q))
-        subset = self.idmap.allowed_rows(allow, deny)
+        subset = self.filter_rows(allow, deny, where)
         if subset is not None and excl is not None:
             excl = [positions_in(subset, e) for e in excl]
         if excl is not None:
@@ -165,11 +167,11 @@ class FaissMIPS(Index):
 
     def search_with_certificate(self, queries, k: int, exclude: Sequence[Sequence[int]] | None = None,
                                 allow: Sequence[int] | None = None, deny: Sequence[int] | None = None,
-                                **params) -> SearchResult:
+                                where: Mapping[str, Sequence[str]] | None = None, **params) -> SearchResult:
         import faiss
 
-        if allow is not None or deny is not None:
-            raise FilterUnsupported("allow / deny filters need a mips (flat) or mol-hindexer index, not mips-faiss")
+        if allow is not None or deny is not None or where:
+            raise FilterUnsupported("allow / deny / where filters need a mips (flat) or mol-hindexer index, not mips-faiss")
 
         q = validate_queries(queries, self.dim, k).numpy()
         excl = self.idmap.exclude_rows(exclude, len(q))

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from genrec import __version__
+from genrec.index.attributes import ItemAttributes, split_attribute_arrays
 from genrec.index.base import Index, IndexState
 from genrec.index.hindexer import MoLHIndexer
 from genrec.index.mips import FaissMIPS, FlatMIPS
@@ -109,6 +110,9 @@ def save_index(index: Index, root: str | Path, name: str, version: str | None = 
     version = version or next_version(root, name)
     check_name("index version", version)
     st = index.state()
+    if index.attributes is not None:
+        st.arrays.update(index.attributes.arrays())
+        extra = {**(extra or {}), "attributes": index.attributes.vocab}
     with atomic_directory(root / name / version, overwrite=overwrite) as tmp:
         files = []
         for key, arr in st.arrays.items():
@@ -226,10 +230,13 @@ def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tup
                 raise IndexFormatError(f"{p}: holds NaN or infinite values (such an item would outrank every other)")
         else:
             blobs[p.name] = p.read_bytes()
+    arrays, attribute_arrays = split_attribute_arrays(arrays)
     st = IndexState(manifest["kind"], manifest["params"], arrays, blobs)
     try:
         index = classes[manifest["kind"]].from_state(st)
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        if manifest.get("attributes"):
+            index.attributes = ItemAttributes.from_arrays(attribute_arrays, manifest["attributes"], index.ntotal)
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
         raise IndexFormatError(f"{path}: inconsistent index files ({type(e).__name__}: {e})") from None
     if index.ntotal != manifest["count"]:
         raise IndexFormatError(f"{path}: holds {index.ntotal} items, manifest says {manifest['count']}")

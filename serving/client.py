@@ -47,16 +47,23 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
+def where_message(where: dict[str, Sequence[str]] | None) -> dict[str, pb.Strings]:
+    """{"category": ["shoes"]} -> the requests' ``where`` map (attribute column -> allowed values)."""
+    return {name: pb.Strings(values=[str(v) for v in values]) for name, values in (where or {}).items()}
+
+
 def search_request(queries, k: int, index: str = "", version: str = "", exact: bool = False, kprime: int = 0,
                    exclude: Sequence[Sequence[int]] | None = None, request_id: str = "",
-                   allow: Sequence[int] | None = None, deny: Sequence[int] | None = None) -> pb.SearchRequest:
+                   allow: Sequence[int] | None = None, deny: Sequence[int] | None = None,
+                   where: dict[str, Sequence[str]] | None = None) -> pb.SearchRequest:
     """(nq, dim) float queries -> a SearchRequest (row-major little-endian float32 bytes). allow / deny:
     item-id filters for the whole batch, applied inside the search."""
     q = np.ascontiguousarray(queries, dtype="<f4")
     if q.ndim != 2:
         raise ValueError(f"queries must be 2-D (nq, dim), got shape {q.shape}")
     req = pb.SearchRequest(index=index, version=version, k=k, dim=q.shape[1], queries=q.tobytes(), exact=exact,
-                           kprime=kprime, request_id=request_id, allow_ids=list(allow or []), deny_ids=list(deny or []))
+                           kprime=kprime, request_id=request_id, allow_ids=list(allow or []), deny_ids=list(deny or []),
+                           where=where_message(where))
     for row in exclude or []:
         req.exclude.add().ids.extend(int(x) for x in row)
     return req
@@ -64,23 +71,25 @@ def search_request(queries, k: int, index: str = "", version: str = "", exact: b
 
 def search_by_user_request(history: Sequence[int], k: int, timestamps: Sequence[int] | None = None, index: str = "",
                            keep_history: bool = False, allow: Sequence[int] | None = None,
-                           deny: Sequence[int] | None = None, **kwargs) -> pb.SearchByUserRequest:
+                           deny: Sequence[int] | None = None, where: dict[str, Sequence[str]] | None = None,
+                           **kwargs) -> pb.SearchByUserRequest:
     return pb.SearchByUserRequest(index=index, k=k, history=list(history), timestamps=list(timestamps or []),
                                   keep_history=keep_history, allow_ids=list(allow or []), deny_ids=list(deny or []),
-                                  **kwargs)
+                                  where=where_message(where), **kwargs)
 
 
 def search_by_users_request(histories: Sequence[Sequence[int]], k: int, timestamps: Sequence[Sequence[int]] | None = None,
                             index: str = "", keep_history: bool = False, query_times: Sequence[int] | None = None,
                             allow: Sequence[int] | None = None, deny: Sequence[int] | None = None,
-                            **kwargs) -> pb.SearchByUsersRequest:
+                            where: dict[str, Sequence[str]] | None = None, **kwargs) -> pb.SearchByUsersRequest:
     if timestamps is not None and len(timestamps) != len(histories):
         raise ValueError(f"{len(timestamps)} timestamp lists for {len(histories)} users")
     users = [pb.UserHistory(history=list(h), timestamps=list(timestamps[i]) if timestamps is not None else [],
                             query_time=int(query_times[i]) if query_times is not None else 0)
              for i, h in enumerate(histories)]
     return pb.SearchByUsersRequest(index=index, k=k, users=users, keep_history=keep_history,
-                                   allow_ids=list(allow or []), deny_ids=list(deny or []), **kwargs)
+                                   allow_ids=list(allow or []), deny_ids=list(deny or []), where=where_message(where),
+                                   **kwargs)
 
 
 def users_reply(resp: pb.SearchByUsersResponse) -> Reply:

@@ -220,6 +220,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             out["allow"] = tuple(request.allow_ids)
         if len(request.deny_ids):
             out["deny"] = tuple(request.deny_ids)
+        if len(request.where):
+            out["where"] = tuple(sorted((name, tuple(v.values)) for name, v in request.where.items()))
         return out
 
     def _check_k(self, k: int) -> int:

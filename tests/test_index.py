@@ -759,3 +759,37 @@ def test_an_hindexer_filtered_search_is_exact_when_kprime_covers_the_filter_and_
             assert recall_at(r.ids, want, 10) >= recall_at(post, want, 10) and not r.exact.any()
     with pytest.raises(Exception, match="mips-faiss"):
         FaissMIPS.build(F.normalize(torch.randn(50, 8), dim=-1).numpy(), "Flat").search(np.ones((1, 8), np.float32), 3, allow=[1])
+
+
+def test_attribute_filters_from_build_metadata_survive_save_and_load_and_filter_inside_the_search(tmp_path, capsys):
+    """build-index --metadata (csv: id + categorical columns) -> the version holds the attribute codes
+    (checksummed arrays) and vocabularies; where={"category": [...], "in_stock": ["yes"]} gives the exact
+    top-k among the items whose columns match (flat here; the h-indexer takes the same rows through
+    filter_rows); unknown columns and indexes without attributes are refused."""
+    from genrec.cli import main
+
+    g = torch.Generator().manual_seed(8)
+    items = F.normalize(torch.randn(400, 8, generator=g), dim=-1)
+    ids = np.arange(400) * 2 + 1
+    np.save(tmp_path / "items.npy", items.numpy())
+    np.save(tmp_path / "items.ids.npy", ids)
+    rng = np.random.default_rng(0)
+    category = rng.choice(["shoes", "boots", "hats", "socks"], 400)
+    stock = rng.choice(["yes", "no"], 400)
+    rows = ["id,category,in_stock"] + [f"{i},{c},{s}" for i, c, s in zip(ids[:-5], category, stock)]  # 5 ids lack a row
+    (tmp_path / "meta.csv").write_text("\n".join(rows) + "\n")
+    assert main(["build-index", "--name", "shop", "--root", str(tmp_path / "idx"), "--embeddings", str(tmp_path / "items.npy"),
+                 "--spec", "mips:factory=Flat", "--metadata", str(tmp_path / "meta.csv"), "--eval-queries", "0",
+                 "--no-progress"]) == 0
+    index, manifest = load_index(tmp_path / "idx" / "shop" / "v1", verify="full")
+    assert manifest["attributes"]["category"] == ["boots", "hats", "shoes", "socks"]
+    assert any(f["path"] == "attr__category.npy" for f in manifest["files"])
+    q = F.normalize(torch.randn(3, 8, generator=g), dim=-1).numpy()
+    keep = np.isin(category, ["shoes", "boots"]) & (stock == "yes")
+    keep[-5:] = False  # no metadata row: no value, never matches
+    want = FlatMIPS(items[torch.from_numpy(keep)], ids[keep]).search(q, 10)[1]
+    np.testing.assert_array_equal(index.search(q, 10, where={"category": ["shoes", "boots", "kites"], "in_stock": ["yes"]})[1], want)
+    with pytest.raises(ValueError, match="unknown attribute 'colour'"):
+        index.search(q, 10, where={"colour": ["red"]})
+    with pytest.raises(ValueError, match="no item attributes"):
+        FlatMIPS(items, ids).search(q, 10, where={"category": ["hats"]})

@@ -884,6 +884,9 @@ def test_search_filters_travel_over_grpc_and_unsupported_kinds_say_so(server):
         with pytest.raises(grpc.RpcError) as err:
             c.search(q, 10, index="hnsw", allow=allow)
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "mips-faiss" in err.value.details()
+        with pytest.raises(grpc.RpcError) as err:  # `where` reaches the index, which has no attributes
+            c.search(q, 10, index="items", where={"category": ["shoes"]})
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "no item attributes" in err.value.details()
     items = torch.from_numpy(unit(300, 1))
     keep = np.isin(np.arange(300) + 1000, allow[4:])
     _, want = FlatMIPS(items[torch.from_numpy(keep)], (np.arange(300) + 1000)[keep]).search(q, 10)
