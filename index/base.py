@@ -47,15 +47,13 @@ class Index(ABC):
                     where: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor | None:
         """A request's filter (allow / deny ids, ``where`` attribute values) -> the ascending rows it lets
         through, or None when there is no filter."""
-        rows = self.idmap.allowed_rows(allow, deny)
-        if not where:
-            return rows
-        if self.attributes is None:
-            raise ValueError("this index has no item attributes (build it with --metadata) to filter on")
-        keep = self.attributes.mask(dict(where))  # a mapping, or (column, values) pairs (hashable batch keys)
-        if rows is not None:
-            keep &= torch.zeros(self.ntotal, dtype=torch.bool).index_fill_(0, rows, True)
-        return keep.nonzero().squeeze(1)
+        keep = self.idmap.allowed_mask(allow, deny)
+        if where:
+            if self.attributes is None:
+                raise ValueError("this index has no item attributes (build it with --metadata) to filter on")
+            matching = self.attributes.mask(dict(where))  # a mapping, or (column, values) pairs (hashable batch keys)
+            keep = matching if keep is None else keep & matching
+        return None if keep is None else keep.nonzero().squeeze(1)
 
     @property
     @abstractmethod

@@ -35,10 +35,9 @@ class IdMap:
         pos = torch.searchsorted(self._sorted, x).clamp(max=self.ntotal - 1)
         return torch.where(self._sorted[pos] == x, self._order[pos], -1)
 
-    def allowed_rows(self, allow: Sequence[int] | None = None, deny: Sequence[int] | None = None) -> torch.Tensor | None:
-        """A request's filter -> the internal rows it lets through, ascending (int64), or None for all.
-
-        allow: only these external ids (unknown ones ignored); deny: never these. Both may be given."""
+    def allowed_mask(self, allow: Sequence[int] | None = None, deny: Sequence[int] | None = None) -> torch.Tensor | None:
+        """A request's id filter -> (N,) bool over internal rows, True where it lets the item through, or
+        None for no filter. allow: only these external ids (unknown ones ignored); deny: never these."""
         if allow is None and deny is None:
             return None
         keep = torch.zeros(self.ntotal, dtype=torch.bool) if allow is not None else torch.ones(self.ntotal, dtype=torch.bool)
@@ -46,7 +45,7 @@ class IdMap:
             keep[self.rows(list(allow))] = True
         if deny is not None:
             keep[self.rows(list(deny))] = False
-        return keep.nonzero().squeeze(1)
+        return keep
 
     def rows(self, external: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
         """External ids (m,) -> internal rows (m',) int64 of the ids that exist (unknown ids dropped)."""

@@ -81,10 +81,8 @@ class IndexRegistry:
         except PlacementError as e:
             raise PlacementError(f"index {name!r}: {e}") from None
         p = resolve_path(path)
-        if (p / MANIFEST).is_file():  # before the arrays are read: a wrong model fails fast
-            self.check_pairing(name, p.name, read_manifest(p))
+        self.check_pairing(name, p.name, read_manifest(p))  # before the arrays are read: a wrong model fails fast
         index, manifest = load_index(p, verify=verify, mmap=mmap)
-        self.check_pairing(name, p.name, manifest)
         if dev.type != "cpu":
             try:
                 index = index.to(dev)

@@ -185,12 +185,16 @@ class RetrievalService(pb_grpc.RetrievalServicer):
     def _index_label(self, name: str) -> str:
         """A request's index as a metrics label: a served or configured name, else "unknown" (client-sent
         names must not become series)."""
-        name = name or self.cfg.default_index or (self.cfg.indexes[0].name if self.cfg.indexes else "")
+        name = self._index_name(name)
         known = set(self.registry.names()) | {e.name for e in self.cfg.indexes}
         return name if name in known else "unknown"
 
+    def _index_name(self, name: str) -> str:
+        """A request's index name, "" meaning the server's default (default_index, else the first entry)."""
+        return name or self.cfg.default_index or (self.cfg.indexes[0].name if self.cfg.indexes else "")
+
     def _served(self, name: str, version: str) -> Served:
-        name = name or self.cfg.default_index or (self.cfg.indexes[0].name if self.cfg.indexes else "")
+        name = self._index_name(name)
         served = self.registry.get(name)
         if served is None:
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown index {shown(name)} (serving: {', '.join(self.registry.names()) or 'none'})")
@@ -198,7 +202,11 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             raise ServiceError(grpc.StatusCode.NOT_FOUND, f"index {shown(name)} version {shown(version)} is not served (active: {served.version})")
         return served
 
-    def _params(self, served: Served, exact: bool, kprime: int) -> dict:
+    def _params(self, served: Served, request) -> dict:
+        """A request's search params: its K' (or exact) and its filter."""
+        return {**self._kprime_params(served, request.exact, request.kprime), **self._filter(request)}
+
+    def _kprime_params(self, served: Served, exact: bool, kprime: int) -> dict:
         kind = served.manifest.get("kind")
         hindexer = kind == "mol-hindexer" or (kind == "sharded" and served.manifest.get("shard_kind") == "mol-hindexer")
         if exact:
@@ -278,7 +286,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             served = self._served(request.index, request.version)
             q = decode_queries(request, served.index.dim, self.cfg.limits.max_nq)
             k = self._check_k(request.k)
-            params = {**self._params(served, request.exact, request.kprime), **self._filter(request)}
+            params = self._params(served, request)
             exclude = None
             if len(request.exclude):
                 if len(request.exclude) != len(q):
@@ -294,7 +302,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             started = time.monotonic()
             served, k, depth = self._by_user_checks(request)
             enc = encode_users(self.encoder, [request], self.cfg.limits.max_history)
-            params = {**self._params(served, request.exact, request.kprime), **self._filter(request)}
+            params = self._params(served, request)
             exclude = None if request.keep_history else [enc.known[0].tolist()]
             out = self._search(served, enc.states, depth, params, exclude, context, "SearchByUser")
             if request.rerank:
@@ -315,7 +323,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             if len(users) > self.cfg.limits.max_nq:
                 raise invalid(f"{len(users)} users exceed max_nq {self.cfg.limits.max_nq}")
             enc = encode_users(self.encoder, users, self.cfg.limits.max_history)
-            params = {**self._params(served, request.exact, request.kprime), **self._filter(request)}
+            params = self._params(served, request)
             exclude = None if request.keep_history else [known.tolist() for known in enc.known]
             out = self._search(served, enc.states, depth, params, exclude, context, "SearchByUsers")
             if request.rerank:
