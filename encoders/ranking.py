@@ -18,7 +18,11 @@ embedding of round(2 x rating), zero at start so a warm-started ranker is unchan
 unknown ratings use the empty level 0): the ranker sees how the user judged what they watched, which an
 id-only retrieval model does not.
 The head is an MLP over D x [candidate state ⊙ item embedding ; user state ⊙ item embedding] (the user
-state is the last history row, the retrieval query) plus a per-item bias -> one logit per task.
+state is the last history row, the retrieval query) plus a per-item bias -> one logit per task, added to a
+retrieval prior on the engagement task: w x the retrieval logit. Without an anchor that logit is the
+ranker's own cos(user state, item), which drifts as soon as its encoder is fine-tuned; with a
+``RetrievalAnchor`` it is the frozen retrieval model's phi(query, item) / tau itself, so the ranker starts
+as exactly retrieval's order and its encoder can learn freely, everything it learns being a correction.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genrec.encoders.history import last_states, pack_histories
 from genrec.encoders.hstu import HSTULayer
 from genrec.encoders.model import SequentialEncoder
 from genrec.kernels import hstu_attention
@@ -52,6 +57,47 @@ class HistoryCache:
     pos: torch.Tensor
     ts: torch.Tensor | None
     states: torch.Tensor  # (n, D) normalised history outputs
+    anchor_query: torch.Tensor | None = None  # (1, D_q) the anchor's query state for this history
+
+
+class RetrievalAnchor(nn.Module):
+    """A frozen retrieval model inside the ranker: encoder + similarity (dot product or MoL) + its training
+    temperature. ``logits`` gives each candidate the retrieval logit phi(query, item) / tau, the order the
+    two-stage pipeline starts from. Always in eval mode, never trained (its weights are buffers of the
+    ranker only in name: requires_grad is off and ``train()`` keeps it in eval)."""
+
+    def __init__(self, encoder: SequentialEncoder, similarity, temperature: float, config: dict | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.similarity = similarity  # an nn.Module for MoL (registered), a plain object for dot product
+        self.temperature = float(temperature)
+        self.config = config  # the retrieval run's resolved config (kept with the ranking checkpoint)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.train(False)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    @torch.no_grad()
+    def queries(self, histories: list[torch.Tensor], history_ts: list[torch.Tensor] | None = None,
+                request_times: list[int | None] | None = None) -> torch.Tensor:
+        """histories[b] (n_b,) int64 item ids, history_ts[b] (n_b,) int64 or None, request_times[b] the time
+        of the request (None: the last event's) -> (B, D_q) float32 query states, each history's last
+        ``encoder.max_len`` events."""
+        dev = histories[0].device
+        packed = pack_histories([h.cpu().numpy() for h in histories], self.encoder.max_len,
+                                None if history_ts is None else [t.cpu().numpy() for t in history_ts], request_times)
+        return last_states(self.encoder, packed.to(dev))
+
+    @torch.no_grad()
+    def logits(self, queries: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+        """queries (B, D_q), candidates[b] (m_b,) int64 item ids -> (sum m_b,) float32 retrieval logits,
+        request by request."""
+        ms = torch.tensor([len(c) for c in candidates], device=queries.device)
+        rows = torch.repeat_interleave(torch.arange(len(candidates), device=queries.device), ms)
+        items = self.encoder.item_embeddings(torch.cat(candidates))
+        return self.similarity.aligned(queries[rows], items).float() / self.temperature
 
 
 def _attend(layer: HSTULayer, q, k, v, n_keys, n_queries, n_targets, key_ts, query_next_ts):
@@ -79,7 +125,8 @@ class RankingModel(nn.Module):
 
     The encoder's max_len must exceed the longest history (candidates sit at position n)."""
 
-    def __init__(self, encoder: SequentialEncoder, num_tasks: int = 2, head_hidden: int = 64, rating_input: bool = False):
+    def __init__(self, encoder: SequentialEncoder, num_tasks: int = 2, head_hidden: int = 64, rating_input: bool = False,
+                 anchor: RetrievalAnchor | None = None):
         super().__init__()
         if encoder.cfg.encoder != "hstu":
             raise ValueError("the ranking model needs an HSTU encoder")
@@ -92,7 +139,9 @@ class RankingModel(nn.Module):
         nn.init.zeros_(self.item_bias.weight)
         # engagement starts from the retrieval logit cos(user, item) / tau (tau 0.05 as in training), so a
         # warm-started ranker ranks like retrieval before it learns anything; the head adds a correction
-        self.retrieval_weight = nn.Parameter(torch.tensor(20.0))
+        # (with an anchor: w = 1 on the anchor's own phi / tau)
+        self.retrieval_weight = nn.Parameter(torch.tensor(20.0 if anchor is None else 1.0))
+        self.anchor = anchor
         self.rating_emb = nn.Embedding(RATING_LEVELS + 1, d, padding_idx=0) if rating_input else None
         if self.rating_emb is not None:
             nn.init.zeros_(self.rating_emb.weight)
@@ -130,15 +179,20 @@ class RankingModel(nn.Module):
             raise ValueError(f"history of {n} items: the model takes at most {self.encoder.max_len - 1} (keep the most recent)")
         return n
 
-    def _head(self, states: torch.Tensor, user: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+    def _head(self, states: torch.Tensor, user: torch.Tensor, candidates: torch.Tensor,
+              anchor_logits: torch.Tensor | None = None) -> torch.Tensor:
         """states (m, D) candidate rows, user (D,) or (m, D) the last history row of each candidate's
-        request (the retrieval query state)."""
+        request (the retrieval query state), anchor_logits (m,) the anchor's retrieval logits (needed when
+        the model has an anchor)."""
         emb = self.encoder.item_embeddings(candidates) * self.encoder.cfg.item_emb_dim
         # unit vectors: entries of a product are ~1/D, hence the factor D (each half then sums to D x cosine)
         features = torch.cat([states * emb, user.expand_as(states) * emb], dim=-1)
         out = self.head(features) + self.item_bias(candidates)
-        prior = self.retrieval_weight * (user.expand_as(states) * emb).sum(-1) / self.encoder.cfg.item_emb_dim
-        return out + F.pad(prior[:, None], (0, out.shape[1] - 1))
+        if self.anchor is not None:
+            base = anchor_logits
+        else:
+            base = (user.expand_as(states) * emb).sum(-1) / self.encoder.cfg.item_emb_dim
+        return out + F.pad((self.retrieval_weight * base)[:, None], (0, out.shape[1] - 1))
 
     # ---- the three scoring paths ----
     def score_full(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,
@@ -181,7 +235,10 @@ class RankingModel(nn.Module):
         starts = torch.cumsum(lens, 0) - lens
         is_candidate = torch.cat([torch.arange(n + m) >= n for n, m in zip(ns, ms)]).to(dev)
         users = states[torch.repeat_interleave(starts + torch.tensor(ns) - 1, torch.tensor(ms)).to(dev)]
-        logits = self._head(states[is_candidate], users, torch.cat(candidates)).split(ms)
+        anchor_logits = None
+        if self.anchor is not None:
+            anchor_logits = self.anchor.logits(self.anchor.queries(histories, history_ts, request_times), candidates)
+        logits = self._head(states[is_candidate], users, torch.cat(candidates), anchor_logits).split(ms)
         if not return_history:
             return list(logits)
         return list(logits), list(states[~is_candidate].split(ns))
@@ -205,7 +262,10 @@ class RankingModel(nn.Module):
             keys.append(k)
             values.append(v)
             x = layer.finish(x, u, _attend(layer, q, k, v, n, n, 0, ts, next_ts))
-        return HistoryCache(keys, values, pos, ts, F.normalize(x, dim=-1, eps=1e-6))
+        anchor_query = None
+        if self.anchor is not None:
+            anchor_query = self.anchor.queries([history], None if history_ts is None else [history_ts], [request_time])
+        return HistoryCache(keys, values, pos, ts, F.normalize(x, dim=-1, eps=1e-6), anchor_query)
 
     def score_cached(self, cache: HistoryCache, candidates: torch.Tensor, request_time: int | None = None,
                      microbatch: int = 256) -> torch.Tensor:
@@ -224,7 +284,8 @@ class RankingModel(nn.Module):
                 u, v, q, k = layer.project(x)  # delta-q: b candidate rows against [history; themselves]
                 attn = _attend(layer, q, torch.cat([hk, k]), torch.cat([hv, v]), n + b, b, b, key_ts, t)
                 x = layer.finish(x, u, attn)
-            out.append(self._head(F.normalize(x, dim=-1, eps=1e-6), cache.states[-1], c))
+            anchor_logits = None if self.anchor is None else self.anchor.logits(cache.anchor_query, [c])
+            out.append(self._head(F.normalize(x, dim=-1, eps=1e-6), cache.states[-1], c, anchor_logits))
         return torch.cat(out) if out else torch.empty(0, self.head[-1].out_features, device=dev)
 
     def score(self, history: torch.Tensor, candidates: torch.Tensor, history_ts: torch.Tensor | None = None,

@@ -11,7 +11,7 @@ import torch
 from genrec import __version__
 from genrec.config import RunConfig, from_dict, to_dict
 from genrec.encoders.model import SequentialEncoder
-from genrec.encoders.ranking import RankingModel
+from genrec.encoders.ranking import RankingModel, RetrievalAnchor
 from genrec.io import atomic_write
 from genrec.retrieval.similarity import build_similarity
 
@@ -79,6 +79,25 @@ def ranking_state(model: RankingModel) -> dict[str, Any]:
              "ranking_retrieval_weight": model.retrieval_weight.detach()}
     if model.rating_emb is not None:
         state["ranking_rating_emb"] = model.rating_emb.state_dict()
+    if model.anchor is not None:
+        state["ranking_anchor"] = anchor_state(model.anchor)
+    return state
+
+
+def anchor_from_checkpoint(state: dict[str, Any]) -> RetrievalAnchor:
+    """The frozen retrieval model of a retrieval checkpoint (or of a ranking checkpoint's ``ranking_anchor``),
+    scoring at its training temperature."""
+    encoder, cfg = model_from_checkpoint(state)
+    temperature = cfg.loss.temperature if cfg.similarity.type == "dot" else 1.0  # MoL scores are logits / tau already
+    return RetrievalAnchor(encoder, similarity_from_checkpoint(state), temperature, state["config"])
+
+
+def anchor_state(anchor: RetrievalAnchor) -> dict[str, Any]:
+    """What rebuilds an anchor: a retrieval checkpoint in miniature (encoder, similarity, config)."""
+    state = {"model": anchor.encoder.state_dict(), "config": anchor.config, "num_items": anchor.encoder.num_items,
+             "max_len": anchor.encoder.max_len}
+    if isinstance(anchor.similarity, torch.nn.Module):
+        state["similarity"] = anchor.similarity.state_dict()
     return state
 
 
@@ -97,5 +116,7 @@ def load_ranking_weights(model: RankingModel, state: dict[str, Any]) -> RankingM
 def ranking_model_from_checkpoint(state: dict[str, Any]) -> RankingModel:
     """The eval-mode ranker of a ``task: ranking`` checkpoint."""
     encoder, cfg = model_from_checkpoint(state)
-    model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden, rating_input=cfg.ranking.rating_input)
+    anchor = anchor_from_checkpoint(state["ranking_anchor"]) if "ranking_anchor" in state else None
+    model = RankingModel(encoder, num_tasks=2, head_hidden=cfg.ranking.head_hidden, rating_input=cfg.ranking.rating_input,
+                         anchor=anchor)
     return load_ranking_weights(model, state).eval()

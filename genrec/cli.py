@@ -27,7 +27,7 @@ from genrec.index.sharding import merge_shards, shard_range, shard_version
 from genrec.index.spec import from_mapping, load_spec, parse_spec
 from genrec.index.storage import latest_version, load_index, read_manifest, save_index
 from genrec.io import atomic_write_csv
-from genrec.ranking_training import train_ranking
+from genrec.ranking_training import evaluate_ranking_checkpoint, format_paired, train_ranking
 from genrec.retrieval.metrics import metrics_from_ranks
 from genrec.trainer import select_device
 from genrec.training import train
@@ -90,6 +90,8 @@ def _train_ranking(cfg, args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
     cfg = from_dict(apply_overrides(state["config"], args.overrides))
+    if cfg.task == "ranking":
+        return _eval_ranking(state, cfg, args)
     device = select_device(cfg.train.device)
     model, _ = model_from_checkpoint(state, device)
     ds = load_dataset(cfg.data)
@@ -105,6 +107,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
     rows = {cfg.model.encoder: metrics_from_ranks(torch.from_numpy(ranks), ks),
             "popularity": evaluate_popularity(ds, split, args.stage, ks, exclude_history=cfg.eval.exclude_history)}
     print(json.dumps(rows, indent=2) if args.json else format_metrics_table(rows, ks))
+    return 0
+
+
+def _eval_ranking(state: dict, cfg, args: argparse.Namespace) -> int:
+    """A ranking checkpoint: AUC / logloss, and retrieval alone vs retrieval + ranking on the same users at each
+    rerank depth, paired (95% bootstrap CI over users)."""
+    if args.ranks_out:
+        raise ValueError("--ranks-out is for retrieval checkpoints (a ranking run keeps two_stage_test_ranks.npz)")
+    bad = [d for d in args.depths if d < 1]
+    if bad:
+        raise ValueError(f"--depths must be positive, got {bad}")
+    depths = tuple(args.depths) or (cfg.ranking.rerank_k,)
+    ranking, ranks = evaluate_ranking_checkpoint(state, cfg, args.stage, depths)
+    ks = tuple(k for k in cfg.eval.ks if k <= max(depths))
+    metrics, paired = ranks.metrics(ks), ranks.paired()
+    if args.json:
+        print(json.dumps({"ranking": ranking, "two_stage": metrics, "paired": paired}, indent=2))
+        return 0
+    print(f"Ranking ({args.stage}): AUC {ranking['auc']:.4f}, logloss {ranking['logloss']:.4f}")
+    print(f"\nTwo-stage ({args.stage}, {len(ranks.users)} users; depths {', '.join(map(str, sorted(set(depths))))}):")
+    print(format_metrics_table(metrics, ks))
+    print("\nTwo-stage minus retrieval, paired over users:")
+    print(format_paired(paired))
     return 0
 
 
@@ -294,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true")
     ev.add_argument("--ranks-out", metavar="CSV", help="also write each user's target rank (user, target, rank; 1 = first), "
                                                         "e.g. for paired comparisons of two models")
+    ev.add_argument("--depths", type=int, nargs="+", default=[],
+                    help="a ranking checkpoint: rerank depths to report (default: its rerank_k)")
     _add_overrides(ev)
     ev.set_defaults(func=cmd_eval)
 

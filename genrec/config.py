@@ -162,6 +162,10 @@ class RankingConfig:
     select_on: Literal["auc", "two_stage"] = "auc"  # best epoch / early stop: validation AUC, or validation
                                     # two-stage HR@10 (retrieve rerank_k, rerank; needs retrieval_checkpoint)
     select_users: int = 500         # validation users for select_on: two_stage (a fixed sample)
+    anchor: bool = False            # the engagement logit's base is the frozen retrieval checkpoint's own logit
+                                    # phi / tau (a copy travels in the ranking checkpoint), not the ranker's
+                                    # cos(user, item): its encoder can then be fine-tuned without losing retrieval
+    eval_depths: list[int] = field(default_factory=list)  # test two-stage also at these rerank depths (<= rerank_k)
 
 
 @dataclass
@@ -205,7 +209,8 @@ LIMITS: dict[type, dict[str, tuple]] = {
     EvalConfig: {"ks": AT_LEAST_1, "batch_size": AT_LEAST_1},
     RankingConfig: {"negatives": AT_LEAST_1, "hard_negatives": NON_NEGATIVE, "cuts_per_user": AT_LEAST_1,
                     "encoder_lr": NON_NEGATIVE, "head_hidden": AT_LEAST_1, "rating_weight": NON_NEGATIVE,
-                    "eval_negatives": AT_LEAST_1, "rerank_k": AT_LEAST_1, "select_users": AT_LEAST_1},
+                    "eval_negatives": AT_LEAST_1, "rerank_k": AT_LEAST_1, "select_users": AT_LEAST_1,
+                    "eval_depths": AT_LEAST_1},
 }
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # a run directory's name: one safe path component
 
@@ -236,6 +241,8 @@ def check_config(cfg: Any, prefix: str = "") -> Any:
         raise ConfigError(f"{prefix}.max_length: {cfg.max_length} is below min_length {cfg.min_length}")
     if isinstance(cfg, RankingConfig) and cfg.hard_negatives > cfg.negatives:
         raise ConfigError(f"{prefix}.hard_negatives: {cfg.hard_negatives} is more than negatives ({cfg.negatives})")
+    if isinstance(cfg, RankingConfig) and any(d > cfg.rerank_k for d in cfg.eval_depths):
+        raise ConfigError(f"{prefix}.eval_depths: {cfg.eval_depths} go deeper than rerank_k ({cfg.rerank_k})")
     if isinstance(cfg, RunConfig) and not RUN_NAME.fullmatch(cfg.name):
         raise ConfigError(f"name: {cfg.name[:80]!r} must be one path component of letters, digits and . _ + - "
                           f"(at most 128, not starting with . or -)")

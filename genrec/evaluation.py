@@ -89,9 +89,10 @@ def evaluate_popularity(ds: SequenceDataset, split: Split, stage: str, ks: tuple
 
 
 def format_metrics_table(rows: dict[str, dict[str, float]], ks: tuple[int, ...]) -> str:
-    """Markdown table: one row per system, HR@k / NDCG@k / MRR columns."""
+    """Markdown table: one row per system, HR@k / NDCG@k / MRR columns ("-" where a row lacks one, e.g. a
+    rerank depth shallower than k)."""
     cols = [f"hr@{k}" for k in ks] + [f"ndcg@{k}" for k in ks] + ["mrr"]
     lines = ["| system | " + " | ".join(c.upper() for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, m in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" for c in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{m[c]:.4f}" if c in m else "-" for c in cols) + " |")
     return "\n".join(lines)

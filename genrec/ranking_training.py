@@ -30,8 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genrec.checkpoint import (load_checkpoint, load_ranking_weights, model_from_checkpoint, ranking_state,
-                               save_checkpoint, similarity_from_checkpoint)
+from genrec.checkpoint import (anchor_from_checkpoint, load_checkpoint, load_ranking_weights, model_from_checkpoint,
+                               ranking_model_from_checkpoint, ranking_state, save_checkpoint,
+                               similarity_from_checkpoint)
 from genrec.config import RunConfig
 from genrec.data.batches import history_batch, target_positions
 from genrec.data.sequences import SequenceDataset, Split, leave_one_out
@@ -40,12 +41,13 @@ from genrec.encoders.history import last_states
 from genrec.encoders.model import SequentialEncoder
 from genrec.encoders.ranking import RankingModel, warm_start
 from genrec.evaluation import mask_history
-from genrec.io import atomic_write_json
-from genrec.retrieval.metrics import metrics_from_ranks
+from genrec.io import atomic_write, atomic_write_json
+from genrec.retrieval.metrics import metrics_from_ranks, paired_bootstrap, per_user_metric
 from genrec.trainer import TrainTask, fit, seed_everything
 
 log = logging.getLogger(__name__)
 EVAL_CHUNK = 32  # users per packed forward pass (retrieval top-K, ranking) in evaluation
+PAIRED_METRICS = ("hr@10", "ndcg@10", "hr@50", "mrr")
 
 
 @dataclass
@@ -98,8 +100,8 @@ def _negatives(rng: np.random.Generator, num_items: int, count: int, positive: i
 class Retriever:
     """A retrieval checkpoint used by the ranking stage: top-K of a user's next item, history excluded."""
 
-    def __init__(self, checkpoint: str, num_items: int):
-        state = load_checkpoint(checkpoint)
+    def __init__(self, checkpoint: str, num_items: int, state: dict | None = None):
+        state = load_checkpoint(checkpoint) if state is None else state
         self.model, _ = model_from_checkpoint(state)
         self.similarity = similarity_from_checkpoint(state)
         if self.model.num_items != num_items:
@@ -170,17 +172,62 @@ def evaluate_ranking(model: RankingModel, ds: SequenceDataset, split: Split, sta
     return {"auc": float(np.mean(aucs)), "logloss": float(np.mean(losses))}
 
 
+@dataclass
+class TwoStageRanks:
+    """Per-user 0-based test ranks of the held-out item: retrieval alone, and reranked at each depth d (the
+    ranker reorders retrieval's top d; a target outside it is a miss, rank >= MISS)."""
+
+    users: np.ndarray                    # (U,) int64
+    retrieval: np.ndarray                # (U,) int64
+    reranked: dict[int, np.ndarray]      # depth -> (U,) int64
+
+    MISS = 10**6
+
+    def metrics(self, ks) -> dict[str, dict[str, float]]:
+        """{"retrieval": ..., "retrieval+ranking" (deepest depth): ..., "retrieval+ranking@d": ... per depth}."""
+        deepest = max(self.reranked)
+        out = {"retrieval": metrics_from_ranks(torch.from_numpy(self.retrieval), ks),
+               "retrieval+ranking": metrics_from_ranks(torch.from_numpy(self.reranked[deepest]), ks)}
+        for d, r in sorted(self.reranked.items()):
+            if d != deepest:
+                out[f"retrieval+ranking@{d}"] = metrics_from_ranks(torch.from_numpy(r), tuple(k for k in ks if k <= d))
+        return out
+
+    def paired(self, resamples: int = 10_000) -> dict[str, dict[str, dict[str, float]]]:
+        """depth -> metric -> two-stage minus retrieval over the same users: delta, 95% bootstrap CI, p,
+        and the ratio of the means."""
+        out = {}
+        for d, r in sorted(self.reranked.items()):
+            rows = {}
+            for m in PAIRED_METRICS:
+                a, b = per_user_metric(r, m), per_user_metric(self.retrieval, m)
+                stats = paired_bootstrap(a, b, num_resamples=resamples)
+                rows[m] = {"two_stage": float(a.mean()), "retrieval": float(b.mean()), "delta": stats["delta"],
+                           "ci95_lo": stats["lo"], "ci95_hi": stats["hi"], "p": stats["p"],
+                           "ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("nan")}
+            out[str(d)] = rows
+        return out
+
+    def save(self, path: Path) -> Path:
+        """users, retrieval and ``reranked_<d>`` arrays in one .npz (no pickles), written atomically."""
+        arrays = {"users": self.users, "retrieval": self.retrieval, **{f"reranked_{d}": r for d, r in self.reranked.items()}}
+        return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+
 @torch.no_grad()
-def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, cfg: RunConfig,
-                       retriever: Retriever | None = None, stage: str = "test",
-                       users: np.ndarray | None = None) -> dict[str, dict[str, float]]:
-    """Retrieval top-K by the retrieval checkpoint, then reranked by engagement: HR/NDCG for both, on the
-    test (last) or valid (second-to-last) item of ``users`` (default: every evaluation user)."""
+def two_stage_ranks(model: RankingModel, ds: SequenceDataset, split: Split, cfg: RunConfig,
+                    retriever: Retriever | None = None, stage: str = "test", users: np.ndarray | None = None,
+                    depths: tuple[int, ...] | None = None) -> TwoStageRanks:
+    """Retrieve the top max(depths) (history excluded) with the retrieval checkpoint, score them once with the
+    ranker (a candidate's score does not depend on the other candidates), and rerank each depth's prefix by
+    engagement (ties keep retrieval's order). The test (last) or valid (second-to-last) item of ``users``
+    (default: every evaluation user); depths default to (rerank_k,)."""
     retriever = retriever or Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items)
+    depths = tuple(sorted(set(depths or (cfg.ranking.rerank_k,))))
+    k = depths[-1]
     model.eval()
-    k = cfg.ranking.rerank_k
-    ranks_retrieval, ranks_reranked = [], []
-    users = split.eval_users if users is None else users
+    users = np.asarray(split.eval_users if users is None else users, dtype=np.int64)
+    ranks_retrieval, ranks_reranked = [], {d: [] for d in depths}
     for lo in range(0, len(users), EVAL_CHUNK):
         chunk = [int(u) for u in users[lo : lo + EVAL_CHUNK]]
         targets = target_positions(ds, np.asarray(chunk), stage).tolist()
@@ -189,15 +236,54 @@ def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, c
         for target, top, lg in zip(targets, tops, logits):
             pos = int(ds.items[target])
             hit = (top == pos).nonzero()
-            ranks_retrieval.append(int(hit[0]) if len(hit) else k + 10**6)
-            engage = lg[:, 0]
-            order = top[torch.argsort(-engage, stable=True)]
-            hit = (order == pos).nonzero()
-            ranks_reranked.append(int(hit[0]) if len(hit) else k + 10**6)
+            ranks_retrieval.append(int(hit[0]) if len(hit) else TwoStageRanks.MISS)
+            for d in depths:
+                order = top[:d][torch.argsort(-lg[:d, 0], stable=True)]
+                hit = (order == pos).nonzero()
+                ranks_reranked[d].append(int(hit[0]) if len(hit) else TwoStageRanks.MISS)
     model.train()
-    ks = tuple(x for x in cfg.eval.ks if x <= k)
-    return {"retrieval": metrics_from_ranks(torch.tensor(ranks_retrieval), ks),
-            "retrieval+ranking": metrics_from_ranks(torch.tensor(ranks_reranked), ks)}
+    return TwoStageRanks(users, np.asarray(ranks_retrieval, dtype=np.int64),
+                         {d: np.asarray(r, dtype=np.int64) for d, r in ranks_reranked.items()})
+
+
+def evaluate_two_stage(model: RankingModel, ds: SequenceDataset, split: Split, cfg: RunConfig,
+                       retriever: Retriever | None = None, stage: str = "test",
+                       users: np.ndarray | None = None) -> dict[str, dict[str, float]]:
+    """Retrieval top rerank_k by the retrieval checkpoint, then reranked by engagement: HR/NDCG for both, on the
+    test (last) or valid (second-to-last) item of ``users`` (default: every evaluation user)."""
+    ranks = two_stage_ranks(model, ds, split, cfg, retriever, stage, users)
+    return ranks.metrics(tuple(x for x in cfg.eval.ks if x <= cfg.ranking.rerank_k))
+
+
+def format_paired(paired: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Markdown table of ``TwoStageRanks.paired()``: per depth and metric, both arms, the paired difference
+    with its 95% CI, and the ratio two-stage / retrieval."""
+    lines = ["| rerank depth | metric | retrieval | two-stage | delta | 95% CI | ratio |", "|---" * 7 + "|"]
+    for depth, rows in paired.items():
+        for m, r in rows.items():
+            lines.append(f"| {depth} | {m} | {r['retrieval']:.4f} | {r['two_stage']:.4f} | {r['delta']:+.4f} | "
+                         f"[{r['ci95_lo']:+.4f}, {r['ci95_hi']:+.4f}] | {r['ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def evaluate_ranking_checkpoint(state: dict, cfg: RunConfig, stage: str = "test",
+                                depths: tuple[int, ...] = ()) -> tuple[dict[str, float], TwoStageRanks]:
+    """A ranking checkpoint on its data: AUC / logloss vs sampled items, and the two-stage ranks at each
+    depth (default: rerank_k) with the retrieval model it was trained against (its anchor when it has one,
+    else ``ranking.retrieval_checkpoint``)."""
+    ds = load_dataset(cfg.data)
+    split = leave_one_out(ds)
+    model = ranking_model_from_checkpoint(state)
+    if model.encoder.num_items != ds.num_items:
+        raise ValueError(f"dataset has {ds.num_items} items but the ranker was trained on {model.encoder.num_items}")
+    if "ranking_anchor" in state:
+        retriever = Retriever("", ds.num_items, state["ranking_anchor"])
+    elif cfg.ranking.retrieval_checkpoint:
+        retriever = Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items)
+    else:
+        raise ValueError("this ranking checkpoint has no retrieval model: set ranking.retrieval_checkpoint (--set)")
+    ranking = evaluate_ranking(model, ds, split, stage, cfg)
+    return ranking, two_stage_ranks(model, ds, split, cfg, retriever, stage, depths=depths or (cfg.ranking.rerank_k,))
 
 
 def parameter_groups(model: RankingModel, cfg: RunConfig) -> list[dict]:
@@ -207,6 +293,8 @@ def parameter_groups(model: RankingModel, cfg: RunConfig) -> list[dict]:
         raise ValueError(f"ranking.encoder_lr must be >= 0, got {encoder_lr}")
     encoder = list(model.encoder.parameters())
     mine = {id(p) for p in encoder}
+    if model.anchor is not None:  # frozen: never an optimizer's
+        mine |= {id(p) for p in model.anchor.parameters()}
     groups = [{"params": [p for p in model.parameters() if id(p) not in mine]}]
     if encoder_lr > 0:
         groups.append({"params": encoder, "lr": encoder_lr})
@@ -270,17 +358,21 @@ def train_ranking(cfg: RunConfig, resume: str | Path | None = None, progress: bo
         raise ValueError("ranking.hard_negatives needs ranking.retrieval_checkpoint")
     if cfg.ranking.select_on == "two_stage" and not cfg.ranking.retrieval_checkpoint:
         raise ValueError("ranking.select_on: two_stage needs ranking.retrieval_checkpoint")
+    if cfg.ranking.anchor and not cfg.ranking.retrieval_checkpoint:
+        raise ValueError("ranking.anchor needs ranking.retrieval_checkpoint")
     seed_everything(cfg.train.seed)
     ds = load_dataset(cfg.data)
     split = leave_one_out(ds)
     if cfg.ranking.rating_input and ds.ratings is None:
         raise ValueError(f"ranking.rating_input needs ratings, and {cfg.data.path or cfg.data.format} has none")
+    retrieval_state = load_checkpoint(cfg.ranking.retrieval_checkpoint) if cfg.ranking.retrieval_checkpoint else None
+    retriever = Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items, retrieval_state) if retrieval_state else None
+    anchor = anchor_from_checkpoint(retrieval_state) if cfg.ranking.anchor else None
     # candidates sit at position n, one past the longest history
     model = RankingModel(SequentialEncoder(cfg.model, ds.num_items, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden,
-                         rating_input=cfg.ranking.rating_input)
+                         rating_input=cfg.ranking.rating_input, anchor=anchor)
     optimizer = torch.optim.AdamW(parameter_groups(model, cfg), lr=cfg.train.lr, betas=cfg.train.betas,
                                   weight_decay=cfg.train.weight_decay)
-    retriever = Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items) if cfg.ranking.retrieval_checkpoint else None
     if retriever is not None and cfg.ranking.warm_start:
         with torch.no_grad():
             skipped = warm_start(model.encoder, retriever.model.state_dict())
@@ -289,7 +381,12 @@ def train_ranking(cfg: RunConfig, resume: str | Path | None = None, progress: bo
     outcome = fit(RankingTask(cfg, ds, split, model, retriever), cfg, optimizer, resume=resume, progress=progress)
     valid = evaluate_ranking(model, ds, split, "valid", cfg)
     test = evaluate_ranking(model, ds, split, "test", cfg)
-    two_stage = evaluate_two_stage(model, ds, split, cfg, retriever) if retriever is not None else {}
+    two_stage, paired = {}, {}
+    if retriever is not None:
+        ranks = two_stage_ranks(model, ds, split, cfg, retriever, depths=(*cfg.ranking.eval_depths, cfg.ranking.rerank_k))
+        ranks.save(outcome.run_dir / "two_stage_test_ranks.npz")
+        two_stage = ranks.metrics(tuple(x for x in cfg.eval.ks if x <= cfg.ranking.rerank_k))
+        paired = ranks.paired()
     atomic_write_json(outcome.run_dir / "results.json", {"best_epoch": outcome.best_epoch, "valid": valid, "test": test,
-                                                         "two_stage_test": two_stage})
+                                                         "two_stage_test": two_stage, "two_stage_test_paired": paired})
     return RankingResult(outcome.run_dir, outcome.best_epoch, valid, test, two_stage)

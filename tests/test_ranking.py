@@ -151,3 +151,98 @@ def test_encoder_learning_rate_groups_and_freezing():
     cfg.ranking.encoder_lr = -1.0
     with pytest.raises(ValueError, match="encoder_lr must be >= 0"):
         parameter_groups(ranker(), cfg)
+
+
+def anchored(seed=0, time=True, similarity=None):
+    """A ranker whose retrieval prior comes from a separate, frozen retrieval model."""
+    from genrec.encoders.ranking import RetrievalAnchor
+    from genrec.retrieval.similarity import DotProductSimilarity
+
+    base = ranker(time=time, seed=seed)
+    torch.manual_seed(seed + 100)
+    cfg = ModelConfig(item_emb_dim=16, num_blocks=1, num_heads=1, dqk=8, dv=8, input_time_embedding=time,
+                      relative_time_bias=time)
+    anchor = RetrievalAnchor(SequentialEncoder(cfg, num_items=50, max_len=30), similarity or DotProductSimilarity(), 0.05)
+    return RankingModel(base.encoder, anchor=anchor).eval(), anchor
+
+
+@torch.no_grad()
+def test_an_anchored_ranker_starts_as_the_retrieval_models_order_on_every_path():
+    """Untrained (zero head and item bias): each candidate's engagement logit is exactly the anchor's
+    phi(query, item) / tau, its query being the anchor's state after the history's last event (the last 30
+    events: its own max_len); full pass, jagged batch and M-FALCON all agree."""
+    from genrec.encoders.history import last_states, pack_histories
+
+    model, anchor = anchored()
+    hist, ts, cands = request(35, 8, seed=3)
+    t = int(ts[-1]) + 60
+    packed = pack_histories([hist.numpy()], 30, [ts.numpy()], [t])
+    q = last_states(anchor.encoder, packed)[0]
+    want = (anchor.encoder.item_embeddings(cands) @ q) / 0.05
+    full = model.score_full(hist, cands, ts, t)
+    torch.testing.assert_close(full[:, 0], want, **TOL)
+    torch.testing.assert_close(model.score(hist, cands, ts, t, microbatch=3), full, **TOL)
+    batch = model.score_full_batch([hist[:9], hist], [cands[:4], cands], [ts[:9], ts], [None, t])
+    torch.testing.assert_close(batch[1], full, **TOL)
+    torch.testing.assert_close(batch[0], model.score_full(hist[:9], cands[:4], ts[:9]), **TOL)
+
+
+def test_the_anchor_stays_frozen_and_in_eval_mode_while_the_ranker_trains():
+    from genrec.config import RunConfig
+    from genrec.ranking_training import parameter_groups
+
+    model, anchor = anchored(seed=1)
+    model.train()
+    assert not anchor.training and not anchor.encoder.training and model.encoder.training
+    cfg = RunConfig()
+    cfg.train.lr, cfg.ranking.encoder_lr = 1e-3, 1e-4
+    grouped = {id(p) for g in parameter_groups(model, cfg) for p in g["params"]}
+    assert not any(id(p) in grouped for p in anchor.parameters())
+    assert all(not p.requires_grad for p in anchor.parameters())
+    before = [p.clone() for p in anchor.parameters()]
+    opt = torch.optim.AdamW(parameter_groups(model, cfg))
+    hist, ts, cands = request(12, 5, seed=1)
+    with torch.no_grad():
+        model.head[-1].weight.normal_()
+    loss = model.score_full_batch([hist], [cands], [ts])[0][:, 0].logsumexp(0)
+    loss.backward()
+    opt.step()
+    assert all(a.equal(b) for a, b in zip(anchor.parameters(), before))
+    assert model.encoder.item_emb.weight.grad is not None
+
+
+@torch.no_grad()
+def test_an_anchored_ranker_round_trips_through_its_checkpoint(tmp_path):
+    """The anchor (encoder + MoL similarity + temperature) travels inside the ranking checkpoint."""
+    from genrec.checkpoint import (anchor_from_checkpoint, load_checkpoint, ranking_model_from_checkpoint,
+                                   ranking_state, save_checkpoint)
+    import numpy as np
+
+    from genrec.config import RunConfig
+    from genrec.encoders.history import last_states, pack_histories
+    from genrec.retrieval.similarity import build_similarity
+
+    retrieval_cfg = RunConfig()
+    retrieval_cfg.model = ModelConfig(item_emb_dim=16, num_blocks=1, num_heads=1, dqk=8, dv=8)
+    retrieval_cfg.similarity.type = "mol"
+    retrieval_cfg.similarity.query_components, retrieval_cfg.similarity.item_components = 2, 2
+    retrieval_cfg.similarity.component_dim, retrieval_cfg.similarity.query_hidden = 8, 16
+    retrieval_cfg.similarity.gating_hidden = 8
+    torch.manual_seed(4)
+    enc = SequentialEncoder(retrieval_cfg.model, num_items=50, max_len=30)
+    sim = build_similarity(retrieval_cfg.similarity, 16, 16)
+    save_checkpoint(tmp_path / "retrieval.pt", enc, retrieval_cfg, np.arange(1, 51), similarity=sim.state_dict())
+    anchor = anchor_from_checkpoint(load_checkpoint(tmp_path / "retrieval.pt"))
+    assert anchor.temperature == 1.0  # MoL scores are logits already
+    model = RankingModel(ranker(time=False, seed=2).encoder, anchor=anchor).eval()
+    model.head[-1].weight.normal_()
+    cfg = RunConfig()
+    cfg.task, cfg.model = "ranking", model.encoder.cfg
+    save_checkpoint(tmp_path / "ranker.pt", model.encoder, cfg, np.arange(1, 51), **ranking_state(model))
+    again = ranking_model_from_checkpoint(load_checkpoint(tmp_path / "ranker.pt"))
+    assert again.anchor is not None and isinstance(again.anchor.similarity, torch.nn.Module)
+    hist, _, cands = request(14, 6, seed=8)
+    torch.testing.assert_close(again.score(hist, cands), model.score(hist, cands), **TOL)
+    query = last_states(enc.eval(), pack_histories([hist.numpy()], enc.max_len)).expand(len(cands), -1)
+    plain = sim.eval().aligned(query, enc.item_embeddings(cands))
+    torch.testing.assert_close(again.anchor.logits(again.anchor.queries([hist]), [cands]), plain, **TOL)

@@ -588,27 +588,31 @@ def test_tls_server_answers_a_tls_client_and_refuses_plaintext(tmp_path, index_r
         srv.stop(grace=1)
 
 
-@pytest.mark.parametrize("rating_input", [False, True])
-def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cfg, rating_input):
-    from genrec.checkpoint import save_checkpoint
+@pytest.mark.parametrize("rating_input,anchored", [(False, False), (True, False), (False, True)])
+def test_rank_over_grpc_equals_the_in_process_ranker(tmp_path, tiny_synthetic_cfg, rating_input, anchored):
+    """Rank over gRPC = the in-process ranker, for a plain, a rating-aware and an anchored ranker (whose
+    retrieval model travels in the checkpoint and scores the candidates on the server too)."""
+    from genrec.checkpoint import ranking_state, save_checkpoint
+    from genrec.config import to_dict
     from genrec.encoders.model import SequentialEncoder
-    from genrec.encoders.ranking import RankingModel
+    from genrec.encoders.ranking import RankingModel, RetrievalAnchor
+    from genrec.retrieval.similarity import DotProductSimilarity
 
     cfg = tiny_synthetic_cfg
     cfg.task, cfg.ranking.rating_input = "ranking", rating_input
     torch.manual_seed(0)
+    anchor = None
+    if anchored:
+        anchor = RetrievalAnchor(SequentialEncoder(cfg.model, 60, cfg.data.max_len), DotProductSimilarity(), 0.05,
+                                 to_dict(cfg))
     model = RankingModel(SequentialEncoder(cfg.model, 60, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden,
-                         rating_input=rating_input).eval()
-    extra = {}
+                         rating_input=rating_input, anchor=anchor).eval()
     with torch.no_grad():
         model.item_bias.weight.normal_()
         if rating_input:
             model.rating_emb.weight[1:].normal_()
-            extra["ranking_rating_emb"] = model.rating_emb.state_dict()
     raw = np.arange(60) * 10 + 7  # raw ids of model items 1..60
-    ckpt = save_checkpoint(tmp_path / "rank.pt", model.encoder, cfg, raw, ranking_head=model.head.state_dict(),
-                           ranking_item_bias=model.item_bias.state_dict(),
-                           ranking_retrieval_weight=model.retrieval_weight.detach(), **extra)
+    ckpt = save_checkpoint(tmp_path / "rank.pt", model.encoder, cfg, raw, **ranking_state(model))
     srv = start(ServeConfig(port=0, ranking_checkpoint=str(ckpt), rank_microbatch=4, model_device=TEST_DEVICE))
     try:
         hist_rows, cand_rows = [3, 9, 27, 41], [5, 12, 12, 60, 33, 2, 8, 19, 44]

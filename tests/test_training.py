@@ -1,4 +1,5 @@
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -205,6 +206,53 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
     best = max(rows, key=lambda row: float(row["val_two_stage_hr@10"]))
     assert r.best_epoch == int(best["epoch"])
     assert float(rows[2]["train_loss"]) < float(rows[1]["train_loss"]) and r.test["auc"] > 0.5  # it learns
+
+
+@pytest.mark.slow
+def test_an_anchored_ranker_fine_tunes_its_encoder_from_retrievals_order(tmp_path, tiny_synthetic_cfg, capsys):
+    """ranking.anchor: epoch 0 (untrained head) reranks exactly like retrieval, with the encoder fine-tuned
+    the frozen anchor keeps its weights, and the test report pairs the two arms user by user at each depth."""
+    from genrec.checkpoint import load_checkpoint, ranking_model_from_checkpoint
+    from genrec.ranking_training import train_ranking
+
+    cfg = tiny_synthetic_cfg
+    cfg.out_dir, cfg.name = str(tmp_path), "retr"
+    retrieval = train(cfg, progress=False)
+    cfg.name, cfg.task = "rank-anchor", "ranking"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 2, 16, 1e-2
+    cfg.ranking.retrieval_checkpoint = str(retrieval.run_dir / "checkpoint_best.pt")
+    cfg.ranking.rerank_k, cfg.ranking.eval_depths = 50, [20]
+    cfg.ranking.hard_negatives, cfg.ranking.loss, cfg.ranking.select_on = 4, "listwise", "two_stage"
+    cfg.ranking.anchor, cfg.ranking.encoder_lr = True, 1e-3
+    r = train_ranking(cfg, progress=False)
+    rows = list(csv.DictReader(open(r.run_dir / "metrics.csv")))
+    assert rows[0]["epoch"] == "0" and float(rows[0]["val_two_stage_hr@10"]) == float(rows[0]["val_retrieval_hr@10"])
+    assert set(r.two_stage) == {"retrieval", "retrieval+ranking", "retrieval+ranking@20"}
+    paired = json.loads((r.run_dir / "results.json").read_text())["two_stage_test_paired"]
+    assert set(paired) == {"20", "50"}
+    for depth in paired.values():
+        hr = depth["hr@10"]
+        assert hr["ci95_lo"] <= hr["delta"] <= hr["ci95_hi"]
+        assert hr["delta"] == pytest.approx(hr["two_stage"] - hr["retrieval"])
+    with np.load(r.run_dir / "two_stage_test_ranks.npz") as z:
+        assert z["retrieval"].shape == z["reranked_20"].shape == z["reranked_50"].shape == z["users"].shape
+        assert np.mean(z["reranked_50"] < 10) == pytest.approx(r.two_stage["retrieval+ranking"]["hr@10"])
+    ranker = ranking_model_from_checkpoint(load_checkpoint(r.run_dir / "checkpoint_best.pt"))
+    retrieval_state = load_checkpoint(cfg.ranking.retrieval_checkpoint)["model"]
+    for name, w in ranker.anchor.encoder.state_dict().items():
+        torch.testing.assert_close(w, retrieval_state[name])
+
+    # genrec eval of the ranking checkpoint: the same two arms from the anchor it carries, at the depths asked
+    from genrec.cli import main
+
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(r.run_dir / "checkpoint_best.pt"), "--depths", "20", "50", "--json",
+                 "--set", "ranking.retrieval_checkpoint=/nonexistent.pt"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["two_stage"]["retrieval+ranking"]["hr@10"] == pytest.approx(r.two_stage["retrieval+ranking"]["hr@10"])
+    assert report["paired"]["20"]["hr@10"]["delta"] == pytest.approx(paired["20"]["hr@10"]["delta"])
+    assert main(["eval", "--checkpoint", str(r.run_dir / "checkpoint_best.pt"), "--depths", "0"]) == 2
+    assert "--depths must be positive" in capsys.readouterr().err
 
 
 @pytest.mark.slow
