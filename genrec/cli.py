@@ -269,7 +269,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 BENCH_HARNESSES = {  # genrec bench <name> -> module of genrec.bench with main(argv)
     "retrieval": "retrieval", "retrieval-scale": "retrieval_scale", "flat-mips": "flat_mips", "kernels": "kernels",
     "attention": "attention", "serving": "serving", "broker": "broker", "soak": "soak", "ranking": "ranking",
-    "ranking-quality": "ranking_quality", "train-quality": "train_quality", "paired": "paired",
+    "ranking-quality": "ranking_quality", "two-stage": "two_stage", "train-quality": "train_quality", "paired": "paired",
     "epoch-speed": "epoch_speed", "train-step": "train_step",
 }
 

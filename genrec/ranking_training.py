@@ -259,7 +259,7 @@ def format_paired(paired: dict[str, dict[str, dict[str, float]]]) -> str:
     """Markdown table of ``TwoStageRanks.paired()``: per depth and metric, both arms, the paired difference
     with its 95% CI, and the ratio two-stage / retrieval."""
     lines = ["| rerank depth | metric | retrieval | two-stage | delta | 95% CI | ratio |", "|---" * 7 + "|"]
-    for depth, rows in paired.items():
+    for depth, rows in sorted(paired.items(), key=lambda kv: int(kv[0])):
         for m, r in rows.items():
             lines.append(f"| {depth} | {m} | {r['retrieval']:.4f} | {r['two_stage']:.4f} | {r['delta']:+.4f} | "
                          f"[{r['ci95_lo']:+.4f}, {r['ci95_hi']:+.4f}] | {r['ratio']:.3f} |")
