@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH  := torch==2.13.0
 
-.PHONY: setup demo test test-fast bench gpu-bench clean
+.PHONY: setup demo demo-card test test-fast bench gpu-bench clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,20 @@ demo: setup
 	$(BIN)/genrec build-index --name demo --root runs/demo/indexes --embeddings runs/demo/items.npy \
 	    --checkpoint runs/demo/checkpoint_best.pt --spec "mips:factory=HNSW32,ef_search=64" --no-progress
 	$(BIN)/python -m genrec.demo --index runs/demo/indexes/demo --checkpoint runs/demo/checkpoint_best.pt
+
+demo-card: setup
+	rm -rf runs/demo-mol runs/demo-mol-ranking
+	$(BIN)/genrec train --config configs/demo_mol.yaml
+	$(BIN)/genrec train --config configs/demo_ranking.yaml --set name=demo-mol-ranking \
+	    --set ranking.retrieval_checkpoint=runs/demo-mol/checkpoint_best.pt --set ranking.anchor=true \
+	    --set ranking.encoder_lr=0.0001 --set train.epochs=2 --set ranking.select_users=300 --no-progress
+	$(BIN)/genrec embed --checkpoint runs/demo-mol/checkpoint_best.pt --out runs/demo-mol/items.npy
+	$(BIN)/genrec build-index --name demo --root runs/demo-mol/indexes --embeddings runs/demo-mol/items.npy \
+	    --checkpoint runs/demo-mol/checkpoint_best.pt --spec "mol-hindexer:kprime=256" --no-progress
+	$(BIN)/genrec build-index --name demo-mips --root runs/demo-mol/indexes --embeddings runs/demo-mol/items.npy \
+	    --checkpoint runs/demo-mol/checkpoint_best.pt --spec "mips" --no-progress
+	$(BIN)/python -m genrec.demo_card --index runs/demo-mol/indexes/demo --mips-index runs/demo-mol/indexes/demo-mips \
+	    --checkpoint runs/demo-mol/checkpoint_best.pt --ranker runs/demo-mol-ranking/checkpoint_best.pt
 
 test: setup
 	$(BIN)/python -m pytest -q
