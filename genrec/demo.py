@@ -37,6 +37,20 @@ def wait_for_port(proc: subprocess.Popen, timeout: float = 120.0) -> int:
     raise TimeoutError("genrec serve did not come up")
 
 
+def stop_server(proc: subprocess.Popen) -> int:
+    """SIGTERM (graceful drain), kill after 30 s; echo what it printed last; its exit code."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    for line in proc.stdout:
+        print(f"  [server] {line.rstrip()}")
+    print(f"server shut down (exit code {code})")
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", required=True, help="index directory (<root>/<name> or a version dir)")
@@ -79,15 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SearchByUser over gRPC for {len(users)} users: recall@{args.k} vs exact MIPS {recall:.4f}, "
               f"latency p50 {np.percentile(lat, 50):.2f} ms, p99 {np.percentile(lat, 99):.2f} ms (client-measured)")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        for line in proc.stdout:
-            print(f"  [server] {line.rstrip()}")
-        print(f"server shut down (exit code {code})")
+        code = stop_server(proc)
     return 0 if code == 0 else 1
 
 

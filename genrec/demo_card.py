@@ -15,7 +15,6 @@ Then shut the server down cleanly.
 from __future__ import annotations
 
 import argparse
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import numpy as np
 import yaml
 from genrec.checkpoint import load_checkpoint, model_from_checkpoint
 from genrec.data.source import load_dataset
-from genrec.demo import wait_for_port
+from genrec.demo import stop_server, wait_for_port
 from genrec.serving.client import GenrecClient
 
 
@@ -95,23 +94,16 @@ def main(argv: list[str] | None = None) -> int:
                 hits.append(targets[i] in got.ids[0])
                 hits_ranked.append(targets[i] in ranked.ids[0])
         p50 = lambda xs: float(np.percentile(xs, 50))  # noqa: E731
-        print(f"\n{len(histories)} users over gRPC (SearchByUser; latencies client-measured, p50):")
-        print(f"  h-indexer recall@{k} vs exact MoL: {np.mean(recall):.4f}")
-        print(f"  latency: MoL h-indexer {p50(lat_mol):.2f} ms, flat MIPS over the same items {p50(lat_mips):.2f} ms "
-              f"({p50(lat_mol) / p50(lat_mips):.2f}x), with rerank {args.rerank} {p50(lat_ranked):.2f} ms")
-        print(f"  held-out last item HR@{k}: retrieval {np.mean(hits):.4f}, retrieval + ranking (M-FALCON over "
-              f"{args.rerank}) {np.mean(hits_ranked):.4f} ({len(histories)} users: a standard error of "
-              f"~{np.sqrt(np.mean(hits) * (1 - np.mean(hits)) / len(histories)):.3f})")
+        se = np.sqrt(np.mean(hits) * (1 - np.mean(hits)) / len(histories))
+        report = [f"{len(histories)} users over gRPC (SearchByUser; latencies client-measured, p50):",
+                  f"  h-indexer recall@{k} vs exact MoL: {np.mean(recall):.4f}",
+                  f"  latency: MoL h-indexer {p50(lat_mol):.2f} ms, flat MIPS over the same items {p50(lat_mips):.2f} ms "
+                  f"({p50(lat_mol) / p50(lat_mips):.2f}x), with rerank {args.rerank} {p50(lat_ranked):.2f} ms",
+                  f"  held-out last item HR@{k}: retrieval {np.mean(hits):.4f}, retrieval + ranking (M-FALCON over "
+                  f"{args.rerank}) {np.mean(hits_ranked):.4f} ({len(histories)} users: a standard error of ~{se:.3f})"]
+        print("\n" + "\n".join(report))
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-        for line in proc.stdout:
-            print(f"  [server] {line.rstrip()}")
-        print(f"server shut down (exit code {code})")
+        code = stop_server(proc)
     return 0 if code == 0 else 1
 
 

@@ -176,18 +176,23 @@ def test_two_process_ddp_matches_single_process_training(tmp_path, negatives):
     assert len(list((tmp_path / "ddp").iterdir())) == 1  # only rank 0 made a run directory
 
 
+def ranking_on_retrieval(cfg, tmp_path, name: str, epochs: int):
+    """Train a retrieval run on ``cfg`` in tmp_path, then turn ``cfg`` into a ranking run on its checkpoint."""
+    cfg.out_dir, cfg.name = str(tmp_path), "retr"
+    retrieval = train(cfg, progress=False)
+    cfg.name, cfg.task = name, "ranking"
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = epochs, 16, 1e-2
+    cfg.ranking.retrieval_checkpoint = str(retrieval.run_dir / "checkpoint_best.pt")
+    return cfg
+
+
 @pytest.mark.slow
 def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_cfg):
     """task: ranking beats chance AUC on held-out items, and the two-stage evaluation runs end to end
     on a retrieval checkpoint (reranking keeps the retrieved set, so HR@rerank_k is unchanged)."""
     from genrec.ranking_training import train_ranking
 
-    cfg = tiny_synthetic_cfg
-    cfg.out_dir, cfg.name = str(tmp_path), "retr"
-    retrieval = train(cfg, progress=False)
-    cfg.name, cfg.task = "rank", "ranking"
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 4, 16, 1e-2
-    cfg.ranking.retrieval_checkpoint = str(retrieval.run_dir / "checkpoint_best.pt")
+    cfg = ranking_on_retrieval(tiny_synthetic_cfg, tmp_path, "rank", epochs=4)
     cfg.ranking.rerank_k = 50
     cfg.ranking.hard_negatives = 4  # of 16: retrieval-aware negatives
     r = train_ranking(cfg, progress=False)
@@ -215,12 +220,7 @@ def test_an_anchored_ranker_fine_tunes_its_encoder_from_retrievals_order(tmp_pat
     from genrec.checkpoint import load_checkpoint, ranking_model_from_checkpoint
     from genrec.ranking_training import train_ranking
 
-    cfg = tiny_synthetic_cfg
-    cfg.out_dir, cfg.name = str(tmp_path), "retr"
-    retrieval = train(cfg, progress=False)
-    cfg.name, cfg.task = "rank-anchor", "ranking"
-    cfg.train.epochs, cfg.train.batch_size, cfg.train.lr = 2, 16, 1e-2
-    cfg.ranking.retrieval_checkpoint = str(retrieval.run_dir / "checkpoint_best.pt")
+    cfg = ranking_on_retrieval(tiny_synthetic_cfg, tmp_path, "rank-anchor", epochs=2)
     cfg.ranking.rerank_k, cfg.ranking.eval_depths = 50, [20]
     cfg.ranking.hard_negatives, cfg.ranking.loss, cfg.ranking.select_on = 4, "listwise", "two_stage"
     cfg.ranking.anchor, cfg.ranking.encoder_lr = True, 1e-3
