@@ -30,24 +30,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genrec.checkpoint import (anchor_from_checkpoint, load_checkpoint, load_ranking_weights, model_from_checkpoint,
-                               ranking_model_from_checkpoint, ranking_state, save_checkpoint,
-                               similarity_from_checkpoint)
+from genrec.checkpoint import (anchor_from_checkpoint, load_checkpoint, load_ranking_weights,
+                               ranking_model_from_checkpoint, ranking_state, save_checkpoint)
 from genrec.config import RunConfig
 from genrec.data.batches import history_batch, target_positions
 from genrec.data.sequences import SequenceDataset, Split, leave_one_out
 from genrec.data.source import load_dataset
 from genrec.encoders.history import last_states
 from genrec.encoders.model import SequentialEncoder
-from genrec.encoders.ranking import RankingModel, warm_start
+from genrec.encoders.ranking import RankingModel, RetrievalAnchor, warm_start
 from genrec.evaluation import mask_history
 from genrec.io import atomic_write, atomic_write_json
-from genrec.retrieval.metrics import metrics_from_ranks, paired_bootstrap, per_user_metric
+from genrec.retrieval.metrics import metrics_from_ranks, paired_metric
 from genrec.trainer import TrainTask, fit, seed_everything
 
 log = logging.getLogger(__name__)
 EVAL_CHUNK = 32  # users per packed forward pass (retrieval top-K, ranking) in evaluation
 PAIRED_METRICS = ("hr@10", "ndcg@10", "hr@50", "mrr")
+TWO_STAGE_RANKS_FILE = "two_stage_test_ranks.npz"  # in a ranking run's directory: TwoStageRanks of the test users
 
 
 @dataclass
@@ -98,16 +98,20 @@ def _negatives(rng: np.random.Generator, num_items: int, count: int, positive: i
 
 
 class Retriever:
-    """A retrieval checkpoint used by the ranking stage: top-K of a user's next item, history excluded."""
+    """The ranking stage's retrieval model: top-K of a user's next item, history excluded. It is a
+    ``RetrievalAnchor`` (frozen encoder + similarity) put to a second use, so an anchored ranker and its
+    candidate source share one copy of the retrieval model."""
 
-    def __init__(self, checkpoint: str, num_items: int, state: dict | None = None):
-        state = load_checkpoint(checkpoint) if state is None else state
-        self.model, _ = model_from_checkpoint(state)
-        self.similarity = similarity_from_checkpoint(state)
+    def __init__(self, anchor: RetrievalAnchor, num_items: int):
+        self.model, self.similarity = anchor.encoder, anchor.similarity
         if self.model.num_items != num_items:
             raise ValueError(f"retrieval checkpoint has {self.model.num_items} items, the data {num_items}")
         with torch.no_grad():
             self.items = self.model.item_embeddings().float()
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str, num_items: int) -> "Retriever":
+        return cls(anchor_from_checkpoint(load_checkpoint(checkpoint)), num_items)
 
     @torch.no_grad()
     def top(self, ds: SequenceDataset, users, targets, k: int) -> torch.Tensor:
@@ -200,11 +204,9 @@ class TwoStageRanks:
         for d, r in sorted(self.reranked.items()):
             rows = {}
             for m in PAIRED_METRICS:
-                a, b = per_user_metric(r, m), per_user_metric(self.retrieval, m)
-                stats = paired_bootstrap(a, b, num_resamples=resamples)
-                rows[m] = {"two_stage": float(a.mean()), "retrieval": float(b.mean()), "delta": stats["delta"],
-                           "ci95_lo": stats["lo"], "ci95_hi": stats["hi"], "p": stats["p"],
-                           "ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("nan")}
+                stats = paired_metric([r], [self.retrieval], m, resamples)
+                rows[m] = {"two_stage": stats["a"], "retrieval": stats["b"], "delta": stats["delta"],
+                           "ci95_lo": stats["lo"], "ci95_hi": stats["hi"], "p": stats["p"], "ratio": stats["ratio"]}
             out[str(d)] = rows
         return out
 
@@ -212,6 +214,13 @@ class TwoStageRanks:
         """users, retrieval and ``reranked_<d>`` arrays in one .npz (no pickles), written atomically."""
         arrays = {"users": self.users, "retrieval": self.retrieval, **{f"reranked_{d}": r for d, r in self.reranked.items()}}
         return atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+    @classmethod
+    def load(cls, path: Path) -> "TwoStageRanks":
+        """The ranks ``save`` wrote."""
+        with np.load(path, allow_pickle=False) as z:
+            reranked = {int(k.removeprefix("reranked_")): z[k] for k in z.files if k.startswith("reranked_")}
+            return cls(z["users"], z["retrieval"], reranked)
 
 
 @torch.no_grad()
@@ -222,7 +231,7 @@ def two_stage_ranks(model: RankingModel, ds: SequenceDataset, split: Split, cfg:
     ranker (a candidate's score does not depend on the other candidates), and rerank each depth's prefix by
     engagement (ties keep retrieval's order). The test (last) or valid (second-to-last) item of ``users``
     (default: every evaluation user); depths default to (rerank_k,)."""
-    retriever = retriever or Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items)
+    retriever = retriever or Retriever.from_checkpoint(cfg.ranking.retrieval_checkpoint, ds.num_items)
     depths = tuple(sorted(set(depths or (cfg.ranking.rerank_k,))))
     k = depths[-1]
     model.eval()
@@ -276,10 +285,10 @@ def evaluate_ranking_checkpoint(state: dict, cfg: RunConfig, stage: str = "test"
     model = ranking_model_from_checkpoint(state)
     if model.encoder.num_items != ds.num_items:
         raise ValueError(f"dataset has {ds.num_items} items but the ranker was trained on {model.encoder.num_items}")
-    if "ranking_anchor" in state:
-        retriever = Retriever("", ds.num_items, state["ranking_anchor"])
+    if model.anchor is not None:
+        retriever = Retriever(model.anchor, ds.num_items)
     elif cfg.ranking.retrieval_checkpoint:
-        retriever = Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items)
+        retriever = Retriever.from_checkpoint(cfg.ranking.retrieval_checkpoint, ds.num_items)
     else:
         raise ValueError("this ranking checkpoint has no retrieval model: set ranking.retrieval_checkpoint (--set)")
     ranking = evaluate_ranking(model, ds, split, stage, cfg)
@@ -365,9 +374,10 @@ def train_ranking(cfg: RunConfig, resume: str | Path | None = None, progress: bo
     split = leave_one_out(ds)
     if cfg.ranking.rating_input and ds.ratings is None:
         raise ValueError(f"ranking.rating_input needs ratings, and {cfg.data.path or cfg.data.format} has none")
-    retrieval_state = load_checkpoint(cfg.ranking.retrieval_checkpoint) if cfg.ranking.retrieval_checkpoint else None
-    retriever = Retriever(cfg.ranking.retrieval_checkpoint, ds.num_items, retrieval_state) if retrieval_state else None
-    anchor = anchor_from_checkpoint(retrieval_state) if cfg.ranking.anchor else None
+    retrieval = anchor_from_checkpoint(load_checkpoint(cfg.ranking.retrieval_checkpoint)) \
+        if cfg.ranking.retrieval_checkpoint else None
+    retriever = Retriever(retrieval, ds.num_items) if retrieval is not None else None
+    anchor = retrieval if cfg.ranking.anchor else None
     # candidates sit at position n, one past the longest history
     model = RankingModel(SequentialEncoder(cfg.model, ds.num_items, cfg.data.max_len + 1), 2, cfg.ranking.head_hidden,
                          rating_input=cfg.ranking.rating_input, anchor=anchor)
@@ -384,7 +394,7 @@ def train_ranking(cfg: RunConfig, resume: str | Path | None = None, progress: bo
     two_stage, paired = {}, {}
     if retriever is not None:
         ranks = two_stage_ranks(model, ds, split, cfg, retriever, depths=(*cfg.ranking.eval_depths, cfg.ranking.rerank_k))
-        ranks.save(outcome.run_dir / "two_stage_test_ranks.npz")
+        ranks.save(outcome.run_dir / TWO_STAGE_RANKS_FILE)
         two_stage = ranks.metrics(tuple(x for x in cfg.eval.ks if x <= cfg.ranking.rerank_k))
         paired = ranks.paired()
     atomic_write_json(outcome.run_dir / "results.json", {"best_epoch": outcome.best_epoch, "valid": valid, "test": test,

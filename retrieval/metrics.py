@@ -66,6 +66,18 @@ def paired_bootstrap(a, b, num_resamples: int = 10_000, seed: int = 0, level: fl
             "p": float(p)}
 
 
+def paired_metric(ranks_a, ranks_b, metric: str, num_resamples: int = 10_000) -> dict[str, float]:
+    """Two systems on the same users: ranks_a, ranks_b are lists (one per seed) of (U,) 0-based rank arrays.
+    Each user's ``metric`` is averaged over that system's seeds, then compared user by user: a and b (the
+    means over users), delta = a - b with its bootstrap 95% interval lo / hi and p (``paired_bootstrap``),
+    and ratio = a / b (nan when b is 0)."""
+    a = np.mean([per_user_metric(r, metric) for r in ranks_a], axis=0)
+    b = np.mean([per_user_metric(r, metric) for r in ranks_b], axis=0)
+    stats = paired_bootstrap(a, b, num_resamples=num_resamples)
+    return {"a": float(a.mean()), "b": float(b.mean()), **stats,
+            "ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("nan")}
+
+
 def recall_at(approx, exact, k: int) -> float:
     """Approximate vs exact top-k id lists, (nq, >= k) int64 arrays: mean |approx[:k] ∩ exact[:k]| / k
     (ties by id are already in the lists; exact ids -1, i.e. fewer than k items, do not count)."""

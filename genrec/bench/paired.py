@@ -33,7 +33,7 @@ from genrec.data.source import load_dataset
 from genrec.evaluation import model_target_ranks
 from genrec.io import atomic_write
 from genrec.plots import save_figure
-from genrec.retrieval.metrics import paired_bootstrap, per_user_metric
+from genrec.retrieval.metrics import paired_metric
 
 METRICS = ("hr@10", "ndcg@10", "hr@50", "hr@200", "mrr")
 
@@ -95,12 +95,10 @@ def compare(label: str, ranks_a: list[np.ndarray], ranks_b: list[np.ndarray], re
     """Rows for one comparison: per metric, A and B means (over users, and over the given seeds) and A - B."""
     rows = []
     for m in METRICS:
-        a = np.mean([per_user_metric(r, m) for r in ranks_a], axis=0)
-        b = np.mean([per_user_metric(r, m) for r in ranks_b], axis=0)
-        stats = paired_bootstrap(a, b, num_resamples=resamples)
-        rows.append({"seeds": label, "a_epoch": epochs[0], "b_epoch": epochs[1], "metric": m, "a": a.mean(), "b": b.mean(),
+        stats = paired_metric(ranks_a, ranks_b, m, resamples)
+        rows.append({"seeds": label, "a_epoch": epochs[0], "b_epoch": epochs[1], "metric": m, "a": stats["a"], "b": stats["b"],
                      "a_minus_b": stats["delta"],
-                     "ci95_lo": stats["lo"], "ci95_hi": stats["hi"], "p": stats["p"], "users": len(a)})
+                     "ci95_lo": stats["lo"], "ci95_hi": stats["hi"], "p": stats["p"], "users": len(ranks_a[0])})
     return rows
 
 

@@ -21,21 +21,20 @@ import yaml
 
 from genrec.bench.report import harness_parser, provenance, write_table
 from genrec.plots import save_figure
-from genrec.retrieval.metrics import paired_bootstrap, per_user_metric
+from genrec.ranking_training import TWO_STAGE_RANKS_FILE, TwoStageRanks
+from genrec.retrieval.metrics import paired_metric
 
 METRICS = ("hr@10", "ndcg@10", "mrr")
-RANKS_FILE = "two_stage_test_ranks.npz"
 
 
 def load_run(run: Path) -> dict:
-    """A ranking run's arm name, seed, best epoch, users (U,) and ranks: retrieval (U,), depth -> (U,)."""
+    """A ranking run's arm name, seed, best epoch and its ``TwoStageRanks``."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     res = json.loads((run / "results.json").read_text())
-    with np.load(run / RANKS_FILE, allow_pickle=False) as z:
-        reranked = {int(k.split("_", 1)[1]): z[k] for k in z.files if k.startswith("reranked_")}
-        users, retrieval = z["users"], z["retrieval"]
+    ranks = TwoStageRanks.load(run / TWO_STAGE_RANKS_FILE)
     return {"run": run.name, "arm": re.sub(r"-s\d+$", "", run.name), "seed": cfg["train"]["seed"],
-            "best_epoch": res.get("best_epoch", ""), "users": users, "retrieval": retrieval, "reranked": reranked}
+            "best_epoch": res.get("best_epoch", ""), "users": ranks.users, "retrieval": ranks.retrieval,
+            "reranked": ranks.reranked}
 
 
 def paired_row(label: dict, retrieval: list[np.ndarray], reranked: list[np.ndarray], resamples: int) -> dict:
@@ -43,12 +42,9 @@ def paired_row(label: dict, retrieval: list[np.ndarray], reranked: list[np.ndarr
     two-stage - retrieval with its paired 95% CI, and the ratio."""
     row = dict(label)
     for m in METRICS:
-        a = np.mean([per_user_metric(r, m) for r in reranked], axis=0)
-        b = np.mean([per_user_metric(r, m) for r in retrieval], axis=0)
-        stats = paired_bootstrap(a, b, num_resamples=resamples)
-        row.update({f"retrieval_{m}": float(b.mean()), f"two_stage_{m}": float(a.mean()), f"delta_{m}": stats["delta"],
-                    f"ci95_lo_{m}": stats["lo"], f"ci95_hi_{m}": stats["hi"],
-                    f"ratio_{m}": float(a.mean() / b.mean()) if b.mean() > 0 else float("nan")})
+        stats = paired_metric(reranked, retrieval, m, resamples)
+        row.update({f"retrieval_{m}": stats["b"], f"two_stage_{m}": stats["a"], f"delta_{m}": stats["delta"],
+                    f"ci95_lo_{m}": stats["lo"], f"ci95_hi_{m}": stats["hi"], f"ratio_{m}": stats["ratio"]})
     return row
 
 
