@@ -162,7 +162,7 @@ def cmd_build_index(args: argparse.Namespace) -> int:
     train_queries = np.load(args.train_queries_file, allow_pickle=False) if args.train_queries_file else None
     index = build(spec, inputs, mol, rows, progress=not args.no_progress, train_queries=train_queries)
     if args.metadata:
-        index.attributes = read_attributes(args.metadata, index.ids.numpy())
+        index.attributes = read_attributes(args.metadata, index.external_ids())
     extra = {"spec": spec.to_dict(), "source": inputs.source,
              "encoder_checkpoint_sha256": inputs.source.get("checkpoint_sha256")}
     if args.eval_queries > 0 or args.eval_queries_file:
@@ -206,7 +206,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     r = index.search_with_certificate(queries, args.k, **params)
     for i in range(len(r.ids)):
         keep = r.ids[i] >= 0
-        print(json.dumps({"query": i, "ids": r.ids[i][keep].tolist(),
+        ids = r.ids[i][keep]
+        print(json.dumps({"query": i, "ids": (index.keys.keys_of(ids) if index.keys is not None else ids).tolist(),
                           "scores": [round(float(x), 6) for x in r.scores[i][keep]], "exact": bool(r.exact[i])}))
     return 0
 
@@ -229,6 +230,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_item_ids(text: str, strings: bool = False) -> list[int] | list[str]:
+    """``--history 12,7,99`` -> ints; ``sku-12,sku-7`` (or ``--string-ids``: ids that look numeric) -> strings."""
+    values = [x.strip() for x in text.split(",") if x.strip()]
+    if not strings:
+        try:
+            return [int(x) for x in values]
+        except ValueError:
+            pass
+    return values
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import grpc
     from genrec.serving.client import GenrecClient
@@ -236,7 +248,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     with GenrecClient(args.target) as client:
         try:
             if args.history:
-                history = [int(x) for x in args.history.split(",") if x.strip()]
+                history = parse_item_ids(args.history, args.string_ids)
                 stamps = [int(x) for x in args.timestamps.split(",") if x.strip()] if args.timestamps else None
                 if stamps is not None and len(stamps) != len(history):
                     print(f"genrec: error: --timestamps has {len(stamps)} values for {len(history)} history ids",
@@ -254,7 +266,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     for r in replies:
         for i in range(len(r.ids)):
             keep = r.ids[i] >= 0
-            row = {"query": i, "ids": r.ids[i][keep].tolist(), "scores": [round(float(x), 6) for x in r.scores[i][keep]],
+            row = {"query": i, "ids": r.item_ids[i][keep].tolist(), "scores": [round(float(x), 6) for x in r.scores[i][keep]],
                    "exact": bool(r.exact[i]), "index": r.index, "version": r.version,
                    "total_ms": round(r.timing.total_ms, 3)}
             if r.unknown_ids:
@@ -398,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--queries", help="(nq, D) float32 .npy")
     src.add_argument("--history", help="comma-separated raw item ids, oldest first (server-side encoding)")
     qu.add_argument("--timestamps", help="with --history: comma-separated unix seconds, one per history id")
+    qu.add_argument("--string-ids", action="store_true",
+                    help="send --history as string ids even when they look like numbers (e.g. 00123)")
     qu.add_argument("--exact", action="store_true")
     qu.add_argument("--kprime", type=int, default=0)
     qu.add_argument("--rerank", type=int, default=0,

@@ -9,6 +9,7 @@ from genrec.data.batches import SequenceBatch, eval_batches, target_positions
 from genrec.data.sequences import SequenceDataset, Split
 from genrec.encoders.history import last_states
 from genrec.encoders.model import SequentialEncoder
+from genrec.retrieval.keys import plain_id
 from genrec.retrieval.metrics import metrics_from_ranks, target_ranks
 from genrec.retrieval.similarity import DotProductSimilarity
 
@@ -65,7 +66,7 @@ def evaluate_model(model: SequentialEncoder, ds: SequenceDataset, split: Split, 
 def per_user_rank_rows(ds: SequenceDataset, stage: str, users: np.ndarray, ranks: np.ndarray) -> list[dict]:
     """One row per evaluation user: raw user id, raw id of the held-out target, its 1-based rank."""
     targets = ds.items[target_positions(ds, users, stage)]
-    return [{"user": ds.user_ids[u].item(), "target": ds.item_ids[t - 1].item(), "rank": int(r) + 1}
+    return [{"user": plain_id(ds.user_ids[u]), "target": plain_id(ds.item_ids[t - 1]), "rank": int(r) + 1}
             for u, t, r in zip(users, targets, ranks)]
 
 

@@ -71,7 +71,8 @@ def split_attribute_arrays(arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.
 
 def read_attributes(path: str, ids: np.ndarray) -> ItemAttributes:
     """A .parquet / .csv with an ``id`` column and categorical columns -> attributes aligned to ``ids``
-    (the index's external ids, in row order); ids the file lacks get no value (code -1)."""
+    (the index's external ids in row order: int64, or its items' string ids); ids the file lacks get no
+    value (code -1)."""
     import pandas as pd
 
     if path.endswith(".parquet"):
@@ -84,10 +85,11 @@ def read_attributes(path: str, ids: np.ndarray) -> ItemAttributes:
         raise ValueError(f"{path}: needs an 'id' column, has {list(df.columns)[:20]}")
     if df["id"].duplicated().any():
         raise ValueError(f"{path}: item id {df['id'][df['id'].duplicated()].iloc[0]} appears more than once")
+    string_ids = np.asarray(ids).dtype.kind in "OUS"
     try:
-        file_ids = df["id"].astype(np.int64).to_numpy()
+        file_ids = df["id"].astype(str if string_ids else np.int64).to_numpy()
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: the 'id' column must hold integer item ids") from None
+        raise ValueError(f"{path}: the 'id' column must hold integer item ids (this index's ids are integers)") from None
     order = pd.Series(np.arange(len(df)), index=file_ids).reindex(ids).to_numpy()
     columns = {}
     for name in (c for c in df.columns if c != "id"):

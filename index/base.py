@@ -1,5 +1,8 @@
 """What every index shares: external int64 ids, FAISS-shaped search, and a state to save and load.
 
+A catalog whose items have string ids (SKUs) is indexed under int64 ids (the items' rows in the model's
+item table); ``index.keys`` (:class:`~genrec.retrieval.keys.CatalogKeys`) maps those to the strings and back.
+
 ``D, I = index.search(queries, k)``: D (nq, k) float32 descending, I (nq, k) int64 external ids, with
 -inf / -1 where fewer than k items exist. ``exclude`` (per query, external ids) removes items such as
 a user's history before the top-k is taken.
@@ -16,6 +19,7 @@ import torch
 
 from genrec.index.attributes import ItemAttributes
 from genrec.retrieval.ids import IdMap
+from genrec.retrieval.keys import CatalogKeys
 from genrec.retrieval.search import SearchResult
 
 
@@ -42,6 +46,11 @@ class Index(ABC):
         self.idmap = IdMap(ids, ntotal)
         self.ids = self.idmap.ids
         self.attributes: ItemAttributes | None = None  # categorical item metadata for `where` filters
+        self.keys: CatalogKeys | None = None  # the items' string ids, when the catalog has them
+
+    def external_ids(self) -> np.ndarray:
+        """The items' ids as the user gave them, in row order: their string ids, else the int64 ids."""
+        return self.keys.keys.ids if self.keys is not None else self.ids.numpy()
 
     def filter_rows(self, allow: Sequence[int] | None = None, deny: Sequence[int] | None = None,
                     where: Mapping[str, Sequence[str]] | None = None) -> torch.Tensor | None:

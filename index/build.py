@@ -27,6 +27,7 @@ from genrec.index.hindexer import MoLHIndexer
 from genrec.index.mips import FaissMIPS, FlatMIPS
 from genrec.index.spec import IndexSpec
 from genrec.io import sha256_file
+from genrec.retrieval.keys import CatalogKeys, as_ids, decode_utf8, ids_path_pair
 from genrec.retrieval.metrics import recall_at, top1_in
 from genrec.retrieval.search import MoLSearcher
 
@@ -35,11 +36,28 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ItemInputs:
-    """items (N, D) float32 (possibly a read-only memmap), ids (N,) int64, provenance for the manifest."""
+    """items (N, D) float32 (possibly a read-only memmap), ids (N,) int64, provenance for the manifest;
+    keys (N,) str when the catalog's ids are strings (then ids are the rows 0..N-1: the model's item table)."""
 
     items: np.ndarray
     ids: np.ndarray
     source: dict[str, Any]
+    keys: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, items: np.ndarray, raw_ids, source: dict[str, Any]) -> "ItemInputs":
+        """Raw ids of either kind: int64 ids are the index's ids; string ids become its keys."""
+        raw = as_ids(raw_ids, source.get("embeddings", source.get("checkpoint", "ids")))
+        if raw.dtype == object:
+            return cls(items, np.arange(len(raw), dtype=np.int64), source, raw)
+        return cls(items, raw, source)
+
+    def catalog_keys(self, rows: tuple[int, int] | None = None) -> CatalogKeys | None:
+        """The string ids of items[rows] (None for int64 catalogs)."""
+        if self.keys is None:
+            return None
+        start, end = rows or (0, len(self.ids))
+        return CatalogKeys(self.keys[start:end], self.ids[start:end])
 
 
 def _check_items(items: np.ndarray, ids: np.ndarray, where: str, chunk: int = 1 << 20) -> None:
@@ -54,8 +72,6 @@ def _check_items(items: np.ndarray, ids: np.ndarray, where: str, chunk: int = 1 
             raise ValueError(f"{where}: item embedding row {row} holds NaN or Inf")
     if ids.shape != (items.shape[0],):
         raise ValueError(f"{where}: {ids.shape[0] if ids.ndim else 0} ids for {items.shape[0]} items")
-    if ids.dtype.kind not in "iu":
-        raise ValueError(f"{where}: ids must be integers, got {ids.dtype}")
     if len(np.unique(ids)) != len(ids):
         raise ValueError(f"{where}: item ids are not unique")
 
@@ -72,6 +88,19 @@ def _embed_sidecar(path: Path) -> dict:
     return meta if isinstance(meta, dict) and meta.get("embeddings") == path.name else {}
 
 
+def read_id_file(path: Path, required: bool) -> np.ndarray | None:
+    """Item ids from ``path`` (.npy of int64 or of strings), or from the UTF-8 + offsets pair ``genrec embed``
+    writes for string ids beside it (``items.ids_utf8.npy``, ``items.ids_offsets.npy``); None if absent."""
+    utf8, offsets = ids_path_pair(path)
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    if utf8.is_file() and offsets.is_file():
+        return decode_utf8(np.load(utf8, allow_pickle=False), np.load(offsets, allow_pickle=False))
+    if required:
+        raise FileNotFoundError(f"ids file not found: {path}")
+    return None
+
+
 def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint: str | None = None) -> ItemInputs:
     if embeddings is None:
         if checkpoint is None:
@@ -81,7 +110,7 @@ def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint
         model, _ = model_from_checkpoint(state)
         with torch.no_grad():
             items = model.item_embeddings()[1:].float().numpy()
-        out = ItemInputs(items, np.asarray(state["item_ids"], dtype=np.int64), {"checkpoint": str(checkpoint)})
+        out = ItemInputs.of(items, state["item_ids"], {"checkpoint": str(checkpoint)})
     else:
         path = Path(embeddings)
         if not path.is_file():
@@ -91,11 +120,9 @@ def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint
                 items = np.load(path, mmap_mode="r", allow_pickle=False)
             except Exception as e:  # noqa: BLE001
                 raise ValueError(f"{path}: not a readable .npy array ({e})") from None
-            id_path = Path(ids) if ids else path.with_suffix(".ids.npy")
-            id_arr = (np.load(id_path, allow_pickle=False) if id_path.is_file() else
-                      np.arange(len(items), dtype=np.int64))
-            if ids and not id_path.is_file():
-                raise FileNotFoundError(f"ids file not found: {id_path}")
+            id_arr = read_id_file(Path(ids) if ids else path.with_suffix(".ids.npy"), required=bool(ids))
+            if id_arr is None:
+                id_arr = np.arange(len(items), dtype=np.int64)
         elif path.suffix == ".parquet":
             import pandas as pd
 
@@ -106,14 +133,18 @@ def read_items(embeddings: str | None = None, ids: str | None = None, checkpoint
             id_arr = df["id"].to_numpy()
         else:
             raise ValueError(f"{path}: embeddings must be .npy or .parquet")
-        out = ItemInputs(items, np.asarray(id_arr).astype(np.int64, copy=False), {"embeddings": str(path)})
+        out = ItemInputs.of(items, id_arr, {"embeddings": str(path)})
         if checkpoint:
             out.source["checkpoint"] = str(checkpoint)
         else:  # vectors from `genrec embed` name their model in a sidecar: keep the index paired with it
             sidecar = _embed_sidecar(path)
             if sidecar.get("checkpoint_sha256"):
                 out.source["checkpoint_sha256"] = str(sidecar["checkpoint_sha256"])
-    _check_items(out.items, out.ids, out.source.get("embeddings", out.source.get("checkpoint", "")))
+    where = out.source.get("embeddings", out.source.get("checkpoint", ""))
+    _check_items(out.items, out.ids, where)
+    if out.keys is not None:
+        out.catalog_keys()  # unique, non-empty strings
+        out.source["id_kind"] = "string"
     if "checkpoint" in out.source:
         out.source["checkpoint_sha256"] = sha256_file(out.source["checkpoint"])
     return out
@@ -134,6 +165,13 @@ def build(spec: IndexSpec, inputs: ItemInputs, mol=None, rows: tuple[int, int] |
     """The index ``spec`` names over inputs.items[rows[0]:rows[1]] (all items by default).
     train_queries: (m, D) query states a learned stage 1 is distilled on (default: noisy items)."""
 
+    index = _build(spec, inputs, mol, rows, progress, train_queries)
+    index.keys = inputs.catalog_keys(rows)
+    return index
+
+
+def _build(spec: IndexSpec, inputs: ItemInputs, mol, rows: tuple[int, int] | None, progress: bool,
+           train_queries: np.ndarray | None):
     start, end = rows or (0, len(inputs.items))
     if spec.type == "mol-hindexer":
         if mol is None:

@@ -23,6 +23,7 @@ import torch
 
 from genrec.index.storage import FORMAT_VERSION, MANIFEST, IndexFormatError, load_index, package_versions, read_manifest
 from genrec.io import atomic_directory, sha256_file
+from genrec.retrieval.keys import CatalogKeys
 from genrec.retrieval.search import SearchResult
 from genrec.kernels.topk import select_topk
 
@@ -95,6 +96,10 @@ class ShardedIndex:
         self.ntotal = sum(s.ntotal for s in shards)
         self.dim = shards[0].dim
         self.bytes_per_item = sum(s.bytes_per_item * s.ntotal for s in shards) / max(self.ntotal, 1)
+        with_keys = [s.keys for s in shards if s.keys is not None]
+        if with_keys and len(with_keys) != len(shards):
+            raise ValueError("some shards have string item ids and some do not")
+        self.keys = CatalogKeys.concat(with_keys) if with_keys else None
 
     @classmethod
     def load(cls, path: Path, manifest: dict[str, Any], verify: str, mmap: bool) -> "ShardedIndex":

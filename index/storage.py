@@ -28,6 +28,7 @@ from genrec.index.base import Index, IndexState
 from genrec.index.hindexer import MoLHIndexer
 from genrec.index.mips import FaissMIPS, FlatMIPS
 from genrec.io import atomic_directory, recover_directory, sha256_file
+from genrec.retrieval.keys import CATALOG_KEYS, CatalogKeys, ids_from_arrays
 
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
@@ -113,6 +114,9 @@ def save_index(index: Index, root: str | Path, name: str, version: str | None = 
     if index.attributes is not None:
         st.arrays.update(index.attributes.arrays())
         extra = {**(extra or {}), "attributes": index.attributes.vocab}
+    if index.keys is not None:
+        st.arrays.update(index.keys.arrays())
+        extra = {**(extra or {}), "item_id_kind": "string"}
     with atomic_directory(root / name / version, overwrite=overwrite) as tmp:
         files = []
         for key, arr in st.arrays.items():
@@ -231,11 +235,17 @@ def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tup
         else:
             blobs[p.name] = p.read_bytes()
     arrays, attribute_arrays = split_attribute_arrays(arrays)
+    try:
+        keys = ids_from_arrays(CATALOG_KEYS, arrays)  # popped: the index kinds never see them
+    except ValueError as e:
+        raise IndexFormatError(f"{path}: item keys unreadable ({e})") from None
     st = IndexState(manifest["kind"], manifest["params"], arrays, blobs)
     try:
         index = classes[manifest["kind"]].from_state(st)
         if manifest.get("attributes"):
             index.attributes = ItemAttributes.from_arrays(attribute_arrays, manifest["attributes"], index.ntotal)
+        if keys is not None:
+            index.keys = CatalogKeys(keys, index.ids.numpy())
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError) as e:
         raise IndexFormatError(f"{path}: inconsistent index files ({type(e).__name__}: {e})") from None
     if index.ntotal != manifest["count"]:

@@ -26,7 +26,7 @@ from genrec.kernels.topk import select_topk
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
 from genrec.serving.config import ServeConfig
-from genrec.serving.service import ServiceError, encode_users, invalid, run_rpc
+from genrec.serving.service import ServiceError, encode_users, invalid, item_ids, run_rpc, set_ids
 from genrec.serving.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -118,6 +118,11 @@ class BrokerService(pb_grpc.RetrievalServicer):
         resp = pb.SearchResponse(nq=nq, k=k, index=replies[0].index, request_id=request.request_id,
                                  version=",".join(f"{t}@{r.version}" for t, r in zip([t for t in self.shards if t not in failed], replies)))
         resp.ids.extend(i.reshape(-1).tolist())
+        if any(len(r.ids_str) for r in replies):  # a string-id catalog: carry each id's string through the merge
+            key_of = {-1: ""}
+            for r in replies:
+                key_of.update(zip(r.ids, r.ids_str))
+            resp.ids_str.extend(key_of[x] for x in resp.ids)
         resp.scores.extend(s.reshape(-1).tolist())
         resp.exact.extend(np.logical_and.reduce([np.asarray(r.exact, bool) for r in replies]).tolist() if not failed
                           else [False] * nq)
@@ -144,15 +149,22 @@ class BrokerService(pb_grpc.RetrievalServicer):
         def run():
             if self.encoder is None:
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no encoder_checkpoint configured on the broker")
-            enc = encode_users(self.encoder, [request], self.cfg.limits.max_history)
+            strings = self.encoder.string_ids
+            history = item_ids(request, "history", strings, "the broker's encoder")
+            enc = encode_users(self.encoder, [request], [history], self.cfg.limits.max_history)
             q = np.ascontiguousarray(enc.states, dtype="<f4")
             search = pb.SearchRequest(index=request.index, version=request.version, k=request.k, dim=q.shape[1],
                                       queries=q.tobytes(), exact=request.exact, kprime=request.kprime,
-                                      request_id=request.request_id)
+                                      request_id=request.request_id, allow_ids=request.allow_ids,
+                                      deny_ids=request.deny_ids, allow_ids_str=request.allow_ids_str,
+                                      deny_ids_str=request.deny_ids_str, where=request.where)
             if not request.keep_history:
-                search.exclude.add().ids.extend(enc.known[0].tolist())
+                if strings:
+                    search.exclude_str.add().values.extend(enc.known[0].tolist())
+                else:
+                    search.exclude.add().ids.extend(enc.known[0].tolist())
             resp = self._fan_out(search, context)
-            resp.unknown_ids.extend(enc.unknown[0].tolist())
+            set_ids(resp, "unknown_ids", enc.unknown[0], strings)
             return resp
 
         return self._call("SearchByUser", context, run)

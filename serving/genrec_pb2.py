@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgenrec/serving/genrec.proto\x12\x11genrec.serving.v1\"\x15\n\x06IdList\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x19\n\x07Strings\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xf8\x02\n\rSearchRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\x0f\n\x07queries\x18\x05 \x01(\x0c\x12\x14\n\x0cquery_values\x18\x06 \x03(\x02\x12\r\n\x05\x65xact\x18\x07 \x01(\x08\x12\x0e\n\x06kprime\x18\x08 \x01(\r\x12\x12\n\nrequest_id\x18\t \x01(\t\x12*\n\x07\x65xclude\x18\n \x03(\x0b\x32\x19.genrec.serving.v1.IdList\x12\x11\n\tallow_ids\x18\x0b \x03(\x03\x12\x10\n\x08\x64\x65ny_ids\x18\x0c \x03(\x03\x12:\n\x05where\x18\r \x03(\x0b\x32+.genrec.serving.v1.SearchRequest.WhereEntry\x1aH\n\nWhereEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.genrec.serving.v1.Strings:\x02\x38\x01\"T\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"\xed\x01\n\x0eSearchResponse\x12\n\n\x02nq\x18\x01 \x01(\r\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03ids\x18\x03 \x03(\x03\x12\x0e\n\x06scores\x18\x04 \x03(\x02\x12\r\n\x05\x65xact\x18\x05 \x03(\x08\x12\r\n\x05\x62ound\x18\x06 \x03(\x02\x12\r\n\x05index\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12)\n\x06timing\x18\t \x01(\x0b\x32\x19.genrec.serving.v1.Timing\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x13\n\x0bunknown_ids\x18\x0b \x03(\x03\x12\x15\n\rfailed_shards\x18\x0c \x03(\t\"\x83\x03\n\x13SearchByUserRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0f\n\x07history\x18\x04 \x03(\x03\x12\x12\n\ntimestamps\x18\x05 \x03(\x03\x12\x12\n\nquery_time\x18\x06 \x01(\x03\x12\x14\n\x0ckeep_history\x18\x07 \x01(\x08\x12\x0e\n\x06kprime\x18\x08 \x01(\r\x12\r\n\x05\x65xact\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0e\n\x06rerank\x18\x0b \x01(\r\x12\x11\n\tallow_ids\x18\x0c \x03(\x03\x12\x10\n\x08\x64\x65ny_ids\x18\r \x03(\x03\x12@\n\x05where\x18\x0e \x03(\x0b\x32\x31.genrec.serving.v1.SearchByUserRequest.WhereEntry\x1aH\n\nWhereEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.genrec.serving.v1.Strings:\x02\x38\x01\"F\n\x0bUserHistory\x12\x0f\n\x07history\x18\x01 \x03(\x03\x12\x12\n\ntimestamps\x18\x02 \x03(\x03\x12\x12\n\nquery_time\x18\x03 \x01(\x03\"\xfb\x02\n\x14SearchByUsersRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12-\n\x05users\x18\x04 \x03(\x0b\x32\x1e.genrec.serving.v1.UserHistory\x12\x14\n\x0ckeep_history\x18\x05 \x01(\x08\x12\x0e\n\x06kprime\x18\x06 \x01(\r\x12\r\n\x05\x65xact\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06rerank\x18\t \x01(\r\x12\x11\n\tallow_ids\x18\n \x03(\x03\x12\x10\n\x08\x64\x65ny_ids\x18\x0b \x03(\x03\x12\x41\n\x05where\x18\x0c \x03(\x0b\x32\x32.genrec.serving.v1.SearchByUsersRequest.WhereEntry\x1aH\n\nWhereEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.genrec.serving.v1.Strings:\x02\x38\x01\"{\n\x15SearchByUsersResponse\x12\x32\n\x07results\x18\x01 \x01(\x0b\x32!.genrec.serving.v1.SearchResponse\x12.\n\x0bunknown_ids\x18\x02 \x03(\x0b\x32\x19.genrec.serving.v1.IdList\"\x81\x01\n\x0bRankRequest\x12\x0f\n\x07history\x18\x01 \x03(\x03\x12\x12\n\ncandidates\x18\x02 \x03(\x03\x12\x12\n\ntimestamps\x18\x03 \x03(\x03\x12\x14\n\x0crequest_time\x18\x04 \x01(\x03\x12\x12\n\nmicrobatch\x18\x05 \x01(\r\x12\x0f\n\x07ratings\x18\x06 \x03(\x02\"o\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x0f\n\x07ratings\x18\x02 \x03(\x02\x12\x13\n\x0bunknown_ids\x18\x03 \x03(\x03\x12)\n\x06timing\x18\x04 \x01(\x0b\x32\x19.genrec.serving.v1.Timing\"!\n\x10IndexInfoRequest\x12\r\n\x05index\x18\x01 \x01(\t\"\x9b\x01\n\tIndexInfo\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\x12\x0f\n\x07indexes\x18\x08 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\"?\n\x10LoadIndexRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06verify\x18\x03 \x01(\t2\x85\x04\n\tRetrieval\x12M\n\x06Search\x12 .genrec.serving.v1.SearchRequest\x1a!.genrec.serving.v1.SearchResponse\x12Y\n\x0cSearchByUser\x12&.genrec.serving.v1.SearchByUserRequest\x1a!.genrec.serving.v1.SearchResponse\x12\x62\n\rSearchByUsers\x12\'.genrec.serving.v1.SearchByUsersRequest\x1a(.genrec.serving.v1.SearchByUsersResponse\x12G\n\x04Rank\x12\x1e.genrec.serving.v1.RankRequest\x1a\x1f.genrec.serving.v1.RankResponse\x12Q\n\x0cGetIndexInfo\x12#.genrec.serving.v1.IndexInfoRequest\x1a\x1c.genrec.serving.v1.IndexInfo\x12N\n\tLoadIndex\x12#.genrec.serving.v1.LoadIndexRequest\x1a\x1c.genrec.serving.v1.IndexInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bgenrec/serving/genrec.proto\x12\x11genrec.serving.v1\"\x15\n\x06IdList\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"\x19\n\x07Strings\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xd6\x03\n\rSearchRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0b\n\x03\x64im\x18\x04 \x01(\r\x12\x0f\n\x07queries\x18\x05 \x01(\x0c\x12\x14\n\x0cquery_values\x18\x06 \x03(\x02\x12\r\n\x05\x65xact\x18\x07 \x01(\x08\x12\x0e\n\x06kprime\x18\x08 \x01(\r\x12\x12\n\nrequest_id\x18\t \x01(\t\x12*\n\x07\x65xclude\x18\n \x03(\x0b\x32\x19.genrec.serving.v1.IdList\x12\x11\n\tallow_ids\x18\x0b \x03(\x03\x12\x10\n\x08\x64\x65ny_ids\x18\x0c \x03(\x03\x12:\n\x05where\x18\r \x03(\x0b\x32+.genrec.serving.v1.SearchRequest.WhereEntry\x12/\n\x0b\x65xclude_str\x18\x0e \x03(\x0b\x32\x1a.genrec.serving.v1.Strings\x12\x15\n\rallow_ids_str\x18\x0f \x03(\t\x12\x14\n\x0c\x64\x65ny_ids_str\x18\x10 \x03(\t\x1aH\n\nWhereEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.genrec.serving.v1.Strings:\x02\x38\x01\"T\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\r\"\x97\x02\n\x0eSearchResponse\x12\n\n\x02nq\x18\x01 \x01(\r\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0b\n\x03ids\x18\x03 \x03(\x03\x12\x0e\n\x06scores\x18\x04 \x03(\x02\x12\r\n\x05\x65xact\x18\x05 \x03(\x08\x12\r\n\x05\x62ound\x18\x06 \x03(\x02\x12\r\n\x05index\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12)\n\x06timing\x18\t \x01(\x0b\x32\x19.genrec.serving.v1.Timing\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x13\n\x0bunknown_ids\x18\x0b \x03(\x03\x12\x15\n\rfailed_shards\x18\x0c \x03(\t\x12\x0f\n\x07ids_str\x18\r \x03(\t\x12\x17\n\x0funknown_ids_str\x18\x0e \x03(\t\"\xc5\x03\n\x13SearchByUserRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0f\n\x07history\x18\x04 \x03(\x03\x12\x12\n\ntimestamps\x18\x05 \x03(\x03\x12\x12\n\nquery_time\x18\x06 \x01(\x03\x12\x14\n\x0ckeep_history\x18\x07 \x01(\x08\x12\x0e\n\x06kprime\x18\x08 \x01(\r\x12\r\n\x05\x65xact\x18\t \x01(\x08\x12\x12\n\nrequest_id\x18\n \x01(\t\x12\x0e\n\x06rerank\x18\x0b \x01(\r\x12\x11\n\tallow_ids\x18\x0c \x03(\x03\x12\x10\n\x08\x64\x65ny_ids\x18\r \x03(\x03\x12@\n\x05where\x18\x0e \x03(\x0b\x32\x31.genrec.serving.v1.SearchByUserRequest.WhereEntry\x12\x13\n\x0bhistory_str\x18\x0f \x03(\t\x12\x15\n\rallow_ids_str\x18\x10 \x03(\t\x12\x14\n\x0c\x64\x65ny_ids_str\x18\x11 \x03(\t\x1aH\n\nWhereEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.genrec.serving.v1.Strings:\x02\x38\x01\"[\n\x0bUserHistory\x12\x0f\n\x07history\x18\x01 \x03(\x03\x12\x12\n\ntimestamps\x18\x02 \x03(\x03\x12\x12\n\nquery_time\x18\x03 \x01(\x03\x12\x13\n\x0bhistory_str\x18\x04 \x03(\t\"\xa8\x03\n\x14SearchByUsersRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\t\n\x01k\x18\x03 \x01(\r\x12-\n\x05users\x18\x04 \x03(\x0b\x32\x1e.genrec.serving.v1.UserHistory\x12\x14\n\x0ckeep_history\x18\x05 \x01(\x08\x12\x0e\n\x06kprime\x18\x06 \x01(\r\x12\r\n\x05\x65xact\x18\x07 \x01(\x08\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x0e\n\x06rerank\x18\t \x01(\r\x12\x11\n\tallow_ids\x18\n \x03(\x03\x12\x10\n\x08\x64\x65ny_ids\x18\x0b \x03(\x03\x12\x41\n\x05where\x18\x0c \x03(\x0b\x32\x32.genrec.serving.v1.SearchByUsersRequest.WhereEntry\x12\x15\n\rallow_ids_str\x18\r \x03(\t\x12\x14\n\x0c\x64\x65ny_ids_str\x18\x0e \x03(\t\x1aH\n\nWhereEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12)\n\x05value\x18\x02 \x01(\x0b\x32\x1a.genrec.serving.v1.Strings:\x02\x38\x01\"\xb0\x01\n\x15SearchByUsersResponse\x12\x32\n\x07results\x18\x01 \x01(\x0b\x32!.genrec.serving.v1.SearchResponse\x12.\n\x0bunknown_ids\x18\x02 \x03(\x0b\x32\x19.genrec.serving.v1.IdList\x12\x33\n\x0funknown_ids_str\x18\x03 \x03(\x0b\x32\x1a.genrec.serving.v1.Strings\"\xae\x01\n\x0bRankRequest\x12\x0f\n\x07history\x18\x01 \x03(\x03\x12\x12\n\ncandidates\x18\x02 \x03(\x03\x12\x12\n\ntimestamps\x18\x03 \x03(\x03\x12\x14\n\x0crequest_time\x18\x04 \x01(\x03\x12\x12\n\nmicrobatch\x18\x05 \x01(\r\x12\x0f\n\x07ratings\x18\x06 \x03(\x02\x12\x13\n\x0bhistory_str\x18\x07 \x03(\t\x12\x16\n\x0e\x63\x61ndidates_str\x18\x08 \x03(\t\"\x88\x01\n\x0cRankResponse\x12\x0e\n\x06scores\x18\x01 \x03(\x02\x12\x0f\n\x07ratings\x18\x02 \x03(\x02\x12\x13\n\x0bunknown_ids\x18\x03 \x03(\x03\x12)\n\x06timing\x18\x04 \x01(\x0b\x32\x19.genrec.serving.v1.Timing\x12\x17\n\x0funknown_ids_str\x18\x05 \x03(\t\"!\n\x10IndexInfoRequest\x12\r\n\x05index\x18\x01 \x01(\t\"\x9b\x01\n\tIndexInfo\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x04\x12\x0b\n\x03\x64im\x18\x05 \x01(\r\x12\x0c\n\x04path\x18\x06 \x01(\t\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\x12\x0f\n\x07indexes\x18\x08 \x03(\t\x12\x0e\n\x06\x64\x65vice\x18\t \x01(\t\"?\n\x10LoadIndexRequest\x12\r\n\x05index\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0e\n\x06verify\x18\x03 \x01(\t2\x85\x04\n\tRetrieval\x12M\n\x06Search\x12 .genrec.serving.v1.SearchRequest\x1a!.genrec.serving.v1.SearchResponse\x12Y\n\x0cSearchByUser\x12&.genrec.serving.v1.SearchByUserRequest\x1a!.genrec.serving.v1.SearchResponse\x12\x62\n\rSearchByUsers\x12\'.genrec.serving.v1.SearchByUsersRequest\x1a(.genrec.serving.v1.SearchByUsersResponse\x12G\n\x04Rank\x12\x1e.genrec.serving.v1.RankRequest\x1a\x1f.genrec.serving.v1.RankResponse\x12Q\n\x0cGetIndexInfo\x12#.genrec.serving.v1.IndexInfoRequest\x1a\x1c.genrec.serving.v1.IndexInfo\x12N\n\tLoadIndex\x12#.genrec.serving.v1.LoadIndexRequest\x1a\x1c.genrec.serving.v1.IndexInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,35 +42,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STRINGS']._serialized_start=73
   _globals['_STRINGS']._serialized_end=98
   _globals['_SEARCHREQUEST']._serialized_start=101
-  _globals['_SEARCHREQUEST']._serialized_end=477
-  _globals['_SEARCHREQUEST_WHEREENTRY']._serialized_start=405
-  _globals['_SEARCHREQUEST_WHEREENTRY']._serialized_end=477
-  _globals['_TIMING']._serialized_start=479
-  _globals['_TIMING']._serialized_end=563
-  _globals['_SEARCHRESPONSE']._serialized_start=566
-  _globals['_SEARCHRESPONSE']._serialized_end=803
-  _globals['_SEARCHBYUSERREQUEST']._serialized_start=806
-  _globals['_SEARCHBYUSERREQUEST']._serialized_end=1193
-  _globals['_SEARCHBYUSERREQUEST_WHEREENTRY']._serialized_start=405
-  _globals['_SEARCHBYUSERREQUEST_WHEREENTRY']._serialized_end=477
-  _globals['_USERHISTORY']._serialized_start=1195
-  _globals['_USERHISTORY']._serialized_end=1265
-  _globals['_SEARCHBYUSERSREQUEST']._serialized_start=1268
-  _globals['_SEARCHBYUSERSREQUEST']._serialized_end=1647
-  _globals['_SEARCHBYUSERSREQUEST_WHEREENTRY']._serialized_start=405
-  _globals['_SEARCHBYUSERSREQUEST_WHEREENTRY']._serialized_end=477
-  _globals['_SEARCHBYUSERSRESPONSE']._serialized_start=1649
-  _globals['_SEARCHBYUSERSRESPONSE']._serialized_end=1772
-  _globals['_RANKREQUEST']._serialized_start=1775
-  _globals['_RANKREQUEST']._serialized_end=1904
-  _globals['_RANKRESPONSE']._serialized_start=1906
-  _globals['_RANKRESPONSE']._serialized_end=2017
-  _globals['_INDEXINFOREQUEST']._serialized_start=2019
-  _globals['_INDEXINFOREQUEST']._serialized_end=2052
-  _globals['_INDEXINFO']._serialized_start=2055
-  _globals['_INDEXINFO']._serialized_end=2210
-  _globals['_LOADINDEXREQUEST']._serialized_start=2212
-  _globals['_LOADINDEXREQUEST']._serialized_end=2275
-  _globals['_RETRIEVAL']._serialized_start=2278
-  _globals['_RETRIEVAL']._serialized_end=2795
+  _globals['_SEARCHREQUEST']._serialized_end=571
+  _globals['_SEARCHREQUEST_WHEREENTRY']._serialized_start=499
+  _globals['_SEARCHREQUEST_WHEREENTRY']._serialized_end=571
+  _globals['_TIMING']._serialized_start=573
+  _globals['_TIMING']._serialized_end=657
+  _globals['_SEARCHRESPONSE']._serialized_start=660
+  _globals['_SEARCHRESPONSE']._serialized_end=939
+  _globals['_SEARCHBYUSERREQUEST']._serialized_start=942
+  _globals['_SEARCHBYUSERREQUEST']._serialized_end=1395
+  _globals['_SEARCHBYUSERREQUEST_WHEREENTRY']._serialized_start=499
+  _globals['_SEARCHBYUSERREQUEST_WHEREENTRY']._serialized_end=571
+  _globals['_USERHISTORY']._serialized_start=1397
+  _globals['_USERHISTORY']._serialized_end=1488
+  _globals['_SEARCHBYUSERSREQUEST']._serialized_start=1491
+  _globals['_SEARCHBYUSERSREQUEST']._serialized_end=1915
+  _globals['_SEARCHBYUSERSREQUEST_WHEREENTRY']._serialized_start=499
+  _globals['_SEARCHBYUSERSREQUEST_WHEREENTRY']._serialized_end=571
+  _globals['_SEARCHBYUSERSRESPONSE']._serialized_start=1918
+  _globals['_SEARCHBYUSERSRESPONSE']._serialized_end=2094
+  _globals['_RANKREQUEST']._serialized_start=2097
+  _globals['_RANKREQUEST']._serialized_end=2271
+  _globals['_RANKRESPONSE']._serialized_start=2274
+  _globals['_RANKRESPONSE']._serialized_end=2410
+  _globals['_INDEXINFOREQUEST']._serialized_start=2412
+  _globals['_INDEXINFOREQUEST']._serialized_end=2445
+  _globals['_INDEXINFO']._serialized_start=2448
+  _globals['_INDEXINFO']._serialized_end=2603
+  _globals['_LOADINDEXREQUEST']._serialized_start=2605
+  _globals['_LOADINDEXREQUEST']._serialized_end=2668
+  _globals['_RETRIEVAL']._serialized_start=2671
+  _globals['_RETRIEVAL']._serialized_end=3188
 # @@protoc_insertion_point(module_scope)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from genrec.checkpoint import load_checkpoint, ranking_model_from_checkpoint
-from genrec.retrieval.ids import IdMap
+from genrec.retrieval.keys import KeyMap, plain_id
 from genrec.serving.placement import resolve_device
 
 
@@ -19,15 +18,16 @@ class Ranker:
         if "ranking_head" not in state:
             raise ValueError(f"{checkpoint}: not a ranking checkpoint (train with task: ranking)")
         self.model = ranking_model_from_checkpoint(state).to(self.device)
-        raw = np.asarray(state["item_ids"], dtype=np.int64)
-        self.items = IdMap(raw, len(raw))  # row r <-> model item id r + 1
+        self.items = KeyMap(state["item_ids"], f"{checkpoint}: item_ids")  # row r <-> model item id r + 1
+        self.string_ids = self.items.is_string
         self.max_history = self.model.encoder.max_len - 1
 
     @torch.no_grad()
-    def rank(self, history: list[int], candidates: list[int], timestamps: list[int] | None = None,
+    def rank(self, history: list[int] | list[str], candidates: list[int] | list[str], timestamps: list[int] | None = None,
              request_time: int | None = None, microbatch: int = 256, ratings: list[float] | None = None):
-        """-> (engagement logits (m,), ratings (m,), unknown raw ids). Unknown candidates score -inf."""
-        h_rows = self.items.lookup(history)
+        """-> (engagement logits (m,), ratings (m,), unknown raw ids). Unknown candidates score -inf. Ids are
+        int64, or str for a checkpoint trained on string ids."""
+        h_rows = torch.from_numpy(self.items.rows(history))
         keep = h_rows >= 0
         if not bool(keep.any()):
             raise KeyError(f"none of the {len(history)} history item ids is known to the ranker")
@@ -38,7 +38,7 @@ class Ranker:
         hist_ratings = None
         if ratings is not None:
             hist_ratings = torch.as_tensor(ratings, dtype=torch.float32)[keep][-self.max_history :]
-        c_rows = self.items.lookup(candidates)
+        c_rows = torch.from_numpy(self.items.rows(candidates))
         known = c_rows >= 0
         scores = torch.full((len(candidates),), float("-inf"))
         ratings = torch.full((len(candidates),), float("nan"))
@@ -48,6 +48,6 @@ class Ranker:
                                    request_time, microbatch,
                                    history_ratings=None if hist_ratings is None else hist_ratings.to(dev)).cpu()
             scores[known], ratings[known] = out[:, 0], out[:, 1] * 5.0
-        unknown = [int(x) for x, ok in zip(history, keep.tolist()) if not ok]
-        unknown += [int(x) for x, ok in zip(candidates, known.tolist()) if not ok]
+        unknown = [plain_id(x) for x, ok in zip(history, keep.tolist()) if not ok]
+        unknown += [plain_id(x) for x, ok in zip(candidates, known.tolist()) if not ok]
         return scores.numpy(), ratings.numpy(), unknown

@@ -29,6 +29,7 @@ import numpy as np
 
 from genrec.index.base import FilterUnsupported
 from genrec.index.storage import IndexFormatError, check_name, shown
+from genrec.retrieval.keys import plain_id
 from genrec.retrieval.search import SearchResult
 from genrec.serving import genrec_pb2 as pb
 from genrec.serving import genrec_pb2_grpc as pb_grpc
@@ -141,29 +142,53 @@ def brief(message: str, limit: int = MAX_DETAILS_CHARS) -> str:
     return message if len(message) <= limit else f"{message[:limit // 2]} ... {message[-limit // 2:]}"
 
 
-def encode_users(encoder, users, max_history: int):
-    """Histories (SearchByUserRequest or UserHistory messages: history, timestamps, query_time) ->
-    EncodedUsers, one batch; timestamps for every user or for none; a user with no known id -> NOT_FOUND."""
-    times = [history_times(u, max_history) for u in users]
+def item_ids(request, field: str, string_ids: bool, catalog: str) -> list:
+    """A request's item-id field: ``field`` (int64) or its twin ``field_str``, whichever matches the kind of
+    ids ``catalog`` (words for the error) has; the other kind, or both at once, is INVALID_ARGUMENT."""
+    ints, strs = getattr(request, field), getattr(request, field + "_str")
+    if len(ints) and len(strs):
+        raise invalid(f"give {field} or {field}_str, not both")
+    if len(ints) and string_ids:
+        raise invalid(f"{catalog} has string item ids: send {field}_str, not {field}")
+    if len(strs) and not string_ids:
+        raise invalid(f"{catalog} has int64 item ids: send {field}, not {field}_str")
+    return list(strs) if string_ids else list(ints)
+
+
+def catalog_keys(served: Served):
+    """The served index's string ids (CatalogKeys), or None for an int64 catalog."""
+    return getattr(served.index, "keys", None)
+
+
+def set_ids(message, field: str, ids, string_ids: bool) -> None:
+    """Fill ``field`` (int64) or ``field_str`` of a response with ids of that kind."""
+    getattr(message, field + "_str" if string_ids else field).extend(plain_id(x) for x in ids)
+
+
+def encode_users(encoder, users, histories: list[list], max_history: int):
+    """Histories (item ids of the encoder's kind) with their messages (SearchByUserRequest or UserHistory:
+    timestamps, query_time) -> EncodedUsers, one batch; timestamps for every user or for none; a user with
+    no known id -> NOT_FOUND."""
+    times = [history_times(h, u, max_history) for h, u in zip(histories, users)]
     timed = times[0] is not None
     if any((t is not None) != timed for t in times):
         raise invalid("give timestamps for every user or for none")
     try:
-        return encoder.encode([list(u.history) for u in users], times if timed else None,
+        return encoder.encode(histories, times if timed else None,
                               [u.query_time or None for u in users] if timed else None)
     except KeyError as e:
         raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
 
 
-def history_times(request, max_history: int) -> list[int] | None:
+def history_times(history: list, request, max_history: int) -> list[int] | None:
     """Check a request's history (+ optional per-item timestamps); returns the timestamps or None."""
-    if not request.history:
+    if not history:
         raise invalid("history is empty")
-    if len(request.history) > max_history:
-        raise invalid(f"history of {len(request.history)} items exceeds max_history {max_history}")
+    if len(history) > max_history:
+        raise invalid(f"history of {len(history)} items exceeds max_history {max_history}")
     ts = list(request.timestamps) or None
-    if ts is not None and len(ts) != len(request.history):
-        raise invalid(f"{len(ts)} timestamps for {len(request.history)} history items")
+    if ts is not None and len(ts) != len(history):
+        raise invalid(f"{len(ts)} timestamps for {len(history)} history items")
     return ts
 
 
@@ -204,7 +229,7 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     def _params(self, served: Served, request) -> dict:
         """A request's search params: its K' (or exact) and its filter."""
-        return {**self._kprime_params(served, request.exact, request.kprime), **self._filter(request)}
+        return {**self._kprime_params(served, request.exact, request.kprime), **self._filter(served, request)}
 
     def _kprime_params(self, served: Served, exact: bool, kprime: int) -> dict:
         kind = served.manifest.get("kind")
@@ -221,13 +246,26 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         return {}
 
     @staticmethod
-    def _filter(request) -> dict:
+    def _index_ids(served: Served, ids: list) -> list[int]:
+        """Item ids of the index's kind -> its int64 ids (string ids it does not hold are dropped)."""
+        keys = catalog_keys(served)
+        if keys is None:
+            return ids
+        found = keys.ids_of(ids)
+        return found[found >= 0].tolist()
+
+    def _index_item_ids(self, served: Served, request, field: str) -> list[int]:
+        """A request's item-id filter field (either twin) -> the index's int64 ids."""
+        return self._index_ids(served, item_ids(request, field, catalog_keys(served) is not None, f"index {served.name!r}"))
+
+    def _filter(self, served: Served, request) -> dict:
         """A request's allow / deny filter as search params (tuples: batch keys must hash)."""
         out = {}
-        if len(request.allow_ids):
-            out["allow"] = tuple(request.allow_ids)
-        if len(request.deny_ids):
-            out["deny"] = tuple(request.deny_ids)
+        allow, deny = self._index_item_ids(served, request, "allow_ids"), self._index_item_ids(served, request, "deny_ids")
+        if len(request.allow_ids) or len(request.allow_ids_str):
+            out["allow"] = tuple(allow)
+        if deny:
+            out["deny"] = tuple(deny)
         if len(request.where):
             out["where"] = tuple(sorted((name, tuple(v.values)) for name, v in request.where.items()))
         return out
@@ -270,6 +308,8 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         r = out.result
         resp = pb.SearchResponse(nq=len(r.ids), k=k, index=served.name, version=served.version, request_id=request_id)
         resp.ids.extend(r.ids.reshape(-1).tolist())
+        if catalog_keys(served) is not None:
+            resp.ids_str.extend(catalog_keys(served).keys_of(r.ids).reshape(-1).tolist())
         resp.scores.extend(r.scores.reshape(-1).tolist())
         resp.exact.extend(r.exact.tolist())
         resp.bound.extend(r.bound.tolist())
@@ -287,28 +327,43 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             q = decode_queries(request, served.index.dim, self.cfg.limits.max_nq)
             k = self._check_k(request.k)
             params = self._params(served, request)
-            exclude = None
-            if len(request.exclude):
-                if len(request.exclude) != len(q):
-                    raise invalid(f"exclude has {len(request.exclude)} rows for {len(q)} queries")
-                exclude = [list(x.ids) for x in request.exclude]
+            exclude = self._exclusions(served, request, len(q))
             out = self._search(served, q, k, params, exclude, context, "Search")
             return self._response(served, out, k, request.request_id, started)
 
         return self._call("Search", context, run, request)
 
+    def _exclusions(self, served: Served, request, nq: int) -> list[list[int]] | None:
+        """A Search request's per-query exclusions (exclude, or exclude_str) -> the index's int64 ids."""
+        strings = catalog_keys(served) is not None
+        if len(request.exclude) and len(request.exclude_str):
+            raise invalid("give exclude or exclude_str, not both")
+        rows = [list(x.values) for x in request.exclude_str] if len(request.exclude_str) else [list(x.ids) for x in request.exclude]
+        if not rows:
+            return None
+        if strings != bool(len(request.exclude_str)):
+            twin = "exclude_str" if strings else "exclude"
+            raise invalid(f"index {served.name!r} has {'string' if strings else 'int64'} item ids: send {twin}")
+        if len(rows) != nq:
+            raise invalid(f"exclude has {len(rows)} rows for {nq} queries")
+        return [self._index_ids(served, r) for r in rows]
+
+    def _histories(self, users) -> list[list]:
+        return [item_ids(u, "history", self.encoder.string_ids, "the encoder") for u in users]
+
     def SearchByUser(self, request, context):
         def run():
             started = time.monotonic()
             served, k, depth = self._by_user_checks(request)
-            enc = encode_users(self.encoder, [request], self.cfg.limits.max_history)
+            history = self._histories([request])[0]
+            enc = encode_users(self.encoder, [request], [history], self.cfg.limits.max_history)
             params = self._params(served, request)
-            exclude = None if request.keep_history else [enc.known[0].tolist()]
+            exclude = None if request.keep_history else [self._index_ids(served, enc.known[0].tolist())]
             out = self._search(served, enc.states, depth, params, exclude, context, "SearchByUser")
             if request.rerank:
-                out.result = self._rerank(request, out.result, k)
+                out.result = self._rerank(served, request, history, out.result, k)
             resp = self._response(served, out, k, request.request_id, started)
-            resp.unknown_ids.extend(enc.unknown[0].tolist())
+            set_ids(resp, "unknown_ids", enc.unknown[0], self.encoder.string_ids)
             return resp
 
         return self._call("SearchByUser", context, run, request)
@@ -322,19 +377,23 @@ class RetrievalService(pb_grpc.RetrievalServicer):
                 raise invalid("users is empty")
             if len(users) > self.cfg.limits.max_nq:
                 raise invalid(f"{len(users)} users exceed max_nq {self.cfg.limits.max_nq}")
-            enc = encode_users(self.encoder, users, self.cfg.limits.max_history)
+            histories = self._histories(users)
+            enc = encode_users(self.encoder, users, histories, self.cfg.limits.max_history)
             params = self._params(served, request)
-            exclude = None if request.keep_history else [known.tolist() for known in enc.known]
+            exclude = None if request.keep_history else [self._index_ids(served, known.tolist()) for known in enc.known]
             out = self._search(served, enc.states, depth, params, exclude, context, "SearchByUsers")
             if request.rerank:
                 r = out.result
-                rows = [self._rerank(u, SearchResult(r.scores[i : i + 1], r.ids[i : i + 1], r.exact[i : i + 1],
+                rows = [self._rerank(served, u, histories[i], SearchResult(r.scores[i : i + 1], r.ids[i : i + 1], r.exact[i : i + 1],
                                                      r.bound[i : i + 1]), k) for i, u in enumerate(users)]
                 out.result = SearchResult(*(np.concatenate([getattr(x, f) for x in rows])
                                             for f in ("scores", "ids", "exact", "bound")))
             resp = pb.SearchByUsersResponse(results=self._response(served, out, k, request.request_id, started))
             for unknown in enc.unknown:
-                resp.unknown_ids.add().ids.extend(unknown.tolist())
+                if self.encoder.string_ids:
+                    resp.unknown_ids_str.add().values.extend(unknown.tolist())
+                else:
+                    resp.unknown_ids.add().ids.extend(unknown.tolist())
             return resp
 
         return self._call("SearchByUsers", context, run, request)
@@ -347,6 +406,11 @@ class RetrievalService(pb_grpc.RetrievalServicer):
         if served.index.dim != self.encoder.dim:
             raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
                                f"index {served.name!r} expects dim {served.index.dim}, the encoder makes {self.encoder.dim}")
+        if (catalog_keys(served) is not None) != self.encoder.string_ids:
+            kinds = lambda strings: "string" if strings else "int64"  # noqa: E731
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"index {served.name!r} has {kinds(catalog_keys(served) is not None)} item ids, the encoder's "
+                               f"are {kinds(self.encoder.string_ids)}: they come from different catalogs")
         k = self._check_k(request.k)
         return served, k, self._check_rerank(request.rerank, k)
 
@@ -360,17 +424,21 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             raise invalid(f"rerank {rerank} must be at least k {k}")
         if rerank > self.cfg.max_candidates:
             raise invalid(f"rerank {rerank} exceeds max_candidates {self.cfg.max_candidates}")
+        if self.ranker.string_ids != self.encoder.string_ids:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION,
+                               "the ranker and the encoder were trained on catalogs with different kinds of item ids")
         return rerank
 
-    def _rerank(self, request, result: SearchResult, k: int) -> SearchResult:
+    def _rerank(self, served: Served, request, history: list, result: SearchResult, k: int) -> SearchResult:
         """One user's retrieved candidates -> the top k by the ranker's engagement logit (ties: smaller id;
         ids the ranker does not know score -inf); -1 / -inf padded like every search."""
         ids = result.ids[0][result.ids[0] >= 0]
         scores = np.full(len(ids), -np.inf, dtype=np.float32)
         if len(ids):
             ts = list(request.timestamps) or None
+            candidates = catalog_keys(served).keys_of(ids).tolist() if catalog_keys(served) is not None else ids.tolist()
             try:
-                scores, _, _ = self.ranker.rank(list(request.history), ids.tolist(), ts, request.query_time or None,
+                scores, _, _ = self.ranker.rank(history, candidates, ts, request.query_time or None,
                                                 self.cfg.rank_microbatch)
             except KeyError as e:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
@@ -385,24 +453,27 @@ class RetrievalService(pb_grpc.RetrievalServicer):
             started = time.monotonic()
             if self.ranker is None:
                 raise ServiceError(grpc.StatusCode.UNIMPLEMENTED, "no ranking_checkpoint configured: Rank is off")
-            if not request.candidates:
+            history = item_ids(request, "history", self.ranker.string_ids, "the ranker")
+            candidates = item_ids(request, "candidates", self.ranker.string_ids, "the ranker")
+            if not candidates:
                 raise invalid("Rank needs candidates")
-            if len(request.candidates) > self.cfg.max_candidates:
-                raise invalid(f"{len(request.candidates)} candidates exceed max_candidates {self.cfg.max_candidates}")
-            ts = history_times(request, self.cfg.limits.max_history)
+            if len(candidates) > self.cfg.max_candidates:
+                raise invalid(f"{len(candidates)} candidates exceed max_candidates {self.cfg.max_candidates}")
+            ts = history_times(history, request, self.cfg.limits.max_history)
             history_ratings = list(request.ratings) or None
-            if history_ratings is not None and len(history_ratings) != len(request.history):
-                raise invalid(f"{len(history_ratings)} ratings for {len(request.history)} history items")
+            if history_ratings is not None and len(history_ratings) != len(history):
+                raise invalid(f"{len(history_ratings)} ratings for {len(history)} history items")
             if history_ratings is not None and not all(math.isfinite(r) for r in history_ratings):
                 raise invalid("ratings must be finite numbers")
             try:
-                scores, ratings, unknown = self.ranker.rank(list(request.history), list(request.candidates), ts,
+                scores, ratings, unknown = self.ranker.rank(history, candidates, ts,
                                                             request.request_time or None,
                                                             request.microbatch or self.cfg.rank_microbatch,
                                                             ratings=history_ratings)
             except KeyError as e:
                 raise ServiceError(grpc.StatusCode.NOT_FOUND, e.args[0]) from None
-            resp = pb.RankResponse(scores=scores.tolist(), ratings=ratings.tolist(), unknown_ids=unknown)
+            resp = pb.RankResponse(scores=scores.tolist(), ratings=ratings.tolist())
+            set_ids(resp, "unknown_ids", unknown, self.ranker.string_ids)
             resp.timing.total_ms = resp.timing.compute_ms = (time.monotonic() - started) * 1e3
             return resp
 

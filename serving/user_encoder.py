@@ -9,14 +9,14 @@ import torch
 
 from genrec.checkpoint import load_checkpoint, model_from_checkpoint
 from genrec.encoders.history import last_states, pack_histories
-from genrec.retrieval.ids import IdMap
+from genrec.retrieval.keys import KeyMap
 from genrec.serving.placement import resolve_device
 
 
 @dataclass
 class EncodedUsers:
     states: np.ndarray              # (B, D) float32
-    known: list[np.ndarray]         # per user: raw ids the encoder knows (used and excluded)
+    known: list[np.ndarray]         # per user: raw ids the encoder knows (used and excluded); int64 or str
     unknown: list[np.ndarray]       # per user: raw ids it does not know (skipped)
 
 
@@ -30,18 +30,18 @@ class UserEncoder:
         state = load_checkpoint(checkpoint)
         self.model, self.cfg = model_from_checkpoint(state)
         self.model.to(self.device)
-        raw = np.asarray(state["item_ids"], dtype=np.int64)
-        self.items = IdMap(raw, len(raw))  # row r <-> model item id r + 1 (0 is padding)
+        self.items = KeyMap(state["item_ids"], f"{checkpoint}: item_ids")  # row r <-> model item id r + 1 (0 is padding)
+        self.string_ids = self.items.is_string
         self.dim = self.cfg.model.item_emb_dim
         self.uses_time = self.model.time_emb is not None or self.cfg.model.relative_time_bias
 
     @torch.no_grad()
-    def encode(self, histories: list[list[int]], timestamps: list[list[int]] | None = None,
+    def encode(self, histories: list[list[int]] | list[list[str]], timestamps: list[list[int]] | None = None,
                query_times: list[int | None] | None = None) -> EncodedUsers:
         rows_kept, times, known, unknown = [], [], [], []
         for u, hist in enumerate(histories):
-            raw = np.asarray(hist, dtype=np.int64)
-            rows = self.items.lookup(raw).numpy()
+            raw = np.asarray(hist, dtype=object if self.string_ids else np.int64)
+            rows = self.items.rows(raw)
             ok = rows >= 0
             if not ok.any():
                 raise KeyError(f"user {u}: none of the {len(raw)} history item ids is known to the encoder")

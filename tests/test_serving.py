@@ -483,7 +483,7 @@ def test_search_by_user_encodes_the_history_server_side(tmp_path, tiny_synthetic
     ckpt = train(cfg, progress=False).run_dir / "checkpoint_best.pt"
     enc = UserEncoder(str(ckpt))
     items = enc.model.item_embeddings()[1:].detach()
-    raw_ids = enc.items.ids.numpy()
+    raw_ids = enc.items.ids
     save_index(FlatMIPS(items, raw_ids), tmp_path / "idx", "items", "v1")
     srv = start(ServeConfig(port=0, indexes=(IndexEntry("items", str(tmp_path / "idx" / "items"), device=TEST_DEVICE),),
                             encoder_checkpoint=str(ckpt), model_device=TEST_DEVICE))

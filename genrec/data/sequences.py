@@ -13,6 +13,7 @@ import numpy as np
 
 from genrec.data.loaders import DataFormatError, Interactions
 from genrec.io import atomic_directory
+from genrec.retrieval.keys import as_ids, load_ids, save_ids
 
 PREPARED_FORMAT_VERSION = 1
 
@@ -23,7 +24,7 @@ class SequenceDataset:
 
     offsets: int64 (U+1,); items: int64 (E,) internal ids in 1..num_items, chronological per user;
     timestamps: int64 (E,) or None; ratings: float32 (E,) or None; user_ids: raw ids (U,);
-    item_ids: raw ids (num_items,).
+    item_ids: raw ids (num_items,). Raw ids are int64, or ``str`` in an object array (SKUs, user names).
     """
 
     offsets: np.ndarray
@@ -81,7 +82,7 @@ def kcore_filter(users: np.ndarray, items: np.ndarray, k: int, passes: int = 0) 
 
 def build_sequences(inter: Interactions, kcore: int = 0, kcore_passes: int = 0) -> SequenceDataset:
     """Group events per user in time order (stable: file order breaks timestamp ties)."""
-    users, items = inter.users, inter.items
+    users, items = as_ids(inter.users, f"{inter.source}: users"), as_ids(inter.items, f"{inter.source}: items")
     ts, ratings = inter.timestamps, inter.ratings
     if len(users) == 0:
         raise DataFormatError(f"{inter.source}: no interactions")
@@ -144,8 +145,8 @@ def save_prepared(ds: SequenceDataset, out_dir: str | Path, meta: dict | None = 
         arrays["ratings"] = ds.ratings
     with atomic_directory(out_dir, overwrite=overwrite) as tmp:
         np.savez(tmp / "sequences.npz", **arrays)
-        np.save(tmp / "user_ids.npy", ds.user_ids, allow_pickle=False)
-        np.save(tmp / "item_ids.npy", ds.item_ids, allow_pickle=False)
+        save_ids(tmp, "user_ids", ds.user_ids)  # int64, or UTF-8 + offsets for string ids (never a pickle)
+        save_ids(tmp, "item_ids", ds.item_ids)
         info = {"format_version": PREPARED_FORMAT_VERSION, **ds.describe(), **(meta or {})}
         (tmp / "meta.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
@@ -165,6 +166,6 @@ def load_prepared(path: str | Path) -> SequenceDataset:
         items=arrays["items"],
         timestamps=arrays.get("timestamps"),
         ratings=arrays.get("ratings"),
-        user_ids=np.load(p / "user_ids.npy", allow_pickle=False),
-        item_ids=np.load(p / "item_ids.npy", allow_pickle=False),
+        user_ids=load_ids(p, "user_ids"),
+        item_ids=load_ids(p, "item_ids"),
     )
