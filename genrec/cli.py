@@ -1,4 +1,5 @@
-"""``genrec`` command line: data prepare, train, eval, embed, build-index, verify-index, merge-index, search, bench."""
+"""``genrec`` command line: data prepare, train, eval, embed, build-index, update-index, compact-index,
+verify-index, merge-index, search, serve, query, bench."""
 
 from __future__ import annotations
 
@@ -175,6 +176,42 @@ def cmd_build_index(args: argparse.Namespace) -> int:
                           "total": len(inputs.items)}
         version = shard_version(args.version, args.shard_id, args.num_shards)
     path = save_index(index, args.root, args.name, version, extra, overwrite=args.overwrite)
+    print(describe(read_manifest(path)))
+    print(f"index: {path}")
+    return 0
+
+
+def read_id_list(value: str) -> np.ndarray:
+    """``--remove``: a .npy of ids, a text file of one id per line, or a comma-separated list."""
+    from genrec.retrieval.keys import as_ids
+
+    path = Path(value)
+    if path.suffix == ".npy" and path.is_file():
+        return as_ids(np.load(path, allow_pickle=False), str(path))
+    text = path.read_text().split() if path.is_file() else [x for x in value.split(",") if x.strip()]
+    return as_ids(parse_item_ids(",".join(text)), value)
+
+
+def cmd_update_index(args: argparse.Namespace) -> int:
+    from genrec.index.delta import update_index
+
+    if not args.add and not args.remove:
+        raise ValueError("give --add (item vectors) and/or --remove (item ids)")
+    items = ids = None
+    if args.add:
+        inputs = read_items(args.add, args.ids)
+        items, ids = inputs.items, inputs.keys if inputs.keys is not None else inputs.ids
+    path, stats = update_index(args.root, args.name, items, ids, read_id_list(args.remove) if args.remove else None,
+                               args.from_version, args.version)
+    print(json.dumps({"index": str(path), **stats, "count": read_manifest(path)["count"]}))
+    return 0
+
+
+def cmd_compact_index(args: argparse.Namespace) -> int:
+    from genrec.index.delta import compact_index
+
+    inputs = read_items(args.embeddings, args.ids, args.checkpoint) if args.embeddings or args.checkpoint else None
+    path = compact_index(args.root, args.name, args.from_version, args.version, inputs, progress=not args.no_progress)
     print(describe(read_manifest(path)))
     print(f"index: {path}")
     return 0
@@ -365,6 +402,30 @@ def build_parser() -> argparse.ArgumentParser:
     bi.add_argument("--overwrite", action="store_true")
     bi.add_argument("--no-progress", action="store_true")
     bi.set_defaults(func=cmd_build_index)
+
+    up = sub.add_parser("update-index", help="add and remove items without a rebuild: a new version = the base "
+                        "+ a delta segment + tombstones (flat and mol-hindexer indexes)")
+    up.add_argument("--name", required=True)
+    up.add_argument("--root", default="indexes")
+    up.add_argument("--from-version", help="the version to update (default: the latest)")
+    up.add_argument("--version", help="the new version (default: the next vN)")
+    up.add_argument("--add", metavar="ITEMS", help="vectors of new or changed items: items.npy from `genrec embed` "
+                                                  "(ids beside it) or a .parquet (id, embedding)")
+    up.add_argument("--ids", help="ids .npy for --add (default: beside it)")
+    up.add_argument("--remove", metavar="IDS", help="item ids to stop serving: a comma list, a text file (one per "
+                                                   "line) or a .npy")
+    up.set_defaults(func=cmd_update_index)
+
+    co = sub.add_parser("compact-index", help="rebuild an updated version's live items into an ordinary version")
+    co.add_argument("--name", required=True)
+    co.add_argument("--root", default="indexes")
+    co.add_argument("--from-version", help="default: the latest")
+    co.add_argument("--version", help="default: the next vN")
+    co.add_argument("--embeddings", help="mol-hindexer: the items' embeddings (default: the base build's source)")
+    co.add_argument("--ids")
+    co.add_argument("--checkpoint")
+    co.add_argument("--no-progress", action="store_true")
+    co.set_defaults(func=cmd_compact_index)
 
     def index_location(p: argparse.ArgumentParser) -> None:
         p.add_argument("path", nargs="?", help="index directory (or use --name [--version] [--root])")

@@ -117,25 +117,30 @@ def save_index(index: Index, root: str | Path, name: str, version: str | None = 
     if index.keys is not None:
         st.arrays.update(index.keys.arrays())
         extra = {**(extra or {}), "item_id_kind": "string"}
-    with atomic_directory(root / name / version, overwrite=overwrite) as tmp:
+    return write_version(root / name / version, st.arrays, st.blobs, {
+        "name": name, "version": version, "kind": st.kind, "count": index.ntotal, "query_dim": index.dim,
+        "bytes_per_item": index.bytes_per_item, "params": st.params, **(extra or {})}, overwrite)
+
+
+def write_version(final: Path, arrays: dict[str, np.ndarray], blobs: dict[str, bytes], fields: dict[str, Any],
+                  overwrite: bool = False) -> Path:
+    """Write one version directory atomically: each array as ``<key>.npy``, each blob as a file, and
+    ``manifest.json`` last (``fields`` + format, date, packages and every file's size and sha256)."""
+    with atomic_directory(final, overwrite=overwrite) as tmp:
         files = []
-        for key, arr in st.arrays.items():
+        for key, arr in arrays.items():
             path = tmp / f"{key}.npy"
             np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
             files.append({"path": path.name, "bytes": path.stat().st_size, "sha256": sha256_file(path),
                           "dtype": np.asarray(arr).dtype.str, "shape": list(np.shape(arr))})
-        for key, blob in st.blobs.items():
+        for key, blob in blobs.items():
             path = tmp / key
             path.write_bytes(blob)
             files.append({"path": path.name, "bytes": len(blob), "sha256": sha256_file(path)})
-        manifest = {
-            "format_version": FORMAT_VERSION, "name": name, "version": version, "kind": st.kind,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "packages": package_versions(),
-            "count": index.ntotal, "query_dim": index.dim, "bytes_per_item": index.bytes_per_item,
-            "params": st.params, "files": files, **(extra or {}),
-        }
+        manifest = {"format_version": FORMAT_VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "packages": package_versions(), **fields, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")  # last
-    return root / name / version
+    return final
 
 
 def read_manifest(path: str | Path) -> dict[str, Any]:
@@ -209,19 +214,11 @@ def index_classes() -> dict[str, type]:
     return {c.kind: c for c in (MoLHIndexer, FlatMIPS, FaissMIPS)}
 
 
-def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tuple[Index, dict[str, Any]]:
-    """Load a verified index directory (arrays memory-mapped). Returns (index, manifest)."""
-    path = Path(path)
-    manifest = verify_index(path, verify)
-    if manifest["kind"] == "sharded":
-        from genrec.index.sharding import ShardedIndex  # sharding builds on this module: import it here
-
-        return ShardedIndex.load(path, manifest, verify, mmap), manifest
-    classes = index_classes()
-    if manifest["kind"] not in classes:
-        raise IndexFormatError(f"{path}: unknown index kind {manifest['kind']!r}")
+def read_version_files(path: Path, manifest: dict[str, Any], verify: str, mmap: bool,
+                       bf16_arrays: set[str] = frozenset()) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
+    """A verified version's arrays (memory-mapped unless ``mmap`` is off; checked finite unless verify is
+    none) and blobs."""
     arrays, blobs = {}, {}
-    bf16_arrays = classes[manifest["kind"]].bfloat16_arrays(manifest["params"] if isinstance(manifest.get("params"), dict) else {})
     for f in manifest["files"]:
         p = path / f["path"]
         if "shape" in f:
@@ -234,6 +231,26 @@ def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tup
                 raise IndexFormatError(f"{p}: holds NaN or infinite values (such an item would outrank every other)")
         else:
             blobs[p.name] = p.read_bytes()
+    return arrays, blobs
+
+
+def load_index(path: str | Path, verify: str = "size", mmap: bool = True) -> tuple[Index, dict[str, Any]]:
+    """Load a verified index directory (arrays memory-mapped). Returns (index, manifest)."""
+    path = Path(path)
+    manifest = verify_index(path, verify)
+    if manifest["kind"] == "sharded":
+        from genrec.index.sharding import ShardedIndex  # sharding builds on this module: import it here
+
+        return ShardedIndex.load(path, manifest, verify, mmap), manifest
+    if manifest["kind"] == "delta":
+        from genrec.index.delta import DeltaIndex  # so does the delta kind
+
+        return DeltaIndex.load(path, manifest, verify, mmap), manifest
+    classes = index_classes()
+    if manifest["kind"] not in classes:
+        raise IndexFormatError(f"{path}: unknown index kind {manifest['kind']!r}")
+    bf16_arrays = classes[manifest["kind"]].bfloat16_arrays(manifest["params"] if isinstance(manifest.get("params"), dict) else {})
+    arrays, blobs = read_version_files(path, manifest, verify, mmap, bf16_arrays)
     arrays, attribute_arrays = split_attribute_arrays(arrays)
     try:
         keys = ids_from_arrays(CATALOG_KEYS, arrays)  # popped: the index kinds never see them

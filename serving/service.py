@@ -233,11 +233,12 @@ class RetrievalService(pb_grpc.RetrievalServicer):
 
     def _kprime_params(self, served: Served, exact: bool, kprime: int) -> dict:
         kind = served.manifest.get("kind")
-        hindexer = kind == "mol-hindexer" or (kind == "sharded" and served.manifest.get("shard_kind") == "mol-hindexer")
+        inner = served.manifest.get("shard_kind") or served.manifest.get("base_kind")  # sharded / updated versions
+        hindexer = kind == "mol-hindexer" or (kind in ("sharded", "delta") and inner == "mol-hindexer")
         if exact:
             if hindexer:
                 return {"kprime": served.index.ntotal}
-            if kind in ("mips-faiss",) or served.manifest.get("shard_kind") == "mips-faiss":
+            if kind in ("mips-faiss",) or inner == "mips-faiss":
                 raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, f"index {served.name!r} ({kind}) cannot search exactly")
         if kprime:
             if not hindexer:
