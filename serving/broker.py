@@ -145,29 +145,56 @@ class BrokerService(pb_grpc.RetrievalServicer):
 
         return self._call("Search", context, run)
 
+    def _encode_and_fan_out(self, request, users, context) -> tuple[pb.SearchResponse, list[np.ndarray]]:
+        """SearchByUser(s) on the broker: the users' histories encoded here as one batch, one Search of nq =
+        users fanned out with each user's exclusions and the request's filters -> (merged answer, per-user
+        unknown ids)."""
+        if self.encoder is None:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no encoder_checkpoint configured on the broker")
+        if request.rerank:
+            raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "rerank needs the ranking stage on one server; "
+                                                                    "a broker has none")
+        if not users:
+            raise invalid("users is empty")
+        if len(users) > self.cfg.limits.max_nq:
+            raise invalid(f"{len(users)} users exceed max_nq {self.cfg.limits.max_nq}")
+        strings = self.encoder.string_ids
+        histories = [item_ids(u, "history", strings, "the broker's encoder") for u in users]
+        enc = encode_users(self.encoder, users, histories, self.cfg.limits.max_history)
+        q = np.ascontiguousarray(enc.states, dtype="<f4")
+        search = pb.SearchRequest(index=request.index, version=request.version, k=request.k, dim=q.shape[1],
+                                  queries=q.tobytes(), exact=request.exact, kprime=request.kprime,
+                                  request_id=request.request_id, allow_ids=request.allow_ids,
+                                  deny_ids=request.deny_ids, allow_ids_str=request.allow_ids_str,
+                                  deny_ids_str=request.deny_ids_str, where=request.where)
+        if not request.keep_history:
+            for known in enc.known:
+                if strings:
+                    search.exclude_str.add().values.extend(known.tolist())
+                else:
+                    search.exclude.add().ids.extend(known.tolist())
+        return self._fan_out(search, context), enc.unknown
+
     def SearchByUser(self, request, context):
         def run():
-            if self.encoder is None:
-                raise ServiceError(grpc.StatusCode.FAILED_PRECONDITION, "no encoder_checkpoint configured on the broker")
-            strings = self.encoder.string_ids
-            history = item_ids(request, "history", strings, "the broker's encoder")
-            enc = encode_users(self.encoder, [request], [history], self.cfg.limits.max_history)
-            q = np.ascontiguousarray(enc.states, dtype="<f4")
-            search = pb.SearchRequest(index=request.index, version=request.version, k=request.k, dim=q.shape[1],
-                                      queries=q.tobytes(), exact=request.exact, kprime=request.kprime,
-                                      request_id=request.request_id, allow_ids=request.allow_ids,
-                                      deny_ids=request.deny_ids, allow_ids_str=request.allow_ids_str,
-                                      deny_ids_str=request.deny_ids_str, where=request.where)
-            if not request.keep_history:
-                if strings:
-                    search.exclude_str.add().values.extend(enc.known[0].tolist())
-                else:
-                    search.exclude.add().ids.extend(enc.known[0].tolist())
-            resp = self._fan_out(search, context)
-            set_ids(resp, "unknown_ids", enc.unknown[0], strings)
+            resp, unknown = self._encode_and_fan_out(request, [request], context)
+            set_ids(resp, "unknown_ids", unknown[0], self.encoder.string_ids)
             return resp
 
         return self._call("SearchByUser", context, run)
+
+    def SearchByUsers(self, request, context):
+        def run():
+            resp, unknown = self._encode_and_fan_out(request, list(request.users), context)
+            out = pb.SearchByUsersResponse(results=resp)
+            for u in unknown:
+                if self.encoder.string_ids:
+                    out.unknown_ids_str.add().values.extend(u.tolist())
+                else:
+                    out.unknown_ids.add().ids.extend(u.tolist())
+            return out
+
+        return self._call("SearchByUsers", context, run)
 
     def Rank(self, request, context):
         return self._call("Rank", context, lambda: _refuse("Rank needs the ranking stage, not built yet"))

@@ -511,6 +511,28 @@ def test_search_by_user_encodes_the_history_server_side(tmp_path, tiny_synthetic
             with pytest.raises(grpc.RpcError) as err:
                 c.search_by_users([other, [999998]], 10)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND and "user 1" in err.value.details()
+            allowed = raw_ids[::3].tolist()
+            filtered = c.search_by_user(history, 10, allow=allowed)
+        # a broker over two halves encodes once and answers both calls like the one server (filters forwarded)
+        from genrec.serving.config import BrokerConfig
+
+        half = len(raw_ids) // 2
+        parts = [save_index(FlatMIPS(items[a:b], raw_ids[a:b]), tmp_path / "idx", f"half{a}", "v1")
+                 for a, b in ((0, half), (half, len(raw_ids)))]
+        shards = [start(ServeConfig(port=0, indexes=(IndexEntry("items", str(p)),))) for p in parts]
+        broker = start(ServeConfig(port=0, role="broker", encoder_checkpoint=str(ckpt), broker=BrokerConfig(
+            shards=tuple(f"127.0.0.1:{x.port}" for x in shards), shard_timeout_s=5.0)))
+        try:
+            with client_for(broker) as b:
+                np.testing.assert_array_equal(b.search_by_users([history, other], 10).ids, both.ids)
+                assert b.search_by_users([history, other], 10).unknown_ids_per_user == [[999999], []]
+                np.testing.assert_array_equal(b.search_by_user(history, 10, allow=allowed).ids, filtered.ids)
+                with pytest.raises(grpc.RpcError) as err:
+                    b.search_by_user(history, 10, rerank=30)
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        finally:
+            for x in shards + [broker]:
+                x.stop(grace=0.5)
         state = enc.encode([history]).states
         _, expected = FlatMIPS(items, raw_ids).search(state, 10, exclude=[[history[0], history[1], history[3]]])
         np.testing.assert_array_equal(r.ids, expected)
