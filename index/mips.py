@@ -10,7 +10,7 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
-from genrec.index.base import FilterUnsupported, Index, IndexState
+from genrec.index.base import Index, IndexState
 from genrec.index.stage1 import from_numpy
 from genrec.retrieval.ids import positions_in, rows_of
 from genrec.retrieval.search import SearchResult, validate_queries
@@ -133,7 +133,9 @@ class FlatMIPS(Index):
 class FaissMIPS(Index):
     """A faiss index built by ``index_factory(d, factory, METRIC_INNER_PRODUCT)`` (e.g. "IVF1024,Flat",
     "HNSW32"). Search parameters (nprobe, efSearch) go through faiss' ParameterSpace. Approximate:
-    ``exact`` is False and no bound is known. Exclusion over-fetches k + |excluded| then filters."""
+    ``exact`` is False and no bound is known. Exclusion over-fetches k + |excluded| then filters; allow /
+    deny / where filters go to faiss as an IDSelectorBitmap, applied inside its search (an HNSW graph walk
+    under a very selective filter can return fewer than k items: faiss' own behaviour)."""
 
     kind = "mips-faiss"
 
@@ -170,16 +172,21 @@ class FaissMIPS(Index):
                                 where: Mapping[str, Sequence[str]] | None = None, **params) -> SearchResult:
         import faiss
 
-        if allow is not None or deny is not None or where:
-            raise FilterUnsupported("allow / deny / where filters need a mips (flat) or mol-hindexer index, not mips-faiss")
-
         q = validate_queries(queries, self.dim, k).numpy()
         excl = self.idmap.exclude_rows(exclude, len(q))
         ps = faiss.ParameterSpace()
         for name, value in {**self.search_params, **params}.items():
             ps.set_index_parameter(self.index, name, value)
         extra = max((len(e) for e in excl), default=0) if excl else 0
-        d, i = self.index.search(q, k + extra)
+        passing = self.filter_rows(allow, deny, where)
+        bitmap = None
+        if passing is not None:  # faiss applies the filter inside its search: an IDSelector over rows
+            keep = np.zeros(self.ntotal, dtype=bool)
+            keep[passing.numpy()] = True
+            bitmap = np.packbits(keep, bitorder="little")  # the selector reads it: keep it alive through the search
+            d, i = self.index.search(q, k + extra, params=self._filtered(faiss.IDSelectorBitmap(self.ntotal, faiss.swig_ptr(bitmap))))
+        else:
+            d, i = self.index.search(q, k + extra)
         scores, rows = torch.from_numpy(d), torch.from_numpy(i)
         if excl:
             for r, ex in enumerate(excl):
@@ -189,6 +196,18 @@ class FaissMIPS(Index):
         rows = torch.where(torch.isneginf(scores) | (rows < 0), torch.full_like(rows, -1), rows)
         nq = len(q)
         return self._result(scores[:, :k], rows[:, :k], torch.zeros(nq, dtype=torch.bool), torch.full((nq,), float("inf")))
+
+    def _filtered(self, selector):
+        """Search parameters carrying ``selector`` and the index's current efSearch / nprobe (a parameters
+        object replaces what ParameterSpace set on the index, so they are copied in)."""
+        import faiss
+
+        if hasattr(self.index, "hnsw"):
+            return faiss.SearchParametersHNSW(sel=selector, efSearch=self.index.hnsw.efSearch)
+        ivf = faiss.try_extract_index_ivf(self.index)
+        if ivf is not None:
+            return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe)
+        return faiss.SearchParameters(sel=selector)
 
     def state(self) -> IndexState:
         import faiss

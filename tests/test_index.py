@@ -757,8 +757,17 @@ def test_an_hindexer_filtered_search_is_exact_when_kprime_covers_the_filter_and_
             _, wide = index.search(q, 512)  # the post-filter's view: the unfiltered K' survivors
             post = np.stack([np.r_[w[np.isin(w, allow)], -np.ones(10, np.int64)][:10] for w in wide])
             assert recall_at(r.ids, want, 10) >= recall_at(post, want, 10) and not r.exact.any()
-    with pytest.raises(Exception, match="mips-faiss"):
-        FaissMIPS.build(F.normalize(torch.randn(50, 8), dim=-1).numpy(), "Flat").search(np.ones((1, 8), np.float32), 3, allow=[1])
+    # faiss kinds take the filter as an IDSelector inside their search: a Flat one is exact over the subset
+    items = F.normalize(torch.randn(500, 8), dim=-1)
+    fq = F.normalize(torch.randn(6, 8), dim=-1).numpy()
+    keep, banned = np.arange(0, 500, 7) + 30, [30, 37]
+    flat = FlatMIPS(items, np.arange(500) + 30)
+    for factory in ("Flat", "HNSW16"):
+        fx = FaissMIPS.build(items.numpy(), factory, np.arange(500) + 30, {"efSearch": 200} if factory != "Flat" else None)
+        got = fx.search(fq, 10, allow=keep.tolist(), deny=banned)[1]
+        want = flat.search(fq, 10, allow=keep.tolist(), deny=banned)[1]
+        assert np.isin(got[got >= 0], np.setdiff1d(keep, banned)).all()
+        assert recall_at(got, want, 10) >= (1.0 if factory == "Flat" else 0.9)
 
 
 def test_attribute_filters_from_build_metadata_survive_save_and_load_and_filter_inside_the_search(tmp_path, capsys):

@@ -97,6 +97,17 @@ def search_requests(draw):
                   st.lists(st.lists(item_ids, max_size=5), max_size=nq + 1))
     for row in draw(rows):
         req.exclude.add().ids.extend(row)
+    filter_ids = st.lists(st.one_of(st.integers(995, 1310), st.integers(5000, 5200), st.integers(0, 300)), max_size=60)
+    if draw(st.booleans()):  # the request's filter: allow / deny lists applied inside the search
+        req.allow_ids.extend(draw(filter_ids))
+        req.deny_ids.extend(draw(filter_ids))
+    wrong = draw(mostly(st.just(None), st.sampled_from(["allow_ids_str", "deny_ids_str", "exclude_str", "where"])))
+    if wrong == "where":  # these indexes hold no attributes
+        req.where["category"].values.append("shoes")
+    elif wrong == "exclude_str":  # string twins against int64 catalogs
+        req.exclude_str.add().values.append("sku-1")
+    elif wrong:
+        getattr(req, wrong).append("sku-1")
     return req
 
 
@@ -111,8 +122,11 @@ def expect_brute_force(req: pb.SearchRequest, resp: pb.SearchResponse, served: S
     got_ids = np.asarray(resp.ids).reshape(resp.nq, resp.k)
     got = np.asarray(resp.scores, np.float32).reshape(resp.nq, resp.k)
     truth = q.astype(np.float64) @ items.T.astype(np.float64)
+    assert not (len(req.allow_ids_str) or len(req.deny_ids_str) or len(req.exclude_str) or len(req.where))
+    passing = set(req.allow_ids) if len(req.allow_ids) else set(ids.tolist())
+    passing -= set(req.deny_ids)
     for r in range(len(q)):
-        banned = set(req.exclude[r].ids) if len(req.exclude) else set()
+        banned = (set(req.exclude[r].ids) if len(req.exclude) else set()) | (set(ids.tolist()) - passing)
         allowed = np.array([i not in banned for i in ids])
         real = got_ids[r] != -1
         n = int(real.sum())
