@@ -319,7 +319,7 @@ BENCH_HARNESSES = {  # genrec bench <name> -> module of genrec.bench with main(a
     "retrieval": "retrieval", "retrieval-scale": "retrieval_scale", "flat-mips": "flat_mips", "kernels": "kernels",
     "attention": "attention", "serving": "serving", "broker": "broker", "soak": "soak", "ranking": "ranking",
     "ranking-quality": "ranking_quality", "two-stage": "two_stage", "train-quality": "train_quality", "paired": "paired",
-    "epoch-speed": "epoch_speed", "train-step": "train_step",
+    "epoch-speed": "epoch_speed", "train-step": "train_step", "filters": "filters",
 }
 
 

@@ -155,6 +155,15 @@ def test_cli_index_lifecycle_build_verify_search_shard_merge(tmp_path):
     assert float(rows[("faiss-flat-ip", "Flat")]["recall@10_vs_mips"]) == 1.0
     assert (tmp_path / "out/b.png").stat().st_size > 0 and (tmp_path / "out/b.md").is_file()
 
+    r = genrec("bench", "filters", "--checkpoint", ckpt, "--items", "2000", "--recall-queries", "8", "--latency-queries", "2",
+               "--kprimes", "100", "--fractions", "0.02", "0.5", "--stage1", "pca4", "--out-dir", "out", "--stem", "f", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = {(x["system"], x["fraction"]): x for x in csv.DictReader(open(tmp_path / "out/f.csv"))}
+    assert float(rows[("mol-hindexer", "0.02")]["recall@k"]) == 1.0  # 40 allowed items < K': exact inside the search
+    inside, post = (float(rows[(s, "0.5")]["recall@k"]) for s in ("mol-hindexer", "mol-hindexer post-filter"))
+    assert inside >= post and float(rows[("mol-hindexer post-filter", "0.02")]["recall@k"]) < 1.0
+    assert (tmp_path / "out/f.png").stat().st_size > 0
+
     codes = tmp_path / "indexes/mol/v1/stage1_codes.npy"
     data = bytearray(codes.read_bytes())
     data[-1] ^= 0xFF
