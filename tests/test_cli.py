@@ -176,10 +176,7 @@ def test_cli_index_lifecycle_build_verify_search_shard_merge(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_serve_and_query_over_grpc_then_shut_down_cleanly(tmp_path):
-    import signal
-    import time
-
+def test_cli_serve_and_query_over_grpc_then_shut_down_cleanly(tmp_path, serve_processes):
     import torch
 
     from genrec.index.mips import FlatMIPS
@@ -191,24 +188,14 @@ def test_cli_serve_and_query_over_grpc_then_shut_down_cleanly(tmp_path):
     save_index(FlatMIPS(torch.from_numpy(items), np.arange(200) + 500), tmp_path / "idx", "items", "v1")
     (tmp_path / "serve.yaml").write_text(f"port: 0\nindexes: [{{name: items, path: {tmp_path / 'idx' / 'items'}}}]\n")
     np.save(tmp_path / "q.npy", items[:2])
-    proc = subprocess.Popen([sys.executable, "-m", "genrec", "serve", "--config", "serve.yaml"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        port, deadline = None, time.time() + 60
-        while port is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            if "serving on" in line:
-                port = int(line.rsplit(":", 1)[1])
-        assert port, "server never said where it listens"
-        r = genrec("query", "--target", f"127.0.0.1:{port}", "--queries", "q.npy", "--k", "3", "--json", cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
-        rows = [json.loads(x) for x in r.stdout.splitlines()]
-        assert [row["ids"][0] for row in rows] == [500, 501]
-        bad = genrec("query", "--target", f"127.0.0.1:{port}", "--queries", "q.npy", "--k", "0", cwd=tmp_path)
-        assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+    port = serve_processes.start(tmp_path)
+    r = genrec("query", "--target", f"127.0.0.1:{port}", "--queries", "q.npy", "--k", "3", "--json", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [row["ids"][0] for row in rows] == [500, 501]
+    bad = genrec("query", "--target", f"127.0.0.1:{port}", "--queries", "q.npy", "--k", "0", cwd=tmp_path)
+    assert bad.returncode == 1 and "INVALID_ARGUMENT" in bad.stderr
+    assert serve_processes.stop() == [0]
 
 
 @pytest.mark.parametrize("harness", sorted(__import__("genrec.cli", fromlist=["BENCH_HARNESSES"]).BENCH_HARNESSES))

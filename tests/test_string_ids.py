@@ -3,10 +3,8 @@ index and the gRPC answers."""
 
 import csv
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import grpc
 import numpy as np
@@ -225,7 +223,7 @@ def write_shop_csv(path, users=150, items=90, seed=0):
 
 
 @pytest.mark.slow
-def test_a_string_id_catalog_end_to_end_prepare_train_eval_embed_index_serve_query(tmp_path):
+def test_a_string_id_catalog_end_to_end_prepare_train_eval_embed_index_serve_query(tmp_path, serve_processes):
     events = write_shop_csv(tmp_path / "shop.csv")
     r = genrec("data", "prepare", "--format", "csv", "--input", "shop.csv", "--out", "prep", "--user-col", "customer",
                "--item-col", "sku", "--time-col", "ts", "--rating-col", "stars", cwd=tmp_path)
@@ -254,35 +252,25 @@ def test_a_string_id_catalog_end_to_end_prepare_train_eval_embed_index_serve_que
     (tmp_path / "serve.yaml").write_text(
         f"port: 0\nencoder_checkpoint: {ckpt}\nindexes: [{{name: flat, path: {tmp_path / 'indexes' / 'flat'}}}, "
         f"{{name: hidx, path: {tmp_path / 'indexes' / 'hidx'}}}]\n")
-    proc = subprocess.Popen([sys.executable, "-m", "genrec", "serve", "--config", "serve.yaml"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    try:
-        port, deadline = None, time.time() + 60
-        while port is None and time.time() < deadline:
-            line = proc.stdout.readline()
-            if "serving on" in line:
-                port = int(line.rsplit(":", 1)[1])
-        assert port, "server never said where it listens"
-        history = events["u_3"][:-1]
-        for index in ("flat", "hidx"):
-            r = genrec("query", "--target", f"127.0.0.1:{port}", "--index", index, "--history",
-                       ",".join(history + ["sku-none"]), "--k", "5", "--json", cwd=tmp_path)
-            assert r.returncode == 0, r.stderr
-            row = json.loads(r.stdout)
-            assert len(row["ids"]) == 5 and all(x.startswith("sku-") for x in row["ids"]) and not set(row["ids"]) & set(history)
-            assert row["unknown_ids"] == ["sku-none"]
-        np.save(tmp_path / "q.npy", np.load(tmp_path / "emb" / "items.npy")[:2])
-        r = genrec("query", "--target", f"127.0.0.1:{port}", "--index", "flat", "--queries", "q.npy", "--k", "1", "--json",
-                   cwd=tmp_path)
+    port = serve_processes.start(tmp_path)
+    history = events["u_3"][:-1]
+    for index in ("flat", "hidx"):
+        r = genrec("query", "--target", f"127.0.0.1:{port}", "--index", index, "--history",
+                   ",".join(history + ["sku-none"]), "--k", "5", "--json", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
-        first = sorted({i for seq in events.values() for i in seq})[:2]  # item table rows: ids sorted
-        assert [json.loads(x)["ids"] for x in r.stdout.splitlines()] == [[first[0]], [first[1]]]
-        with GenrecClient(f"127.0.0.1:{port}") as c:
-            with pytest.raises(grpc.RpcError) as err:
-                c.search_by_user([1, 2, 3], 5, index="flat", timeout=10)
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "history_str" in err.value.details()
-            many = c.search_by_users([history, events["u_4"]], 4, index="flat", allow=first + history[:1], timeout=10)
-        assert set(many.keys.reshape(-1)) - {""} <= set(first + history[:1])
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        row = json.loads(r.stdout)
+        assert len(row["ids"]) == 5 and all(x.startswith("sku-") for x in row["ids"]) and not set(row["ids"]) & set(history)
+        assert row["unknown_ids"] == ["sku-none"]
+    np.save(tmp_path / "q.npy", np.load(tmp_path / "emb" / "items.npy")[:2])
+    r = genrec("query", "--target", f"127.0.0.1:{port}", "--index", "flat", "--queries", "q.npy", "--k", "1", "--json",
+               cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    first = sorted({i for seq in events.values() for i in seq})[:2]  # item table rows: ids sorted
+    assert [json.loads(x)["ids"] for x in r.stdout.splitlines()] == [[first[0]], [first[1]]]
+    with GenrecClient(f"127.0.0.1:{port}") as c:
+        with pytest.raises(grpc.RpcError) as err:
+            c.search_by_user([1, 2, 3], 5, index="flat", timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "history_str" in err.value.details()
+        many = c.search_by_users([history, events["u_4"]], 4, index="flat", allow=first + history[:1], timeout=10)
+    assert set(many.keys.reshape(-1)) - {""} <= set(first + history[:1])
+    assert serve_processes.stop() == [0]
