@@ -162,6 +162,8 @@ class RankingConfig:
     select_on: Literal["auc", "two_stage"] = "auc"  # best epoch / early stop: validation AUC, or validation
                                     # two-stage HR@10 (retrieve rerank_k, rerank; needs retrieval_checkpoint)
     select_users: int = 500         # validation users for select_on: two_stage (a fixed sample)
+    valid_auc_users: int = 0        # per-epoch validation AUC on a fixed sample of this many users (0 = all);
+                                    # the final valid / test AUC always uses every user
     anchor: bool = False            # the engagement logit's base is the frozen retrieval checkpoint's own logit
                                     # phi / tau (a copy travels in the ranking checkpoint), not the ranker's
                                     # cos(user, item): its encoder can then be fine-tuned without losing retrieval
@@ -210,7 +212,7 @@ LIMITS: dict[type, dict[str, tuple]] = {
     RankingConfig: {"negatives": AT_LEAST_1, "hard_negatives": NON_NEGATIVE, "cuts_per_user": AT_LEAST_1,
                     "encoder_lr": NON_NEGATIVE, "head_hidden": AT_LEAST_1, "rating_weight": NON_NEGATIVE,
                     "eval_negatives": AT_LEAST_1, "rerank_k": AT_LEAST_1, "select_users": AT_LEAST_1,
-                    "eval_depths": AT_LEAST_1},
+                    "eval_depths": AT_LEAST_1, "valid_auc_users": NON_NEGATIVE},
 }
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")  # a run directory's name: one safe path component
 

@@ -157,13 +157,14 @@ def batch_loss(model: RankingModel, ds: SequenceDataset, users, targets, cfg: Ru
 
 @torch.no_grad()
 def evaluate_ranking(model: RankingModel, ds: SequenceDataset, split: Split, stage: str, cfg: RunConfig,
-                     seed: int = 0) -> dict[str, float]:
-    """AUC and logloss of the held-out item vs sampled negatives, averaged over evaluation users."""
+                     seed: int = 0, users: np.ndarray | None = None) -> dict[str, float]:
+    """AUC and logloss of the held-out item vs sampled negatives, averaged over evaluation users (or over
+    ``users``, a subset of them)."""
     model.eval()
     rng = np.random.default_rng(seed)
     aucs, losses = [], []
-    examples = [_example(ds, u, int(t), cfg.data.max_len)
-                for u, t in zip(split.eval_users, target_positions(ds, split.eval_users, stage))]
+    users = split.eval_users if users is None else users
+    examples = [_example(ds, u, int(t), cfg.data.max_len) for u, t in zip(users, target_positions(ds, users, stage))]
     cands = [torch.tensor([ex.positive, *_negatives(rng, ds.num_items, cfg.ranking.eval_negatives, ex.positive)])
              for ex in examples]
     for logits in _score_examples(model, examples, cands):
@@ -326,6 +327,9 @@ class RankingTask(TrainTask):
         self.curve_metrics = ("two_stage_hr@10", "retrieval_hr@10") if self.two_stage else ("auc",)
         self.users = np.repeat(np.flatnonzero(split.train_end - ds.offsets[:-1] >= 2), cfg.ranking.cuts_per_user)
         self.select_users = np.random.default_rng(cfg.train.seed + 2).permutation(split.eval_users)[: cfg.ranking.select_users]
+        n_auc = cfg.ranking.valid_auc_users
+        self.auc_users = (np.sort(np.random.default_rng(cfg.train.seed + 3).permutation(split.eval_users)[:n_auc])
+                          if n_auc and n_auc < len(split.eval_users) else None)
 
     def epoch_batches(self, rng):
         order, size = rng.permutation(self.users), self.cfg.train.batch_size
@@ -342,7 +346,7 @@ class RankingTask(TrainTask):
         return batch_loss(self.model, self.ds, users, targets, self.cfg, rng, self.retriever), len(users)
 
     def validate(self, epoch: int):
-        val = evaluate_ranking(self.model, self.ds, self.split, "valid", self.cfg) if epoch > 0 else {}
+        val = evaluate_ranking(self.model, self.ds, self.split, "valid", self.cfg, users=self.auc_users) if epoch > 0 else {}
         if self.two_stage:
             two = evaluate_two_stage(self.model, self.ds, self.split, self.cfg, self.retriever, "valid", self.select_users)
             val["two_stage_hr@10"] = two["retrieval+ranking"]["hr@10"]

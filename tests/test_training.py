@@ -187,7 +187,7 @@ def ranking_on_retrieval(cfg, tmp_path, name: str, epochs: int):
 
 
 @pytest.mark.slow
-def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_cfg):
+def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_cfg, monkeypatch):
     """task: ranking beats chance AUC on held-out items, and the two-stage evaluation runs end to end
     on a retrieval checkpoint (reranking keeps the retrieved set, so HR@rerank_k is unchanged)."""
     from genrec.ranking_training import train_ranking
@@ -205,7 +205,14 @@ def test_ranking_training_learns_and_reranks_retrieval(tmp_path, tiny_synthetic_
     # listwise loss, best epoch by the pipeline's validation HR@10 on a fixed user sample
     cfg.name, cfg.train.epochs = "rank-listwise", 2
     cfg.ranking.loss, cfg.ranking.select_on, cfg.ranking.select_users = "listwise", "two_stage", 100
+    cfg.ranking.valid_auc_users = 60  # per-epoch AUC on a fixed sample; the final valid AUC on every user
+    from genrec.ranking_training import RankingTask
+
+    seen, original = [], RankingTask.validate
+    monkeypatch.setattr(RankingTask, "validate", lambda self, epoch: (seen.append(self.auc_users), original(self, epoch))[1])
     r = train_ranking(cfg, progress=False)
+    sample = seen[0]
+    assert len(sample) == 60 and all((s == sample).all() for s in seen) and len(np.unique(sample)) == 60
     rows = list(csv.DictReader(open(r.run_dir / "metrics.csv")))
     assert [int(row["epoch"]) for row in rows] == [0, 1, 2]  # epoch 0: the untrained ranker (~ retrieval's order)
     best = max(rows, key=lambda row: float(row["val_two_stage_hr@10"]))
