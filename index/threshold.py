@@ -23,6 +23,8 @@ score is kept whenever the final threshold is at or below it, which underflow de
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field
 from typing import Callable
@@ -49,8 +51,9 @@ class SelectionStats:
     thresholds: list[float] = field(default_factory=list)
 
 
+@functools.lru_cache(maxsize=64)  # filtered searches ask for the same (n, size) every call: a randperm of n each
 def sample_rows(n: int, size: int, seed: int = 0) -> torch.Tensor:
-    """A sorted, deterministic random subset of 0..n-1 (int64, at most ``size`` rows)."""
+    """A sorted, deterministic random subset of 0..n-1 (int64, at most ``size`` rows; shared: do not modify)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randperm(n, generator=g)[: min(size, n)].sort().values
 

@@ -42,9 +42,9 @@ class IdMap:
             return None
         keep = torch.zeros(self.ntotal, dtype=torch.bool) if allow is not None else torch.ones(self.ntotal, dtype=torch.bool)
         if allow is not None:
-            keep[self.rows(list(allow))] = True
+            keep[self.rows(allow)] = True
         if deny is not None:
-            keep[self.rows(list(deny))] = False
+            keep[self.rows(deny)] = False
         return keep
 
     def rows(self, external: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
