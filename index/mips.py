@@ -188,6 +188,7 @@ class FaissMIPS(Index):
         else:
             d, i = self.index.search(q, k + extra)
         scores, rows = torch.from_numpy(d), torch.from_numpy(i)
+        scores[rows < 0] = float("-inf")  # faiss pads with -1 / -FLT_MAX (e.g. when a filter passes too few items)
         if excl:
             for r, ex in enumerate(excl):
                 scores[r, torch.isin(rows[r], ex)] = float("-inf")

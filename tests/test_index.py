@@ -768,6 +768,8 @@ def test_an_hindexer_filtered_search_is_exact_when_kprime_covers_the_filter_and_
         want = flat.search(fq, 10, allow=keep.tolist(), deny=banned)[1]
         assert np.isin(got[got >= 0], np.setdiff1d(keep, banned)).all()
         assert recall_at(got, want, 10) >= (1.0 if factory == "Flat" else 0.9)
+        none_s, none_i = fx.search(fq, 3, allow=[9999])  # nothing passes: FAISS-style -1 / -inf padding
+        assert (none_i == -1).all() and np.isneginf(none_s).all()
 
 
 def test_attribute_filters_from_build_metadata_survive_save_and_load_and_filter_inside_the_search(tmp_path, capsys):
