@@ -90,24 +90,34 @@ class MixtureOfLogits(nn.Module):
     # ---- scoring ----
     def logits(self, q: QueryState, items: ItemCache, aligned: bool = False) -> torch.Tensor:
         """All-pairs (B, N, P), or aligned (B, R, P) when items holds R items per query (B*R rows)."""
-        f, g = q.components, items.components.to(q.components.dtype)
+        # 1/tau folded into the small query side: one scale of (B, P_Q, d_P), not a divide of (B, N, P)
+        f = q.components / self.tau
+        g = items.components.to(f.dtype)
         if aligned:
             # (B, R * P_X, d_P) @ (B, d_P, P_Q): g is used as laid out (no copy of the big side), then only
             # the small (B, R, P_X, P_Q) result is transposed into the (i, j) order of the gating
             b = len(q)
             lg = torch.bmm(g.reshape(b, -1, self.dp), f.transpose(1, 2)).view(b, -1, self.px, f.shape[1])
-            return lg.transpose(2, 3).flatten(2) / self.tau
-        return torch.einsum("bid,njd->bnij", f, g).flatten(2) / self.tau
+            return lg.transpose(2, 3).flatten(2)
+        return torch.einsum("bid,njd->bnij", f, g).flatten(2)
 
     def mix(self, q: QueryState, items: ItemCache, logits: torch.Tensor, aligned: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Gating weights pi (B, N, P) and scores phi (B, N) for precomputed logits."""
         b = items.gate.to(logits.dtype)
         b = b.view(len(q), -1, b.shape[-1]) if aligned else b.unsqueeze(0)
         h = F.silu(q.gate.unsqueeze(1) * b + self.gate_pair(logits))
-        pi = torch.softmax(h, dim=-1)
         if self.training and self.gating_dropout > 0:
-            pi = F.dropout(pi, p=self.gating_dropout)
-            pi = pi / pi.sum(-1, keepdim=True).clamp(min=1e-6)
+            # Dropout of the gates, renormalised: softmax(h) * mask / sum(softmax(h) * mask) is the softmax
+            # of h over the kept entries, so drop entries before the softmax (one masked fill instead of a
+            # dropout, a scale and a renormalisation over (B, N, P)).
+            dropped = torch.empty(h.shape, dtype=torch.bool, device=h.device).bernoulli_(self.gating_dropout)
+            pi = torch.softmax(h.masked_fill(dropped, torch.finfo(h.dtype).min), dim=-1)
+            if self.gating_dropout ** h.shape[-1] > 1e-15:
+                # a row with every gate dropped has zero gates, as after dropout; with the published
+                # P = 32 and p = 0.2 that has probability 4e-23 a pair, and the pass is skipped
+                pi = pi.masked_fill(dropped.all(-1, keepdim=True), 0.0)
+        else:
+            pi = torch.softmax(h, dim=-1)
         return pi, (pi * logits).sum(-1)
 
     def score(self, q: QueryState, items: ItemCache, aligned: bool = False, return_gates: bool = False):

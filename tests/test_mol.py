@@ -259,3 +259,50 @@ def test_bf16_item_cache_halves_memory_and_stays_close_to_fp32():
     np.testing.assert_allclose(s16, np.take_along_axis(phi.numpy(), i16, 1), atol=0.05 * (1 / mol.tau) * 2 ** -3)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i16, i32)])
     assert overlap >= 0.8
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 1000), p=st.sampled_from([0.2, 0.5, 0.8]))
+def test_gating_dropout_is_the_softmax_over_the_kept_gates(seed, p):
+    """Training-mode gates are zero where dropped and, where kept, the eval-mode gates renormalised over the
+    kept entries (the dropout-then-renormalise of the reference, drawn as a masked softmax)."""
+    mol = small_mol(seed, gating_dropout=p)
+    q, items = mol.encode_queries(torch.randn(5, 6)), mol.encode_items(torch.randn(7, 5))
+    logits = mol.logits(q, items)
+    pi_eval, _ = mol.mix(q, items, logits)
+    torch.manual_seed(seed)
+    mol.train()
+    pi, phi = mol.mix(q, items, logits)
+    kept = pi > 0
+    assert 0 < (~kept).float().mean().item() < 1
+    expected = torch.where(kept, pi_eval, 0.0)
+    torch.testing.assert_close(pi, expected / expected.sum(-1, keepdim=True).clamp(min=1e-30), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(phi, (pi * logits).sum(-1))
+
+
+def test_bfloat16_training_precision_stays_close_to_float32_and_eval_is_exact():
+    from genrec.retrieval.similarity import MoLSimilarity
+
+    torch.manual_seed(0)
+    mol = small_mol(0, item_dropout=0.0, gating_dropout=0.0)
+    full, low = MoLSimilarity(mol), MoLSimilarity(mol, "bfloat16")
+    u = torch.randn(6, 6)
+    table = torch.randn(9, 5, requires_grad=True)
+    ids = torch.randint(0, 9, (6, 4))
+    for sim in (full, low):
+        sim.eval()
+    assert torch.equal(full.per_query_ids(u, table, ids), low.per_query_ids(u, table, ids))
+    grads = []
+    for sim in (full, low):
+        sim.train()
+        phi, pi = sim.per_query_ids(u, table, ids, return_gates=True)
+        assert phi.dtype == pi.dtype == torch.float32
+        table.grad = None
+        phi.sum().backward()
+        grads.append((phi.detach(), table.grad.clone()))
+    (phi32, g32), (phi16, g16) = grads
+    assert g16.dtype == torch.float32  # items' gradients are summed in float32
+    torch.testing.assert_close(phi16, phi32, rtol=0.02, atol=0.15)  # logits span [-20, 20]
+    assert F.cosine_similarity(g16.flatten(), g32.flatten(), dim=0) > 0.99
+    with pytest.raises(ValueError, match="train_precision"):
+        MoLSimilarity(mol, "float16")

@@ -36,6 +36,7 @@ SYSTEMS = {  # name -> (config, overrides); the first is what the others are com
     "hstu+dot": ("configs/ml1m_hstu.yaml", []),
     "hstu-large+mol": ("configs/ml1m_hstu_large_mol.yaml", []),
     "hstu-large+mol-shared": ("configs/ml1m_hstu_large_mol.yaml", ["loss.negatives=batch_shared"]),
+    "hstu-large+mol-bf16": ("configs/ml1m_hstu_large_mol.yaml", ["similarity.train_precision=bfloat16"]),
 }
 log = logging.getLogger("genrec.bench")
 
@@ -88,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
         if ds is None:
             ds = load_dataset(cfg.data) if args.dataset == "ml1m" else build_sequences(generate_synthetic(ML1M_SHAPE))
         r = time_steps(cfg, ds, args.steps)
-        rows.append({"system": name, "negatives": cfg.loss.negatives, "num_negatives": cfg.loss.num_negatives,
+        rows.append({"system": name, "negatives": cfg.loss.negatives, "mol_precision": cfg.similarity.train_precision
+                     if cfg.similarity.type == "mol" else "", "num_negatives": cfg.loss.num_negatives,
                      "batch_size": cfg.train.batch_size, "steps_timed": args.steps, "reused_memory": reuse,
                      "sec_per_step": round(r["sec_per_step"], 3),
                      "projected_epoch_min": round(r["sec_per_step"] * r["batches_per_epoch"] / 60, 1),
