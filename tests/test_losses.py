@@ -100,7 +100,7 @@ def test_mol_per_position_loss_encodes_each_item_once_with_the_same_math(num_ite
         if a is None:
             assert b is None
         else:
-            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)  # float32 sums in another order
 
 
 def test_training_keeps_freed_cpu_memory_where_glibc_allows_it():
