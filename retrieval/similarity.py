@@ -51,14 +51,13 @@ class MoLSimilarity(nn.Module):
             raise ValueError(f"train_precision must be 'float32' or 'bfloat16', got {train_precision!r}")
         self.mol, self.train_precision = mol, train_precision
 
-    def _score(self, q_states: torch.Tensor, cache_of, aligned: bool, return_gates: bool):
+    def _score(self, q_states: torch.Tensor, cache: ItemCache, aligned: bool, return_gates: bool):
         """Scores (and gates) as float32. In training with train_precision bfloat16 the query encoder and the
         per-pair math (logits, gating MLP, softmax) run under bf16 autocast: the per-pair tensors are the
         bulk of a MoL step on CPU, and AMX / AVX512-BF16 matmuls halve their cost. The item side is encoded
-        in float32 outside it, so the gradient of an item that appears in many pairs is summed in float32.
-        Eval is float32 throughout."""
+        in float32 by the callers, outside it, so the gradient of an item that appears in many pairs is summed
+        in float32. Eval is float32 throughout."""
         low = self.training and self.train_precision == "bfloat16"
-        cache = cache_of()
         with torch.autocast(q_states.device.type, dtype=torch.bfloat16, enabled=low):
             phi, pi = self.mol.score(self.mol.encode_queries(q_states), cache, aligned=aligned, return_gates=True)
         if low:
@@ -66,11 +65,11 @@ class MoLSimilarity(nn.Module):
         return (phi, pi) if return_gates else phi
 
     def pairwise(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
-        return self._score(queries, lambda: self.mol.encode_items(items), False, return_gates)
+        return self._score(queries, self.mol.encode_items(items), False, return_gates)
 
     def per_query(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
         b, r, d = items.shape
-        return self._score(queries, lambda: self.mol.encode_items(items.reshape(b * r, d)), True, return_gates)
+        return self._score(queries, self.mol.encode_items(items.reshape(b * r, d)), True, return_gates)
 
     def per_query_ids(self, queries: torch.Tensor, table: torch.Tensor, ids: torch.Tensor, return_gates: bool = False):
         """queries (B, D_q), table (N, D_x), ids (B, R) int64 rows of the table -> scores (B, R) [, gates (B, R, P)].
@@ -79,16 +78,14 @@ class MoLSimilarity(nn.Module):
         pair, not once per (query, item) pair: with B*R pairs over a small catalogue that is the bulk of a
         training step. Equal to ``per_query(queries, table[ids])`` in eval mode; in training each item's
         dropout mask is shared by the pairs it appears in."""
-        def gathered() -> ItemCache:
-            flat = ids.reshape(-1)
-            if flat.numel() >= table.shape[0]:  # most of the catalogue appears: encode all of it
-                cache, rows = self.mol.encode_items(table), flat
-            else:
-                distinct, rows = torch.unique(flat, return_inverse=True)
-                cache = self.mol.encode_items(table[distinct])
-            # index_select: its backward is an index_add, far cheaper on CPU than indexing's accumulating index_put
-            return ItemCache(cache.components.index_select(0, rows), cache.gate.index_select(0, rows))
-
+        flat = ids.reshape(-1)
+        if flat.numel() >= table.shape[0]:  # most of the catalogue appears: encode all of it
+            cache, rows = self.mol.encode_items(table), flat
+        else:
+            distinct, rows = torch.unique(flat, return_inverse=True)
+            cache = self.mol.encode_items(table[distinct])
+        # index_select: its backward is an index_add, far cheaper on CPU than indexing's accumulating index_put
+        gathered = ItemCache(cache.components.index_select(0, rows), cache.gate.index_select(0, rows))
         return self._score(queries, gathered, True, return_gates)
 
     def aligned(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
