@@ -110,7 +110,8 @@ class MixtureOfLogits(nn.Module):
             # Dropout of the gates, renormalised: softmax(h) * mask / sum(softmax(h) * mask) is the softmax
             # of h over the kept entries, so drop entries before the softmax (one masked fill instead of a
             # dropout, a scale and a renormalisation over (B, N, P)).
-            dropped = torch.empty(h.shape, dtype=torch.bool, device=h.device).bernoulli_(self.gating_dropout)
+            # uniform < p is exactly Bernoulli(p) and, on CPU, half the time of bernoulli_ over these shapes
+            dropped = torch.rand(h.shape, device=h.device) < self.gating_dropout
             pi = torch.softmax(h.masked_fill(dropped, torch.finfo(h.dtype).min), dim=-1)
             if self.gating_dropout ** h.shape[-1] > 1e-15:
                 # a row with every gate dropped has zero gates, as after dropout; with the published

@@ -39,7 +39,8 @@ from genrec.training import train
 CONFIGS = {  # dataset -> system -> (config, overrides); ml1m is the papers' set (genrec.data.published)
     "ml1m": {"hstu": ("configs/ml1m_hstu.yaml", []), "sasrec": ("configs/ml1m_sasrec.yaml", []),
              "hstu-large": ("configs/ml1m_hstu_large.yaml", []),
-             "hstu-large+mol": ("configs/ml1m_hstu_large_mol.yaml", [])},
+             "hstu-large+mol": ("configs/ml1m_hstu_large_mol.yaml", []),
+             "hstu+mol": ("configs/ml1m_hstu_mol.yaml", [])},
     "ml100k": {"hstu": ("configs/ml100k_hstu.yaml", []), "sasrec": ("configs/ml100k_sasrec.yaml", [])},
     "synthetic": {"hstu": ("configs/demo.yaml", ["model.encoder=hstu"]),
                   "sasrec": ("configs/demo.yaml", ["model.encoder=sasrec"])},

@@ -37,6 +37,7 @@ SYSTEMS = {  # name -> (config, overrides); the first is what the others are com
     "hstu-large+mol": ("configs/ml1m_hstu_large_mol.yaml", []),
     "hstu-large+mol-shared": ("configs/ml1m_hstu_large_mol.yaml", ["loss.negatives=batch_shared"]),
     "hstu-large+mol-bf16": ("configs/ml1m_hstu_large_mol.yaml", ["similarity.train_precision=bfloat16"]),
+    "hstu+mol-bf16": ("configs/ml1m_hstu_mol.yaml", []),
 }
 log = logging.getLogger("genrec.bench")
 
