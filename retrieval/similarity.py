@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from genrec.kernels.mol_state import ItemCache
 from genrec.retrieval.mol import MixtureOfLogits
@@ -45,11 +46,13 @@ class MoLSimilarity(nn.Module):
     name = "mol"
     cheap_pairwise = False  # per-pair gating MLP: never score a whole catalogue per position
 
-    def __init__(self, mol: MixtureOfLogits, train_precision: str = "float32"):
+    def __init__(self, mol: MixtureOfLogits, train_precision: str = "float32", train_chunk_pairs: int = 0):
         super().__init__()
         if train_precision not in ("float32", "bfloat16"):
             raise ValueError(f"train_precision must be 'float32' or 'bfloat16', got {train_precision!r}")
-        self.mol, self.train_precision = mol, train_precision
+        if train_chunk_pairs < 0:
+            raise ValueError(f"train_chunk_pairs must be >= 0, got {train_chunk_pairs}")
+        self.mol, self.train_precision, self.train_chunk_pairs = mol, train_precision, train_chunk_pairs
 
     def _score(self, q_states: torch.Tensor, cache: ItemCache, aligned: bool, return_gates: bool):
         """Scores (and gates) as float32. In training with train_precision bfloat16 the query encoder and the
@@ -84,9 +87,26 @@ class MoLSimilarity(nn.Module):
         else:
             distinct, rows = torch.unique(flat, return_inverse=True)
             cache = self.mol.encode_items(table[distinct])
+        rows = rows.view(ids.shape)
+        per_chunk = max(1, self.train_chunk_pairs // max(1, ids.shape[1]))  # queries per chunk
+        if not (self.training and torch.is_grad_enabled() and self.train_chunk_pairs and per_chunk < len(ids)):
+            phi, pi = self._score_rows(queries, cache.components, cache.gate, rows)
+        else:
+            # Chunks of queries under activation checkpointing: only each chunk's inputs are kept for backward
+            # (its gathered components, logits and gating activations are recomputed there), so memory is
+            # bounded by the chunk, not by B x R. The recomputation replays the saved RNG state: the same
+            # gate-dropout masks.
+            parts = [checkpoint(self._score_rows, queries[s:s + per_chunk], cache.components, cache.gate,
+                                rows[s:s + per_chunk], use_reentrant=False) for s in range(0, len(ids), per_chunk)]
+            phi, pi = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+        return (phi, pi) if return_gates else phi
+
+    def _score_rows(self, queries: torch.Tensor, components: torch.Tensor, gate: torch.Tensor, rows: torch.Tensor):
+        """Scores (B, R) and gates (B, R, P) of queries (B, D_q) against rows (B, R) of an item cache."""
+        flat = rows.reshape(-1)
         # index_select: its backward is an index_add, far cheaper on CPU than indexing's accumulating index_put
-        gathered = ItemCache(cache.components.index_select(0, rows), cache.gate.index_select(0, rows))
-        return self._score(queries, gathered, True, return_gates)
+        gathered = ItemCache(components.index_select(0, flat), gate.index_select(0, flat))
+        return self._score(queries, gathered, True, True)
 
     def aligned(self, queries: torch.Tensor, items: torch.Tensor, return_gates: bool = False):
         phi, pi = self.per_query(queries, items.unsqueeze(1), return_gates=True)
@@ -100,5 +120,5 @@ def build_similarity(cfg, query_dim: int, item_dim: int):
     if cfg.type == "mol":
         return MoLSimilarity(MixtureOfLogits(
             query_dim, item_dim, cfg.query_components, cfg.item_components, cfg.component_dim, cfg.query_hidden,
-            cfg.gating_hidden, cfg.tau, cfg.item_dropout, cfg.gating_dropout), cfg.train_precision)
+            cfg.gating_hidden, cfg.tau, cfg.item_dropout, cfg.gating_dropout), cfg.train_precision, cfg.train_chunk_pairs)
     raise ValueError(f"unknown similarity {cfg.type!r}; use 'dot' or 'mol'")
