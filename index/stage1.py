@@ -16,12 +16,12 @@ query |<q, x> - <q * s, code>| <= sum_d |q_d| * s_d / 2  (``int8_error_bound``).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from genrec.kernels.dispatch import Backend, stage1_threshold_scan, stage1_topk
+from genrec.kernels.dispatch import Backend, resolve_backend, stage1_threshold_scan, stage1_topk
 from genrec.retrieval.mol import QueryState, topk_avg_vectors
 
 DTYPES = ("float32", "bfloat16", "int8")
@@ -81,13 +81,31 @@ class Stage1Table:
     projection: torch.Tensor | None = None
     scales: torch.Tensor | None = None
     query_projection: torch.Tensor | None = None
+    _widened: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.codes.shape[0]
 
     @property
     def bytes_per_item(self) -> int:
+        """Stored bytes of one item's code."""
         return self.codes.shape[1] * BYTES[self.dtype]
+
+    @property
+    def resident_bytes_per_item(self) -> int:
+        """Bytes one item's code holds in memory: the stored code, plus its float32 copy once a CPU scan made one."""
+        return self.bytes_per_item + (0 if self._widened is None else self.codes.shape[1] * 4)
+
+    def scan_codes(self, op: str, backend: Backend = "auto") -> torch.Tensor:
+        """The codes a scan multiplies. The PyTorch path on CPU gets a float32 copy, made once: widening
+        int8 / bf16 codes on every search cost ~3x the matmul itself (AVX-512 converts 16 values at a
+        time, the GEMV reads 4 bytes a value either way). Kernels read the stored codes."""
+        if self.codes.dtype == torch.float32 or self.codes.device.type != "cpu" or \
+                resolve_backend(op, backend, self.codes.device) == "triton":
+            return self.codes
+        if self._widened is None:
+            self._widened = self.codes.float()
+        return self._widened
 
     def project(self, base: torch.Tensor) -> torch.Tensor:
         return base if self.projection is None else base @ self.projection
@@ -102,19 +120,20 @@ class Stage1Table:
 
     def score_range(self, qv: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """(B, d) query vectors -> (B, end-start) float32 stage-1 scores of items start..end-1."""
-        return qv @ self.codes[start:end].float().T
+        return qv @ self.scan_codes("stage1_threshold_scan")[start:end].float().T
 
     def scan_range(self, qv: torch.Tensor, start: int, end: int, thr: torch.Tensor, capacity: int | None = None,
                    backend: Backend = "auto"):
         """Items start..end-1 scoring >= thr per query: (scores, ids, counts), see threshold.ScanRange."""
 
-        return stage1_threshold_scan(qv, self.codes[start:end], thr, capacity, id_offset=start, backend=backend)
+        codes = self.scan_codes("stage1_threshold_scan", backend)[start:end]
+        return stage1_threshold_scan(qv, codes, thr, capacity, id_offset=start, backend=backend)
 
     def topk(self, qv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, d) query vectors -> the k best rows by stage-1 score: (B, k) float32, (B, k) int64 (ties by
         smaller row; -inf / -1 padded), one running top-k pass over the codes (``kernels.dispatch.stage1_topk``)."""
 
-        return stage1_topk(qv, self.codes, k)
+        return stage1_topk(qv, self.scan_codes("stage1_topk"), k)
 
     def take(self, rows: torch.Tensor) -> "Stage1Table":
         """The table of items ``rows`` only (codes gathered; projection and scales shared): stage 1 over a

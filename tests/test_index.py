@@ -118,6 +118,30 @@ def test_hindexer_with_full_kprime_equals_exact_mol_and_says_so(stage1, dtype):
     assert part.scores.shape == (6, 20) and np.all(np.diff(part.scores, axis=1) <= 0)
 
 
+@pytest.mark.parametrize("dtype", ["int8", "bfloat16"])
+def test_cpu_scans_widen_narrow_codes_once_and_score_as_stored(dtype):
+    """The PyTorch scan on CPU multiplies a float32 copy of int8 / bf16 codes made at the first search
+    (counted in resident bytes); it scores exactly what the stored codes score, and the Triton path still
+    reads the stored codes."""
+    mol, items, q = small_setup()
+    h = MoLHIndexer.build(mol, items, stage1="pca6", stage1_dtype=dtype, kprime=300, sample_size=500)
+    table = h.stage1
+    assert table.resident_bytes_per_item == table.bytes_per_item
+    first = h.search(q, 10)
+    wide = table.scan_codes("stage1_threshold_scan")
+    assert wide.dtype == torch.float32 and torch.equal(wide, table.codes.float())
+    assert table.scan_codes("stage1_topk") is wide  # made once, shared by every scan
+    assert table.resident_bytes_per_item == table.bytes_per_item + 4 * table.codes.shape[1]
+    assert table.scan_codes("stage1_threshold_scan", backend="triton") is table.codes
+    qv = table.query_vectors(mol.encode_queries(q))
+    thr = torch.full((len(q),), -float("inf"))
+    s, i, _ = table.scan_range(qv, 100, 400, thr)
+    torch.testing.assert_close(s, qv @ table.codes[100:400].float().T, rtol=0, atol=0)
+    assert torch.equal(i[0], torch.arange(100, 400))
+    for a, b in zip(first, h.search(q, 10)):
+        np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("stage1,dtype,kprime", [("avg", "int8", 37), ("pca6", "bfloat16", 200), ("learned4", "int8", 1)])
 def test_hindexer_topk_and_threshold_stage1_keep_the_same_candidates(stage1, dtype, kprime, tmp_path):
     """Both selections are the exact top-K' of stage-1 scores (ties by smaller row), so the h-indexer
