@@ -30,6 +30,9 @@ def is_string_ids(values) -> bool:
 
 def as_ids(values, where: str = "ids") -> np.ndarray:
     """Ids of either kind -> (N,) int64, or (N,) object array of ``str`` (numpy 'U' and ``np.str_`` included)."""
+    if isinstance(values, (list, tuple, np.ndarray)) and any(isinstance(v, str) and "\x00" in v for v in values):
+        # numpy's fixed-width strings drop trailing NULs: "a\x00" would silently become "a"
+        raise ValueError(f"{where}: an id contains a NUL character")
     arr = np.asarray(values)
     if arr.ndim != 1:
         arr = arr.reshape(-1)

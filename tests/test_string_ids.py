@@ -27,7 +27,12 @@ from genrec.serving.client import GenrecClient
 from genrec.serving.config import BrokerConfig, IndexEntry, ServeConfig
 from genrec.serving.server import RetrievalServer
 
-ids_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12)
+ids_text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",), exclude_characters="\x00"), min_size=1, max_size=12)
+
+
+def test_ids_with_a_nul_character_are_refused():
+    with pytest.raises(ValueError, match="NUL"):
+        KeyMap(["a", "0\x00"])
 
 
 @settings(max_examples=60, deadline=None)
