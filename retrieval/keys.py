@@ -30,9 +30,11 @@ def is_string_ids(values) -> bool:
 
 def as_ids(values, where: str = "ids") -> np.ndarray:
     """Ids of either kind -> (N,) int64, or (N,) object array of ``str`` (numpy 'U' and ``np.str_`` included)."""
-    if isinstance(values, (list, tuple, np.ndarray)) and any(isinstance(v, str) and "\x00" in v for v in values):
-        # numpy's fixed-width strings drop trailing NULs: "a\x00" would silently become "a"
-        raise ValueError(f"{where}: an id contains a NUL character")
+    # numpy's fixed-width strings drop trailing NULs: "a\x00" would silently become "a". Only Python sequences
+    # and object arrays can still hold one (an int64 array is not walked element by element).
+    if isinstance(values, (list, tuple)) or (isinstance(values, np.ndarray) and values.dtype == object):
+        if any(isinstance(v, str) and "\x00" in v for v in values):
+            raise ValueError(f"{where}: an id contains a NUL character")
     arr = np.asarray(values)
     if arr.ndim != 1:
         arr = arr.reshape(-1)
