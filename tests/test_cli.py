@@ -228,6 +228,24 @@ def test_the_retrieval_bench_reuses_only_a_completed_run_of_the_same_config(tmp_
     assert completed_run(run, cfg) is None  # another config
 
 
+def test_the_retrieval_bench_records_which_mol_model_it_measured(tiny_synthetic_cfg, tmp_path):
+    """Every retrieval figure names its MoL model (checkpoint, sha256, epoch): a recall change between two
+    committed runs was once a changed harness model, not a changed search, and nothing said so."""
+    from genrec.bench.retrieval import trained_mol
+    from genrec.io import sha256_file
+    from genrec.training import train
+
+    cfg = tiny_synthetic_cfg
+    cfg.similarity.type, cfg.loss.negatives, cfg.train.epochs = "mol", "batch_shared", 1
+    cfg.out_dir, cfg.name = str(tmp_path), "mol"
+    checkpoint = train(cfg, progress=False).checkpoint
+    got = trained_mol(str(checkpoint), str(tmp_path))
+    assert got.model["checkpoint"] == str(checkpoint) and got.model["source"] == "given"
+    assert got.model["sha256"] == sha256_file(checkpoint)[:16] and got.model["epoch"] == 1
+    assert got.items.shape[1] == cfg.model.item_emb_dim and np.isfinite(got.items).all()
+    assert got.states.shape[1] == cfg.model.item_emb_dim
+
+
 def test_the_gaussian_benchmark_corpus_keeps_the_catalogue_covariance_but_not_its_items():
     """bench retrieval --corpus gaussian: unit vectors whose direction statistics follow the trained items'
     (mean and covariance of the re-normalised draws close to the source's), and none a near-copy of one."""

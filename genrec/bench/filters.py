@@ -69,7 +69,7 @@ def main(argv=None) -> int:
 
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    mol, base_items, states = trained_mol(args.checkpoint, args.work_dir, epochs=args.train_epochs)
+    mol, base_items, states, model_about = trained_mol(args.checkpoint, args.work_dir, epochs=args.train_epochs)
     corpus = expand_corpus(base_items, args.items, args.noise, rng)
     queries = states[rng.permutation(len(states))].astype(np.float32)
     rq, n, k = queries[: args.recall_queries], len(corpus), args.k
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         log.info("fraction %.3f done", frac)
     stem = args.stem or f"filters_{n // 1000}k"
     meta = {**provenance(), "items": n, "k": k, "stage1": f"{args.stage1}:int8", "recall_queries": len(rq),
-            "note": "recall vs the exact top-k over the allowed items; filters are random subsets"}
+            "mol_model": model_about, "note": "recall vs the exact top-k over the allowed items; filters are random subsets"}
     print(write_table(rows, args.out_dir, stem, meta).read_text())
     plot(rows, f"{args.out_dir}/{stem}.png", n, k)
     return 0

@@ -26,6 +26,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -39,6 +40,7 @@ from genrec.data.batches import history_batch
 from genrec.data.sequences import leave_one_out
 from genrec.data.source import load_dataset
 from genrec.encoders.history import last_states
+from genrec.io import sha256_file
 from genrec.index.hindexer import MoLHIndexer, TOPK_SCAN_MAX
 from genrec.index.mips import FaissMIPS
 from genrec.plots import save_axes_figure
@@ -64,9 +66,20 @@ def completed_run(run_dir: Path, cfg) -> Path | None:
     return checkpoint if checkpoint.is_file() else None
 
 
-def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False, epochs: int = 15):
-    """(MixtureOfLogits, item embeddings (N, D) float32, user states (U, D) float32) of a checkpoint;
-    without one, of the harness's own small MoL model, reused only from a completed run of the same config."""
+class TrainedMoL(NamedTuple):
+    """A MoL model with its item embeddings (N, D) float32, user states (U, D) float32, and where it came
+    from (``model``: checkpoint path, sha256, epoch and validation metrics), stored with every figure so
+    that a changed model is told apart from a changed search."""
+    mol: object
+    items: np.ndarray
+    states: np.ndarray
+    model: dict
+
+
+def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False, epochs: int = 15) -> TrainedMoL:
+    """The MoL model of a checkpoint; without one, of the harness's own small MoL model, reused only from
+    a completed run of the same config."""
+    source = "given"
     if checkpoint is None:
         cfg = load_config(ROOT / "configs/demo.yaml",
                           [f"out_dir={out_dir}", "name=retrieval-bench-mol", *BENCH_MOL, f"train.epochs={epochs}"])
@@ -75,9 +88,10 @@ def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False, epo
         if checkpoint is None:
             if run_dir.exists():  # the harness's own folder: an interrupted or different run starts over
                 shutil.rmtree(run_dir)
-            checkpoint = train(cfg, progress=False).checkpoint
+            checkpoint, source = train(cfg, progress=False).checkpoint, "trained"
             log.info("MoL model: trained %s", checkpoint)
         else:
+            source = "reused"
             log.info("MoL model: reused %s (a completed run of the same config)", checkpoint)
     state = load_checkpoint(checkpoint)
     model, cfg = model_from_checkpoint(state)
@@ -90,7 +104,10 @@ def trained_mol(checkpoint: str | None, out_dir: str, retrain: bool = False, epo
         b = history_batch(ds, users, ds.offsets[users + 1] - 1, model.max_len)
         states = last_states(model, b.packed())
         items = model.item_embeddings()[1:]
-    return sim.mol, items.numpy(), states.numpy()
+    about = {"checkpoint": str(checkpoint), "source": source, "sha256": sha256_file(checkpoint)[:16],
+             "epoch": state.get("epoch"), "best_score": state.get("best_score"),
+             "genrec_version": state.get("genrec_version")}
+    return TrainedMoL(sim.mol, items.numpy(), states.numpy(), about)
 
 
 def expand_corpus(items: np.ndarray, n: int, noise: float, rng: np.random.Generator) -> np.ndarray:
@@ -165,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
     faiss.omp_set_num_threads(args.threads)
     rng = np.random.default_rng(0)
-    mol, base_items, states = trained_mol(args.checkpoint, args.work_dir, args.retrain, args.train_epochs)
+    mol, base_items, states, model_about = trained_mol(args.checkpoint, args.work_dir, args.retrain, args.train_epochs)
+    stage1_fits: dict[str, dict] = {}
     corpus = (np.load(args.embeddings, mmap_mode="r") if args.embeddings
               else gaussian_corpus(base_items, args.items, rng) if args.corpus == "gaussian"
               else expand_corpus(base_items, args.items, args.noise, rng))
@@ -226,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
             if h.stage1_fit:
                 log.info("stage-1 %s fitted on %s queries (%d): %s", method, h.stage1_fit["query_source"],
                          h.stage1_fit["queries"], h.stage1_fit)
+                stage1_fits[variant] = h.stage1_fit
             build = time.perf_counter() - t
             for select, kp in itertools.product(args.stage1_select, args.kprimes):
                 if select == "topk" and kp > TOPK_SCAN_MAX:
@@ -258,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         faiss_system("faiss-hnsw32", "HNSW32", "efSearch", args.ef_searches)
 
     add_ratios(rows, args.qps_batches[0] if args.qps_batches else None)
-    meta = {**provenance(), "threads": args.threads, "queries": "user states of the checkpoint's eval users" if not args.queries else args.queries,
+    meta = {**provenance(), "threads": args.threads, "mol_model": model_about, "stage1_fits": stage1_fits,
+            "queries": "user states of the checkpoint's eval users" if not args.queries else args.queries,
             "corpus": args.embeddings or (f"Gaussian fitted to {len(base_items)} trained items (full covariance)"
                                           if args.corpus == "gaussian" else
                                           f"{len(base_items)} trained items expanded with noise {args.noise}"),

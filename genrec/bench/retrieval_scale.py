@@ -47,7 +47,7 @@ def load_bundle(path: Path, checkpoint: str | None, work_dir: str, epochs: int =
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
 
-    mol, items, states = trained_mol(checkpoint, work_dir, epochs=epochs)
+    mol, items, states, _ = trained_mol(checkpoint, work_dir, epochs=epochs)
     bundle = {"mol": {"init_kwargs": mol.init_kwargs, "state_dict": mol.state_dict()},
               "items": torch.from_numpy(items), "states": torch.from_numpy(states)}
     path.parent.mkdir(parents=True, exist_ok=True)
