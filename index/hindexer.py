@@ -27,7 +27,7 @@ from genrec.index.distill import fit_learned_stage1
 from genrec.index.graphed import GraphCache
 from genrec.index.stage1 import Stage1Table, encode, fit_stage1, from_numpy, item_base_vectors, parse_method, to_numpy
 from genrec.index.threshold import SelectionStats, sample_rows, static_threshold_topk, threshold_topk
-from genrec.kernels.dispatch import Backend, mol_candidate_scores
+from genrec.kernels.dispatch import Backend, mol_candidate_scores, resolve_backend
 from genrec.kernels.topk import ascending_rows
 from genrec.retrieval.ids import rows_of
 from genrec.retrieval.mol import ItemCache, MixtureOfLogits
@@ -39,9 +39,10 @@ STAGE1_SELECT = ("auto", "threshold", "topk")
 STATIC_SEARCH = ("auto", "on", "off")
 STATIC_CAPACITY_FACTOR = 4.0  # the static path's hit buffer per query, in K'; overflow sends a query to the general path
 TOPK_SCAN_MAX = 1024  # the running top-k kernel keeps K' in registers
-GPU_SCAN_CHUNK = 1 << 27  # items per fused-scan launch on a GPU (its fixed hit buffer is per launch)
+FUSED_SCAN_CHUNK = 1 << 27  # items per fused-scan call (Triton or CPU kernel; its fixed hit buffer is per call)
 CPU_SCAN_SCORES = 1 << 20  # stage-1 scores per CPU chunk (queries x items): few queries scan long chunks
-GPU_FINAL_CHUNK = 1 << 22  # ... in the rare keep-everything pass, whose buffer holds a whole chunk
+FUSED_FINAL_CHUNK = 1 << 22  # ... in the rare keep-everything pass, whose buffer holds a whole chunk
+CPU_RESCORE_ROWS = 4096  # (query, candidate) pairs per stage-2 call on CPU: 4,096 x 128 gating units fit L2
 GPU_RESCORE_CHUNK = 1 << 17  # candidates per stage-2 call on a GPU: K' <= 131072 is one call (no merge)
 
 
@@ -132,7 +133,7 @@ class MoLHIndexer(Index):
 
     def to(self, device: torch.device | str) -> "MoLHIndexer":
         """Moves the MoL, its item cache and the stage-1 table to ``device``; searches then run there (on
-        CUDA through the fused kernels: one scan launch per ``GPU_SCAN_CHUNK`` items into a fixed hit
+        CUDA through the fused kernels: one scan launch per ``FUSED_SCAN_CHUNK`` items into a fixed hit
         buffer, stage 2 in ``GPU_RESCORE_CHUNK`` candidates per launch). Results come back on the CPU."""
         self.mol = self.mol.to(device)
         self.gating = self.gating.to(device)
@@ -212,11 +213,15 @@ class MoLHIndexer(Index):
 
     def _threshold_candidates(self, qv: torch.Tensor, kp: int, table: Stage1Table, scan, score_sample, n: int) -> torch.Tensor:
         """Stage-1 top-K' rows (B, K') of ``table`` (n items) by the chunked threshold selection."""
+        # a kernel (Triton, or the CPU one) holds no (queries x chunk) score matrix: it scans long chunks
+        # into a fixed hit buffer per query, and a query that overflows it is rescanned
+        fused = resolve_backend("stage1_threshold_scan", self.kernel_backend, qv.device) != "reference"
         gpu = qv.device.type == "cuda"
         return threshold_topk(qv, scan, score_sample, n, kp,
-                              chunk_size=max(self.chunk_size, GPU_SCAN_CHUNK if gpu else CPU_SCAN_SCORES // len(qv)),
-                              chunk_capacity=4 * kp if gpu else None, max_retries=4 if gpu else 2,
-                              stats=self.last_stats, final_chunk_size=GPU_FINAL_CHUNK if gpu else None,
+                              chunk_size=max(self.chunk_size, FUSED_SCAN_CHUNK if fused else CPU_SCAN_SCORES // len(qv)),
+                              chunk_capacity=4 * kp if fused else None, max_retries=4 if fused else 2,
+                              stats=self.last_stats,  # the keep-everything pass buffers whole chunks: bounded on CPU
+                              final_chunk_size=FUSED_FINAL_CHUNK if gpu else max(self.chunk_size, CPU_SCAN_SCORES // len(qv)),
                               order_ties=False)[1]
 
     def _filtered_candidates(self, qv: torch.Tensor, kp: int, subset: torch.Tensor) -> torch.Tensor:
@@ -283,8 +288,9 @@ class MoLHIndexer(Index):
             cand = self._threshold_candidates(qv, kp, self.stage1, self._scan_range, self._score_sample, self.ntotal)
         cand = ascending_rows(cand)  # an in-order gather; rows are distinct (each item is scanned once)
         gpu = dev.type == "cuda"
-        scores, rows = rescore_candidates(self.gating, q, self.cache, cand, k, excl,
-                                          max(self.rescore_chunk, GPU_RESCORE_CHUNK) if gpu else self.rescore_chunk)
+        # on CPU a call's (rows x gating hidden) intermediates must stay in cache: ~CPU_RESCORE_ROWS rows a call
+        chunk = max(self.rescore_chunk, GPU_RESCORE_CHUNK) if gpu else max(64, min(self.rescore_chunk, CPU_RESCORE_ROWS // len(q)))
+        scores, rows = rescore_candidates(self.gating, q, self.cache, cand, k, excl, chunk)
         return scores.cpu(), rows.cpu()
 
     # ---- persistence ----

@@ -82,6 +82,7 @@ class Stage1Table:
     scales: torch.Tensor | None = None
     query_projection: torch.Tensor | None = None
     _widened: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+    _transposed: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return self.codes.shape[0]
@@ -93,15 +94,28 @@ class Stage1Table:
 
     @property
     def resident_bytes_per_item(self) -> int:
-        """Bytes one item's code holds in memory: the stored code, plus its float32 copy once a CPU scan made one."""
-        return self.bytes_per_item + (0 if self._widened is None else self.codes.shape[1] * 4)
+        """Bytes one item's code holds in memory: the stored code, plus the copies CPU scans made (the
+        CPU kernel's transposed codes, the PyTorch path's float32 codes)."""
+        extra = 0 if self._widened is None else self.codes.shape[1] * 4
+        if self._transposed is not None:
+            extra += self._transposed.shape[0] * self._transposed.element_size()
+        return self.bytes_per_item + extra
 
     def scan_codes(self, op: str, backend: Backend = "auto") -> torch.Tensor:
-        """The codes a scan multiplies. The PyTorch path on CPU gets a float32 copy, made once: widening
-        int8 / bf16 codes on every search cost ~3x the matmul itself (AVX-512 converts 16 values at a
-        time, the GEMV reads 4 bytes a value either way). Kernels read the stored codes."""
-        if self.codes.dtype == torch.float32 or self.codes.device.type != "cpu" or \
-                resolve_backend(op, backend, self.codes.device) == "triton":
+        """The (N, d) codes a scan reads, copied once on CPU into the layout its backend wants.
+
+        The CPU kernel (``kernels/stage1_scan_cpu.py``) gets a view of a (d, N) transposed copy, int8 kept
+        as int8 (bf16 widened to float32, which numba has). The PyTorch path gets a float32 copy: widening
+        int8 / bf16 codes on every search cost ~3x the matmul itself. Triton kernels read the stored codes."""
+        chosen = resolve_backend(op, backend, self.codes.device)
+        if self.codes.device.type != "cpu" or chosen == "triton":
+            return self.codes
+        if chosen == "cpu":
+            if self._transposed is None:
+                wide = self.codes if self.codes.dtype in (torch.int8, torch.float32) else self.codes.float()
+                self._transposed = wide.t().contiguous()
+            return self._transposed.t()
+        if self.codes.dtype == torch.float32:
             return self.codes
         if self._widened is None:
             self._widened = self.codes.float()
@@ -117,10 +131,6 @@ class Stage1Table:
         else:
             v = self.project(query_base_vectors(q))
         return v * self.scales if self.scales is not None else v
-
-    def score_range(self, qv: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """(B, d) query vectors -> (B, end-start) float32 stage-1 scores of items start..end-1."""
-        return qv @ self.scan_codes("stage1_threshold_scan")[start:end].float().T
 
     def scan_range(self, qv: torch.Tensor, start: int, end: int, thr: torch.Tensor, capacity: int | None = None,
                    backend: Backend = "auto"):

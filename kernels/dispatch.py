@@ -1,9 +1,11 @@
-"""One dispatch point per hot op: ``reference`` (PyTorch, any device) or ``triton`` (GPU).
+"""One dispatch point per hot op: ``reference`` (PyTorch, any device), ``triton`` (GPU) or ``cpu`` (a
+compiled CPU kernel, numba).
 
 Each op's full signature is spelled out here and its inputs are checked (shape, dtype, device) before
-either backend runs, so a bad call fails with a message naming the argument instead of deep inside a
-kernel. ``auto`` picks triton on CUDA for the ops listed in ``_TRITON_AUTO``, otherwise the reference.
-Kernel modules import triton, so they load on first use only.
+any backend runs, so a bad call fails with a message naming the argument instead of deep inside a
+kernel. ``auto`` picks triton on CUDA for the ops listed in ``_TRITON_AUTO``, the CPU kernel on CPU for
+those in ``CPU_OPS``, otherwise the reference. Kernel modules import triton or numba (compiling on first
+call), so they load on first use only.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ from genrec.kernels.mol_stage2_reference import mol_candidate_scores_reference
 from genrec.kernels.mol_state import ItemCache, MoLGating, QueryState
 from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference, stage1_topk_reference
 
-Backend = Literal["auto", "reference", "triton"]
-BACKENDS = ("auto", "reference", "triton")
+Backend = Literal["auto", "reference", "triton", "cpu"]
+BACKENDS = ("auto", "reference", "triton", "cpu")
 STAGE1_CODE_DTYPES = (torch.float32, torch.bfloat16, torch.int8)
 
 
@@ -46,6 +48,11 @@ TRITON_OPS = ("hstu_attention", "stage1_threshold_scan", "stage1_topk", "mol_can
 # ran 3-7x slower than the gather + cuBLAS reference (benchmarks/results/kernels/kernels_gpu_h200.md), so
 # ``auto`` keeps the reference there until the kernel moves to tensor-core dots.
 _TRITON_AUTO = {"stage1_threshold_scan", "stage1_topk", "hstu_attention"}
+# ops with a compiled CPU kernel, which ``auto`` picks on CPU: the threshold scan reads int8 codes once
+# and compares in registers: 0.79 ms vs 21.7 ms for the reference at batch 1 over 1M x 16 int8 codes,
+# 5-6x at batch 32-128 (benchmarks/results/kernels/stage1_scan_cpu.md, 2 threads). MoL stage 2 has none:
+# a fused numba version ran 2-3x slower than the reference's MKL matmuls (2026-12-06, not kept)
+CPU_OPS = ("stage1_threshold_scan",)
 
 
 def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
@@ -57,7 +64,15 @@ def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
         if op not in TRITON_OPS:
             raise NotImplementedError(f"no Triton kernel for {op} yet; use backend='reference'")
         return "triton"
-    return "triton" if device.type == "cuda" and op in _TRITON_AUTO else "reference"
+    if backend == "cpu":
+        if op not in CPU_OPS:
+            raise NotImplementedError(f"no CPU kernel for {op}; use backend='reference'")
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' runs on CPU tensors, got {device}")
+        return "cpu"
+    if device.type == "cuda":
+        return "triton" if op in _TRITON_AUTO else "reference"
+    return "cpu" if device.type == "cpu" and op in CPU_OPS else "reference"
 
 
 # ---- argument checks ----
@@ -136,8 +151,16 @@ def stage1_threshold_scan(qv: torch.Tensor, codes: torch.Tensor, thr: torch.Tens
     _check(thr.shape == (qv.shape[0],), op, f"thr must be (B,) = ({qv.shape[0]},), got {tuple(thr.shape)}")
     _check(capacity is None or capacity >= 0, op, f"capacity must be >= 0 or None, got {capacity}")
     _check_same_device(op, qv=qv, codes=codes, thr=thr)
-    if resolve_backend(op, backend, qv.device) == "triton":
+    chosen = resolve_backend(op, backend, qv.device)
+    if chosen == "cpu" and codes.dtype == torch.bfloat16:  # numba has no bf16: the kernel reads a float32 copy
+        _check(backend != "cpu", op, "the CPU kernel reads int8 or float32 codes; widen bf16 codes first")
+        chosen = "reference"
+    if chosen == "triton":
         return _triton_op(op)(qv, codes, thr, capacity, id_offset)
+    if chosen == "cpu":
+        from genrec.kernels.stage1_scan_cpu import stage1_threshold_scan_cpu
+
+        return stage1_threshold_scan_cpu(qv, codes, thr, capacity, id_offset)
     return stage1_threshold_scan_reference(qv, codes, thr, capacity, id_offset)
 
 

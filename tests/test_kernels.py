@@ -89,11 +89,16 @@ def test_stage1_scan_bf16x2_scores_stay_within_their_error_bound(b, n, d, dtype,
     assert ((got - exact).abs() <= mag * 2**-15 + 1e-30).all()
 
 
-def test_dispatch_picks_the_reference_on_cpu_and_triton_on_request():
-    assert resolve_backend("stage1_threshold_scan", "auto", torch.device("cpu")) == "reference"
-    assert resolve_backend("stage1_threshold_scan", "triton", torch.device("cpu")) == "triton"
+def test_dispatch_picks_the_cpu_kernel_or_the_reference_on_cpu_and_triton_on_request():
+    cpu = torch.device("cpu")
+    assert resolve_backend("stage1_threshold_scan", "auto", cpu) == "cpu"  # the one op with a CPU kernel
+    assert resolve_backend("stage1_topk", "auto", cpu) == "reference"
+    assert resolve_backend("mol_candidate_scores", "auto", cpu) == "reference"
+    assert resolve_backend("stage1_threshold_scan", "triton", cpu) == "triton"
     with pytest.raises(NotImplementedError):
-        resolve_backend("no_such_op", "triton", torch.device("cpu"))
+        resolve_backend("no_such_op", "triton", cpu)
+    with pytest.raises(NotImplementedError, match="no CPU kernel"):
+        resolve_backend("stage1_topk", "cpu", cpu)
 
 
 # ---- jagged HSTU attention ----

@@ -1,4 +1,5 @@
-"""Retrieval kernels against what they replace, on the same data (GPU: Triton; CPU: the references).
+"""Retrieval kernels against what they replace, on the same data (GPU: Triton; CPU: the compiled CPU
+scan and the references).
 
 stage-1 scan: N items x d codes (int8 with per-dim scales, or bf16), threshold set so ~K' items pass per
   query, batch 1/32/128; and the running top-k scan at k = 1000. Reported: ms, achieved GB/s of code
@@ -7,7 +8,7 @@ stage-1 scan: N items x d codes (int8 with per-dim scales, or bf16), threshold s
 MoL stage 2: K' gathered candidates per query through the fused kernel vs the PyTorch reference.
 
     genrec bench kernels                                   # GPU: 10M and 100M items
-    genrec bench kernels --items 1000000 --kprimes 10000   # CPU: references only
+    genrec bench kernels --items 1000000 --kprimes 1000    # CPU: the CPU scan kernel and the references
 
 Writes <out-dir>/<stem>.{csv,md,json,png}.
 """
@@ -81,8 +82,10 @@ def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats:
     gen = torch.Generator(device="cpu").manual_seed(0)
     chunk = 1 << 22
     codes = device_codes(n, d, dtype, device)
+    # the CPU kernel reads the layout Stage1Table keeps for it: a (d, n) copy, int8 as int8, bf16 widened
+    scan_codes = (codes if dtype == "int8" else codes.float()).t().contiguous().t() if backend == "cpu" else codes
     rows = []
-    nbytes = codes.numel() * codes.element_size()
+    nbytes = scan_codes.numel() * scan_codes.element_size()
     for b in batches:
         q = torch.randn(b, d, generator=gen).to(device)
         sample = codes[torch.randint(0, n, (65536,), generator=gen).to(device)].float()
@@ -99,14 +102,14 @@ def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats:
 
         mm_ms = timed(mm_topk, device, repeats)
         timings = []
-        for cfg in (configs if backend == "triton" else ["reference"]):
+        for cfg in (configs if backend == "triton" else [backend]):
             kw = parse_config(cfg) if backend == "triton" and cfg != "default" else {}
-            fn = (lambda kw=kw: stage1_threshold_scan(q, codes, thr, cap, backend=backend, **kw)) if backend == "reference" else \
+            fn = (lambda kw=kw: stage1_threshold_scan(q, scan_codes, thr, cap, backend=backend, **kw)) if backend != "triton" else \
                 (lambda kw=kw: _scan_triton(q, codes, thr, cap, **kw))
             ms = timed(fn, device, repeats)
             hits = fn()[2].float().mean().item()
             timings.append(("stage1 scan", cfg, ms, kprime, {"mean_hits": round(hits, 1)}))
-        if b in topk_batches and n <= topk_max_items:
+        if b in topk_batches and n <= topk_max_items and backend != "cpu":  # no CPU top-k kernel: the reference row has it
             timings.append(("stage1 topk", "default", timed(lambda: stage1_topk(q, codes, topk_kprime, backend=backend), device, repeats),
                             topk_kprime, {}))
         best_scan = min(ms for name, _, ms, _, _ in timings if name == "stage1 scan")
@@ -197,36 +200,39 @@ def main(argv: list[str] | None = None) -> int | None:
     ap.add_argument("--topk-kprime", type=int, default=1000, help="K' of the running top-k scan (<= 1024)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--skip", nargs="*", default=[], choices=["scan", "mol"])
-    ap.add_argument("--backend", choices=["auto", "reference", "triton"], default="auto",
-                    help="auto: triton on GPU, reference on CPU (triton on CPU needs TRITON_INTERPRET=1: smoke runs only)")
+    ap.add_argument("--backend", choices=["auto", "reference", "triton", "cpu"], default="auto",
+                    help="auto: triton on GPU; on CPU the CPU scan kernel and the reference side by side "
+                         "(triton on CPU needs TRITON_INTERPRET=1: smoke runs only)")
     ap.add_argument("--stem", default=None)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
-    backend = args.backend if args.backend != "auto" else ("triton" if gpu else "reference")
+    backends = [args.backend] if args.backend != "auto" else (["triton"] if gpu else ["cpu", "reference"])
     rows: list[dict] = []
     copy_rate = copy_gbs(device)
     if copy_rate:
         log.info("device-to-device copy: %.0f GB/s (read + write)", copy_rate)
     stem = args.stem or ("kernels_gpu" if gpu else "kernels_cpu")
     meta = {**provenance(), "copy_GB_per_s": round(copy_rate, 1) if copy_rate else None,
-            "note": "CPU rows time the PyTorch references (the Triton kernels need a GPU); speedup = baseline_ms / ms; "
+            "note": "CPU rows time the compiled CPU scan (backend cpu) and the PyTorch references (the Triton kernels "
+                    "need a GPU); speedup = baseline_ms / ms; "
                     "GB_per_s = code bytes read / time; pct_copy_bw = vs a device-to-device copy (read + write) "
                     "measured in the run"}
     if "scan" not in args.skip:
         for n in args.items or ([10_000_000, 100_000_000] if gpu else [1_000_000]):
             for dtype in args.dtypes:
-                rows += scan_rows(n, args.dim, dtype, args.batches, min(args.kprimes), device, args.repeats,
-                                  args.peak_gbs, backend, args.scan_configs, args.topk_batches, args.topk_max_items,
-                                  copy_rate, args.topk_kprime)
+                for backend in backends:
+                    rows += scan_rows(n, args.dim, dtype, args.batches, min(args.kprimes), device, args.repeats,
+                                      args.peak_gbs, backend, args.scan_configs, args.topk_batches, args.topk_max_items,
+                                      copy_rate, args.topk_kprime)
                 write_table(rows, args.out_dir, stem, meta)  # partial tables survive a time limit
                 if gpu:
                     torch.cuda.empty_cache()
     if "mol" not in args.skip:
         for cache_dtype in args.mol_cache_dtypes:
             rows += mol_rows(args.kprimes, [b for b in args.batches if b <= 32], device, args.repeats, args.mol_configs,
-                             cache_dtype=getattr(torch, cache_dtype), with_kernel=backend == "triton")
+                             cache_dtype=getattr(torch, cache_dtype), with_kernel="triton" in backends)
             write_table(rows, args.out_dir, stem, meta)
     write_table(rows, args.out_dir, stem, meta)
     plot(rows, Path(args.out_dir) / f"{stem}.png")
