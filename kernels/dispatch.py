@@ -10,6 +10,8 @@ call), so they load on first use only.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 from typing import Callable, Literal
 
@@ -55,6 +57,13 @@ _TRITON_AUTO = {"stage1_threshold_scan", "stage1_topk", "hstu_attention"}
 CPU_OPS = ("stage1_threshold_scan",)
 
 
+@functools.cache
+def cpu_kernels_available() -> bool:
+    """Whether numba (the CPU kernels' compiler, a dependency of the package) is importable: an environment
+    that runs the code without installing it, such as the GPU image, falls back to the references."""
+    return importlib.util.find_spec("numba") is not None
+
+
 def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
@@ -69,10 +78,12 @@ def resolve_backend(op: str, backend: Backend, device: torch.device) -> str:
             raise NotImplementedError(f"no CPU kernel for {op}; use backend='reference'")
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' runs on CPU tensors, got {device}")
+        if not cpu_kernels_available():
+            raise ImportError("backend='cpu' needs numba (pip install numba, or install genrec with its dependencies)")
         return "cpu"
     if device.type == "cuda":
         return "triton" if op in _TRITON_AUTO else "reference"
-    return "cpu" if device.type == "cpu" and op in CPU_OPS else "reference"
+    return "cpu" if device.type == "cpu" and op in CPU_OPS and cpu_kernels_available() else "reference"
 
 
 # ---- argument checks ----

@@ -1,5 +1,6 @@
 """Offline indexes: threshold selection, stage-1 quantisation, h-indexer, files on disk, shards."""
 
+import importlib.util
 import json
 import shutil
 import os
@@ -120,6 +121,7 @@ def test_hindexer_with_full_kprime_equals_exact_mol_and_says_so(stage1, dtype):
 
 
 @pytest.mark.parametrize("dtype", ["int8", "bfloat16", "float32"])
+@pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="the CPU kernel needs numba (a package dependency)")
 def test_cpu_scans_copy_codes_once_into_their_layout_and_score_as_stored(dtype):
     """On CPU the threshold scan's kernel reads a (d, N) transposed copy (int8 kept as int8, bf16 widened
     to float32) and the PyTorch top-k scan a float32 copy, each made at first use and counted in resident

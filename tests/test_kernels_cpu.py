@@ -8,8 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genrec.kernels.dispatch import stage1_threshold_scan
-from genrec.kernels.stage1_scan_cpu import BLOCK, split_work, stage1_threshold_scan_cpu
 from genrec.kernels.stage1_scan_reference import stage1_threshold_scan_reference
+
+pytest.importorskip("numba")  # a dependency of the package; absent only where the code runs uninstalled (GPU image)
+from genrec.kernels.stage1_scan_cpu import BLOCK, split_work, stage1_threshold_scan_cpu  # noqa: E402
 
 
 def grid_inputs(b: int, n: int, d: int, dtype: torch.dtype, seed: int):
@@ -106,3 +108,17 @@ def test_a_forked_child_scans_on_its_own_thread_pool():
 def _scan_in_child(q, codes, thr):
     torch.set_num_threads(2)
     return stage1_threshold_scan_cpu(q, codes, thr, 100)
+
+
+def test_without_numba_auto_falls_back_to_the_reference_and_cpu_says_what_is_missing(monkeypatch):
+    """The GPU image runs the copied code without installing it (no numba): CPU scans must still work."""
+    from genrec.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "cpu_kernels_available", lambda: False)
+    cpu = torch.device("cpu")
+    assert dispatch.resolve_backend("stage1_threshold_scan", "auto", cpu) == "reference"
+    with pytest.raises(ImportError, match="needs numba"):
+        dispatch.resolve_backend("stage1_threshold_scan", "cpu", cpu)
+    q, codes, thr = grid_inputs(2, 300, 8, torch.int8, 3)
+    for w, o in zip(stage1_threshold_scan_reference(q, codes, thr, 20), stage1_threshold_scan(q, codes, thr, 20)):
+        assert torch.equal(w, o)
