@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import logging
 import time
 from typing import Any, Mapping, Sequence
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 STAGE1_SELECT = ("auto", "threshold", "topk")
 STATIC_SEARCH = ("auto", "on", "off")
+THRESHOLD_SLACK = 1.5  # the sample rank of the threshold estimate, in K' * m / N: a little below the K'-th score
+MIN_SAMPLE_RANK = 32  # ... and never above rank 32 of the sample (a larger sample for a small K' over many items)
 STATIC_CAPACITY_FACTOR = 4.0  # the static path's hit buffer per query, in K'; overflow sends a query to the general path
 TOPK_SCAN_MAX = 1024  # the running top-k kernel keeps K' in registers
 FUSED_SCAN_CHUNK = 1 << 27  # items per fused-scan call (Triton or CPU kernel; its fixed hit buffer is per call)
@@ -102,6 +105,7 @@ class MoLHIndexer(Index):
         self.gating = self.mol.gating()
         self.kprime, self.sample_size, self.chunk_size, self.rescore_chunk = kprime, sample_size, chunk_size, rescore_chunk
         self._score_sample = stage1.sample_scorer(sample_rows(len(cache), sample_size))
+        self._larger_samples: dict[int, object] = {}  # sample size -> scorer, for K' the default sample cannot place
         self.last_stats = SelectionStats()
         self.stage1_fit = stage1_fit or {}  # the distillation report of a learned stage 1
         self.stage1_select = stage1_select
@@ -141,6 +145,7 @@ class MoLHIndexer(Index):
         self.stage1 = self.stage1.to(device)
         self.graphs.clear()
         self._score_sample = self.stage1.sample_scorer(sample_rows(len(self.cache), self.sample_size))
+        self._larger_samples.clear()
         return self
 
     @property
@@ -217,7 +222,7 @@ class MoLHIndexer(Index):
         # into a fixed hit buffer per query, and a query that overflows it is rescanned
         fused = resolve_backend("stage1_threshold_scan", self.kernel_backend, qv.device) != "reference"
         gpu = qv.device.type == "cuda"
-        return threshold_topk(qv, scan, score_sample, n, kp,
+        return threshold_topk(qv, scan, score_sample, n, kp, slack=THRESHOLD_SLACK,
                               chunk_size=max(self.chunk_size, FUSED_SCAN_CHUNK if fused else CPU_SCAN_SCORES // len(qv)),
                               chunk_capacity=4 * kp if fused else None, max_retries=4 if fused else 2,
                               stats=self.last_stats,  # the keep-everything pass buffers whole chunks: bounded on CPU
@@ -241,6 +246,20 @@ class MoLHIndexer(Index):
         wanted = self.static_search == "on" or (self.static_search == "auto" and self.device.type == "cuda")
         return wanted and no_exclusions and k <= kp < self.ntotal and not self.uses_topk_scan(kp)
 
+    def _sample_scorer(self, kp: int):
+        """The stage-1 scorer of a sample large enough that the threshold's rank in it, ceil(slack * K' * m / N),
+        is at least ``MIN_SAMPLE_RANK``: at 10M items and K' 1,024 the default 16,384 rows put the cut at
+        rank 3, an estimate so noisy that many queries rescanned the corpus (p95 5.7x p50). Sizes round up
+        to a power of two (few scorers, each a float32 copy of its rows' codes, made once)."""
+        n = self.ntotal
+        need = math.ceil(MIN_SAMPLE_RANK * n / (THRESHOLD_SLACK * kp))
+        if need <= self.sample_size or self.sample_size >= n:
+            return self._score_sample
+        size = min(n, 1 << (need - 1).bit_length())
+        if size not in self._larger_samples:
+            self._larger_samples[size] = self.stage1.sample_scorer(sample_rows(n, size))
+        return self._larger_samples[size]
+
     def _scan_range(self, qv: torch.Tensor, start: int, end: int, thr: torch.Tensor, capacity: int | None):
         return self.stage1.scan_range(qv, start, end, thr, capacity, backend=self.kernel_backend)
 
@@ -248,7 +267,8 @@ class MoLHIndexer(Index):
         """The static path: on CUDA one graph replay (small batches), elsewhere eager; the only host read is
         the result. Queries whose hit buffer overflowed or underflowed (``ok`` False, rare) are redone on
         the general path and counted in ``last_stats``."""
-        fn = lambda x: self._static_device_search(x, k, kp)  # noqa: E731
+        scorer = self._sample_scorer(kp)  # made before any graph capture
+        fn = lambda x: self._static_device_search(x, k, kp, scorer)  # noqa: E731
         out = self.graphs.run(fn, u, k, kp) if self.cuda_graphs and u.is_cuda else None
         scores, rows, ok = out if out is not None else fn(u)
         scores, rows, ok = scores.cpu(), rows.cpu(), ok.cpu().numpy()
@@ -258,13 +278,13 @@ class MoLHIndexer(Index):
             scores[redo], rows[redo] = self._search_general(u[torch.from_numpy(redo).to(u.device)], k, kp, None)
         return scores, rows
 
-    def _static_device_search(self, u: torch.Tensor, k: int, kp: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _static_device_search(self, u: torch.Tensor, k: int, kp: int, scorer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """u (B, D) on the index's device -> scores (B, k) float32, rows (B, k) int64, ok (B,) bool, all on
         the device, shapes fixed by (B, k, K'), no host reads: stage 1 into a fixed hit buffer, exact MoL
         on its K' best, top-k by a stable sort."""
         q = self.mol.encode_queries(u)
-        cand, ok = static_threshold_topk(self.stage1.query_vectors(q), self._scan_range, self._score_sample,
-                                         self.ntotal, kp, capacity_factor=STATIC_CAPACITY_FACTOR)
+        cand, ok = static_threshold_topk(self.stage1.query_vectors(q), self._scan_range, scorer,
+                                         self.ntotal, kp, slack=THRESHOLD_SLACK, capacity_factor=STATIC_CAPACITY_FACTOR)
         s = mol_candidate_scores(self.gating, q, self.cache, cand, backend=self.kernel_backend)
         # cand ascends, so a stable sort orders ties by smaller row, as the general path's select_topk does
         scores, order = torch.sort(s, dim=1, descending=True, stable=True)
@@ -285,7 +305,7 @@ class MoLHIndexer(Index):
         elif self.uses_topk_scan(kp):
             _, cand = self.stage1.topk(qv, kp)
         else:
-            cand = self._threshold_candidates(qv, kp, self.stage1, self._scan_range, self._score_sample, self.ntotal)
+            cand = self._threshold_candidates(qv, kp, self.stage1, self._scan_range, self._sample_scorer(kp), self.ntotal)
         cand = ascending_rows(cand)  # an in-order gather; rows are distinct (each item is scanned once)
         gpu = dev.type == "cuda"
         # on CPU a call's (rows x gating hidden) intermediates must stay in cache: ~CPU_RESCORE_ROWS rows a call

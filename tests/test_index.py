@@ -839,3 +839,34 @@ def test_attribute_filters_from_build_metadata_survive_save_and_load_and_filter_
         index.search(q, 10, where={"colour": ["red"]})
     with pytest.raises(ValueError, match="no item attributes"):
         FlatMIPS(items, ids).search(q, 10, where={"category": ["hats"]})
+
+
+def test_a_small_kprime_over_many_items_gets_a_sample_that_places_its_threshold():
+    """With a 1,024-row sample, K' 64 over 200K items puts the threshold estimate at rank 1 of the sample:
+    so noisy that queries rescan the corpus. The index then scores a larger sample (rank >= 32, size a power
+    of two, made once), keeps the exact stage-1 top-K' and rescans nothing."""
+    import genrec.index.hindexer as hindexer
+
+    torch.manual_seed(0)
+    mol = MixtureOfLogits(16, 16, 4, 2, 8).eval()
+    items = F.normalize(torch.randn(200_000, 16), dim=-1)
+    with torch.no_grad():
+        index = MoLHIndexer.build(mol, items, stage1="pca8", stage1_dtype="int8", kprime=64, sample_size=1024)
+    q = F.normalize(torch.randn(12, 16, generator=torch.Generator().manual_seed(1)), dim=-1).numpy()
+    retries = 0
+    for row in q:
+        index.search(row[None], 10)
+        retries += index.last_stats.retries
+    assert retries == 0
+    assert list(index._larger_samples) == [131072]  # ceil(32 * 200K / (1.5 * 64)) = 66,667 -> 2^17
+    got = index.search(q, 10)
+    index._larger_samples.clear()
+    original = hindexer.MIN_SAMPLE_RANK
+    try:
+        hindexer.MIN_SAMPLE_RANK = 0  # the default sample alone: noisy, retried, but still exact
+        want = index.search(q, 10)
+        assert index.last_stats.retries > 0
+    finally:
+        hindexer.MIN_SAMPLE_RANK = original
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
