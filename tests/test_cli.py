@@ -143,7 +143,7 @@ def test_cli_index_lifecycle_build_verify_search_shard_merge(tmp_path):
     r = genrec("bench", "retrieval", "--checkpoint", ckpt, "--items", "2000", "--recall-queries", "8", "--latency-queries", "2",
                "--repeats", "1", "--qps-batches", "8", "--systems", "mol-exact", "mol-topk-avg", "mol-hindexer", "faiss-flat",
                "--avg-budgets", "2000", "--kprimes", "100", "2000", "--stage1", "pca4:int8", "--stage1-select", "auto", "topk",
-               "--out-dir", "out", "--stem", "b", cwd=tmp_path)
+               "--cache-dtypes", "float32", "bfloat16", "--out-dir", "out", "--stem", "b", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     rows = {(x["system"], x["params"]): x for x in csv.DictReader(open(tmp_path / "out/b.csv"))}
     assert float(rows[("mol-topk-avg", "budget=2000")]["recall@100_vs_mol"]) == 1.0  # full budget = exact
@@ -153,6 +153,9 @@ def test_cli_index_lifecycle_build_verify_search_shard_merge(tmp_path):
     assert by_topk["recall@100_vs_mol"] == rows[("mol-hindexer", "stage1=pca4,int8,kprime=100")]["recall@100_vs_mol"]
     assert ("mol-hindexer", "stage1=pca4,int8,kprime=2000,select=topk") not in rows  # past the kernel's K' limit
     assert float(rows[("faiss-flat-ip", "Flat")]["recall@10_vs_mips"]) == 1.0
+    bf16 = rows[("mol-hindexer", "stage1=pca4,int8,kprime=2000,cache=bfloat16")]  # a bf16 MoL cache, scored exactly
+    assert float(bf16["bytes_per_item"]) < float(rows[("mol-hindexer", "stage1=pca4,int8,kprime=2000")]["bytes_per_item"])
+    assert float(bf16["recall@100_vs_mol"]) >= 0.9
     assert (tmp_path / "out/b.png").stat().st_size > 0 and (tmp_path / "out/b.md").is_file()
 
     r = genrec("bench", "filters", "--checkpoint", ckpt, "--items", "2000", "--recall-queries", "8", "--latency-queries", "2",

@@ -146,6 +146,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="h-indexer stage-1 variants method:dtype (a learned stage 1 is distilled on the query "
                          "states not used for recall)")
     ap.add_argument("--kprimes", type=int, nargs="+", default=[1024, 4096, 16384], help="h-indexer K' sweep")
+    ap.add_argument("--cache-dtypes", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="h-indexer MoL item-cache dtypes (bfloat16 halves the cache and stage 2's gather)")
     ap.add_argument("--stage1-select", nargs="+", default=["auto"], choices=["auto", "threshold", "topk"],
                     help="how stage 1 keeps K' (topk rows only for K' <= 1024, the kernel's limit)")
     ap.add_argument("--nprobes", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -235,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
             fn = lambda q, b=budget: searcher.search(q, k, method="combined", budget=b, avg_budget=args.avg_budgets[0])  # noqa: E731
             record("mol-combined", f"budget={budget},avg={args.avg_budgets[0]}", fn, fn(rq)[1], mol_build, mol_bytes)
     if "mol-hindexer" in args.systems:
-        for variant in args.stage1:
+        for variant, cache_dtype in itertools.product(args.stage1, args.cache_dtypes):
             method, _, dtype = variant.partition(":")
             t = time.perf_counter()
             train_q = queries[len(rq):] if len(queries) - len(rq) >= 64 else None  # disjoint from the recall queries
             h = MoLHIndexer.build(mol, corpus, stage1=method, stage1_dtype=dtype or "int8", kprime=args.kprimes[0],
-                                  train_queries=train_q)
+                                  train_queries=train_q, cache_dtype=cache_dtype)
             if h.stage1_fit:
                 log.info("stage-1 %s fitted on %s queries (%d): %s", method, h.stage1_fit["query_source"],
                          h.stage1_fit["queries"], h.stage1_fit)
@@ -251,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 h.stage1_select = select
                 fn = lambda q, kp=kp: h.search(q, k, kprime=kp)  # noqa: E731
-                label = f"stage1={method},{dtype},kprime={kp}" + (f",select={select}" if select != "auto" else "")
+                label = (f"stage1={method},{dtype},kprime={kp}" + (f",select={select}" if select != "auto" else "")
+                         + (f",cache={cache_dtype}" if cache_dtype != "float32" else ""))
                 record("mol-hindexer", label, fn, fn(rq)[1], build, h.bytes_per_item)
             del h
     items_t = torch.from_numpy(np.ascontiguousarray(corpus))
