@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import logging
+import math
 import time
 from typing import Any, Mapping, Sequence
 

@@ -112,8 +112,9 @@ class Stage1Table:
             return self.codes
         if chosen == "cpu":
             if self._transposed is None:
-                wide = self.codes if self.codes.dtype in (torch.int8, torch.float32) else self.codes.float()
-                self._transposed = wide.t().contiguous()
+                from genrec.kernels.stage1_scan_cpu import kernel_layout  # imports numba: on first use only
+
+                self._transposed = kernel_layout(self.codes).t()  # the (d, N) copy itself
             return self._transposed.t()
         if self.codes.dtype == torch.float32:
             return self.codes

@@ -16,6 +16,7 @@ import torch
 
 _lock = threading.Lock()
 _executor: ThreadPoolExecutor | None = None
+_workers = 0  # the pool's size
 
 # compiled kernels are cached next to their source; an install there may be read-only (a locked-down
 # image): cache under the temp dir instead of failing to compile
@@ -25,18 +26,18 @@ if "NUMBA_CACHE_DIR" not in os.environ and not os.access(_here / "__pycache__" i
 
 
 def _forget_pool() -> None:
-    global _executor
-    _executor = None  # a forked child has none of the parent's pool threads: it makes its own
+    global _executor, _workers
+    _executor, _workers = None, 0  # a forked child has none of the parent's pool threads: it makes its own
 
 
 os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _pool(threads: int) -> ThreadPoolExecutor:
-    global _executor
+    global _executor, _workers
     with _lock:
-        if _executor is None or _executor._max_workers < threads:
-            _executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="genrec-kernel")
+        if _executor is None or _workers < threads:
+            _executor, _workers = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="genrec-kernel"), threads
         return _executor
 
 

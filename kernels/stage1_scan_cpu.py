@@ -9,8 +9,8 @@ A (n, d) view of that copy is what the dispatcher passes in; any other layout is
 Work split (``split_work``): a batch by queries, one group per thread, each streaming the codes once;
 fewer queries than threads also by contiguous item segments. The tasks run on Python threads
 (``cpu_threads.run_tasks``; the kernel releases the GIL). Each (segment, group) task writes its hits
-to its own buffer in ascending id order; the merge concatenates segments in order, so the result is the reference's exactly (ascending
-ids per query, counts past ``capacity`` still counted). Scores sum the d products in order in fp32 (with
+to its own buffer in ascending id order; the merge concatenates segments in order, so the result is the
+reference's exactly (ascending ids per query, counts past ``capacity`` still counted). Scores sum the d products in order in fp32 (with
 FMA contraction), so they can differ from the reference's matmul in the last bits.
 """
 
@@ -115,6 +115,13 @@ def _run(ct, q, th, nseg, group, width, out_s, out_i, counts) -> None:
     tasks = [(q0, min(b, q0 + group), t * seg, min(n, (t + 1) * seg), t) for t in range(nseg) for q0 in range(0, b, group)]
     run_tasks(lambda job: _scan_task(ct, q, th, job[0], job[1], job[2], job[3], width, out_s[job[4]], out_i[job[4]],
                                      counts[job[4]]), tasks)
+
+
+def kernel_layout(codes: torch.Tensor) -> torch.Tensor:
+    """(n, d) codes -> a (n, d) view of a (d, n) contiguous copy, the layout the kernel reads without a
+    per-call transpose: int8 and float32 keep their dtype, bf16 (which numba lacks) is widened to float32."""
+    wide = codes if codes.dtype in (torch.int8, torch.float32) else codes.float()
+    return wide.t().contiguous().t()
 
 
 def transposed_codes(codes: torch.Tensor) -> np.ndarray:

@@ -82,8 +82,12 @@ def scan_rows(n: int, d: int, dtype: str, batches, kprime: int, device, repeats:
     gen = torch.Generator(device="cpu").manual_seed(0)
     chunk = 1 << 22
     codes = device_codes(n, d, dtype, device)
-    # the CPU kernel reads the layout Stage1Table keeps for it: a (d, n) copy, int8 as int8, bf16 widened
-    scan_codes = (codes if dtype == "int8" else codes.float()).t().contiguous().t() if backend == "cpu" else codes
+    if backend == "cpu":  # the layout Stage1Table keeps for the CPU kernel
+        from genrec.kernels.stage1_scan_cpu import kernel_layout
+
+        scan_codes = kernel_layout(codes)
+    else:
+        scan_codes = codes
     rows = []
     nbytes = scan_codes.numel() * scan_codes.element_size()
     for b in batches:
